@@ -1,0 +1,1 @@
+"""Shared plumbing for the algorithm scripts: environments, datasets, evaluation. No algorithm logic."""

@@ -1,0 +1,276 @@
+"""The dataset file format, loading onto the training device, sampling, OMIGA's importer and the `info` CLI.
+
+Native format: one HDF5 file per (env, agent_conf, quality), e.g. `Hopper-3x1-medium-replay.hdf5`:
+
+    observations       float32 [N, n_agents, obs_dim]   local observations (agent_obsk=1), zero-padded
+    next_observations  float32 [N, n_agents, obs_dim]
+    states             float32 [N, state_dim]           global state (the single-agent MuJoCo observation)
+    next_states        float32 [N, state_dim]
+    actions            float32 [N, n_agents, act_dim]   in [-1, 1], zero-padded
+    rewards            float32 [N]                      team reward
+    terminals          bool    [N]                      true termination: do not bootstrap
+    timeouts           bool    [N]                      episode cut by the time limit or the collector: bootstrap
+    attrs: env, agent_conf, obs_mode, n_agents, obs_dims, act_dims, state_dim, source, plus how it was made.
+
+Transitions of an episode are contiguous; an episode ends where `terminals | timeouts`.
+Agent inputs for `--obs-mode state|omiga` are built from `states` (+ one-hot id) at load time, so one file serves
+every mode. Files imported from OMIGA (`obs_mode="omiga"`) already hold OMIGA's agent inputs and serve only that mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from common.envs import ENV_SPECS, build_agent_obs, check_env_name, check_obs_mode
+
+QUALITIES = ("expert", "medium", "medium-replay", "medium-expert")
+ARRAY_KEYS = ("observations", "next_observations", "states", "next_states", "actions", "rewards", "terminals", "timeouts")
+
+
+class DatasetError(ValueError):
+    """A dataset file that is missing, malformed, or does not fit the environment."""
+
+
+def dataset_filename(env: str, agent_conf: str, quality: str) -> str:
+    return f"{env}-{agent_conf}-{quality}.hdf5"
+
+
+def dataset_path(data_dir: str | Path, env: str, agent_conf: str | None, quality: str) -> Path:
+    agent_conf = agent_conf or check_env_name(env).default_agent_conf
+    return Path(data_dir) / dataset_filename(env, agent_conf, quality)
+
+
+def missing_dataset_message(path: Path, env: str, quality: str) -> str:
+    return (
+        f"dataset file not found: {path}\n"
+        f"  generate it from the committed behaviour policies:\n"
+        f"    python -m common.collect dataset --env {env} --quality {quality} --data-dir {path.parent}\n"
+        f"  or import OMIGA's published file ({{Scenario}}-v2-{{conf}}-{{quality}}.hdf5):\n"
+        f"    python -m common.datasets import-omiga FILE --env {env} --quality {quality} --data-dir {path.parent}"
+    )
+
+
+def write_dataset(path: str | Path, arrays: dict[str, np.ndarray], attrs: dict) -> Path:
+    """Validate and write a native dataset atomically (temporary file in the same folder, then rename)."""
+    path = Path(path)
+    validate_arrays(arrays, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with h5py.File(tmp, "w") as f:
+            for key in ARRAY_KEYS:
+                dtype = bool if key in ("terminals", "timeouts") else np.float32
+                f.create_dataset(key, data=np.asarray(arrays[key], dtype=dtype))
+            for key, value in attrs.items():
+                f.attrs[key] = value
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def validate_arrays(arrays: dict[str, np.ndarray], path: Path | str = "<arrays>") -> None:
+    missing = [k for k in ARRAY_KEYS if k not in arrays]
+    if missing:
+        raise DatasetError(f"{path}: missing keys {missing}; a native dataset needs {list(ARRAY_KEYS)}")
+    obs, states, actions = arrays["observations"], arrays["states"], arrays["actions"]
+    if obs.ndim != 3 or actions.ndim != 3 or states.ndim != 2:
+        raise DatasetError(
+            f"{path}: observations and actions must be [N, n_agents, dim] and states [N, state_dim]; "
+            f"got observations {obs.shape}, actions {actions.shape}, states {states.shape}"
+        )
+    n = obs.shape[0]
+    expected = {
+        "next_observations": obs.shape, "next_states": states.shape, "actions": (n, obs.shape[1], actions.shape[2]),
+        "states": (n, states.shape[1]), "rewards": (n,), "terminals": (n,), "timeouts": (n,),
+    }
+    for key, shape in expected.items():
+        if tuple(arrays[key].shape) != tuple(shape):
+            raise DatasetError(f"{path}: {key} has shape {tuple(arrays[key].shape)}, expected {tuple(shape)}")
+    if n == 0:
+        raise DatasetError(f"{path}: the dataset holds no transitions")
+    for key in ("observations", "next_observations", "states", "next_states", "actions", "rewards"):
+        values = np.asarray(arrays[key])
+        if not np.isfinite(values).all():
+            bad = int((~np.isfinite(values)).reshape(n, -1).any(-1).nonzero()[0][0])
+            raise DatasetError(f"{path}: {key} holds NaN or inf (first at transition {bad})")
+
+
+def read_dataset(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
+    path = Path(path)
+    if not path.exists():
+        raise DatasetError(f"dataset file not found: {path}")
+    with h5py.File(path, "r") as f:
+        missing = [k for k in ARRAY_KEYS if k not in f]
+        if missing:
+            raise DatasetError(f"{path}: missing keys {missing}; is this an OMIGA file? import it with "
+                               f"`python -m common.datasets import-omiga {path}`")
+        arrays = {k: f[k][()] for k in ARRAY_KEYS}
+        attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}
+    validate_arrays(arrays, path)
+    return arrays, attrs
+
+
+def episode_bounds(terminals: np.ndarray, timeouts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Start and end (exclusive) index of each episode; the last transition always closes one."""
+    ends = np.flatnonzero(np.asarray(terminals) | np.asarray(timeouts)) + 1
+    if len(ends) == 0 or ends[-1] != len(terminals):
+        ends = np.append(ends, len(terminals))
+    starts = np.concatenate([[0], ends[:-1]])
+    return starts, ends
+
+
+@dataclass
+class Batch:
+    """A minibatch, agent-major so the batched per-agent networks take it as is."""
+
+    obs: torch.Tensor  # [n_agents, B, obs_dim]
+    actions: torch.Tensor  # [n_agents, B, act_dim]
+    rewards: torch.Tensor  # [B]
+    next_obs: torch.Tensor  # [n_agents, B, obs_dim]
+    dones: torch.Tensor  # [B] 1.0 on true termination (no bootstrap)
+    states: torch.Tensor  # [B, state_dim]
+    next_states: torch.Tensor  # [B, state_dim]
+
+
+class Dataset:
+    """Every array as a tensor on `device`; `sample` draws indices there, so training never copies from the host."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], attrs: dict, obs_mode: str, device: torch.device | str):
+        check_obs_mode(obs_mode)
+        recorded_mode = attrs.get("obs_mode", "local")
+        if recorded_mode == "omiga" and obs_mode != "omiga":
+            raise DatasetError(f"this dataset was imported from OMIGA's files and holds only OMIGA's agent inputs; "
+                               f"use --obs-mode omiga (got {obs_mode!r})")
+        self.attrs, self.obs_mode, self.device = attrs, obs_mode, torch.device(device)
+        if recorded_mode == "omiga":
+            obs, next_obs = arrays["observations"], arrays["next_observations"]
+        else:
+            spec = ENV_SPECS.get(attrs.get("env", ""))
+            omiga_dim = spec.omiga_state_dim if spec else None
+            obs = build_agent_obs(obs_mode, arrays["observations"], arrays["states"], omiga_dim)
+            next_obs = build_agent_obs(obs_mode, arrays["next_observations"], arrays["next_states"], omiga_dim)
+
+        def to_device(x, dtype=torch.float32):
+            return torch.as_tensor(np.ascontiguousarray(x), dtype=dtype).to(self.device)
+
+        self.obs = to_device(obs.transpose(1, 0, 2))
+        self.next_obs = to_device(next_obs.transpose(1, 0, 2))
+        self.actions = to_device(arrays["actions"].transpose(1, 0, 2))
+        self.rewards = to_device(arrays["rewards"])
+        self.dones = to_device(arrays["terminals"])
+        self.states = to_device(arrays["states"])
+        self.next_states = to_device(arrays["next_states"])
+        starts, ends = episode_bounds(arrays["terminals"], arrays["timeouts"])
+        self.episode_starts = torch.as_tensor(starts, device=self.device)
+        self._episode_ends = ends
+        self.n_agents, self.size, self.obs_dim = self.obs.shape
+        self.act_dim = self.actions.shape[-1]
+        self.state_dim = self.states.shape[-1]
+
+    def __len__(self) -> int:
+        return self.size
+
+    def sample(self, batch_size: int, generator: torch.Generator | None = None) -> Batch:
+        idx = torch.randint(self.size, (batch_size,), device=self.device, generator=generator)
+        return self.gather(idx)
+
+    def gather(self, idx: torch.Tensor) -> Batch:
+        return Batch(self.obs[:, idx], self.actions[:, idx], self.rewards[idx], self.next_obs[:, idx],
+                     self.dones[idx], self.states[idx], self.next_states[idx])
+
+    def episode_returns(self) -> np.ndarray:
+        cumulative = np.concatenate([[0.0], np.cumsum(self.rewards.double().cpu().numpy())])
+        starts = self.episode_starts.cpu().numpy()
+        return cumulative[self._episode_ends] - cumulative[starts]
+
+    def check_env(self, env) -> None:
+        """Fail clearly when the dataset does not fit the environment the script will evaluate in."""
+        mine = (self.n_agents, self.obs_dim, self.act_dim, self.state_dim)
+        theirs = (env.n_agents, env.obs_dim, env.act_dim, env.state_dim)
+        if mine != theirs:
+            raise DatasetError(
+                f"dataset does not match env {env.name} {env.agent_conf} (obs_mode={env.obs_mode}): dataset has "
+                f"(n_agents, obs_dim, act_dim, state_dim) = {mine}, env has {theirs}"
+            )
+
+
+def load_dataset(path: str | Path, device: torch.device | str = "cpu", obs_mode: str = "state") -> Dataset:
+    arrays, attrs = read_dataset(path)
+    return Dataset(arrays, attrs, obs_mode, device)
+
+
+def dataset_card(path: str | Path) -> dict:
+    arrays, attrs = read_dataset(path)
+    starts, ends = episode_bounds(arrays["terminals"], arrays["timeouts"])
+    cumulative = np.concatenate([[0.0], np.cumsum(arrays["rewards"].astype(np.float64))])
+    returns = cumulative[ends] - cumulative[starts]
+    return dict(file=str(path), transitions=len(arrays["rewards"]), episodes=len(starts),
+                return_mean=float(returns.mean()), return_std=float(returns.std()),
+                return_min=float(returns.min()), return_max=float(returns.max()),
+                source=str(attrs.get("source", "unknown")))
+
+
+def import_omiga(src: str | Path, dst: str | Path, env: str, agent_conf: str | None = None) -> Path:
+    """Convert OMIGA's published `{Scenario}-v2-{conf}-{quality}.hdf5` (keys s, o, a, r, d) to the native format.
+
+    OMIGA builds transitions as: keep t where d[t] == 0 and t < N-1; next step t+1; bootstrap mask 1 - d[t+1].
+    The global state is agent 0's `s`."""
+    spec = check_env_name(env)
+    agent_conf = agent_conf or spec.default_agent_conf
+    src = Path(src)
+    if not src.exists():
+        raise DatasetError(f"OMIGA file not found: {src}")
+    with h5py.File(src, "r") as f:
+        missing = [k for k in ("s", "o", "a", "r", "d") if k not in f]
+        if missing:
+            raise DatasetError(f"{src}: missing keys {missing}; OMIGA's files hold s, o, a, r, d")
+        s, o, a, r, d = (f[k][()] for k in ("s", "o", "a", "r", "d"))
+    if s.ndim != 3 or o.ndim != 3 or a.ndim != 3:
+        raise DatasetError(f"{src}: s, o and a must be [N, n_agents, dim]; got s {s.shape}, o {o.shape}, a {a.shape}")
+    n = len(o)
+    r = np.asarray(r, np.float32).reshape(n, -1)[:, 0]
+    d = np.asarray(d).reshape(n, -1)[:, 0].astype(bool)
+    keep = np.flatnonzero(~d[:-1])
+    nxt = keep + 1
+    terminals = d[nxt]
+    # OMIGA drops the step after a done, so a kept transition whose successor is a done ends an episode.
+    arrays = dict(observations=o[keep], next_observations=o[nxt], states=s[keep, 0], next_states=s[nxt, 0],
+                  actions=a[keep], rewards=r[keep], terminals=terminals,
+                  timeouts=np.zeros_like(terminals))
+    attrs = dict(env=env, agent_conf=agent_conf, obs_mode="omiga", n_agents=o.shape[1], obs_dims=[o.shape[2]] * o.shape[1],
+                 act_dims=[a.shape[2]] * a.shape[1], state_dim=s.shape[2], source=f"imported from OMIGA file {src.name}")
+    return write_dataset(dst, arrays, attrs)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m common.datasets", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    info = sub.add_parser("info", help="print a dataset card")
+    info.add_argument("file")
+    imp = sub.add_parser("import-omiga", help="convert an OMIGA file to the native format")
+    imp.add_argument("file")
+    imp.add_argument("--env", required=True, choices=sorted(ENV_SPECS))
+    imp.add_argument("--quality", required=True, choices=QUALITIES)
+    imp.add_argument("--agent-conf", default=None)
+    imp.add_argument("--data-dir", default="data")
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        card = dataset_card(args.file)
+        print(f"{card['file']}\n  transitions {card['transitions']:,}   episodes {card['episodes']:,}\n"
+              f"  episode return {card['return_mean']:.1f} ± {card['return_std']:.1f}   "
+              f"min {card['return_min']:.1f}   max {card['return_max']:.1f}\n  source: {card['source']}")
+    else:
+        out = dataset_path(args.data_dir, args.env, args.agent_conf, args.quality)
+        print(f"wrote {import_omiga(args.file, out, args.env, args.agent_conf)}")
+
+
+if __name__ == "__main__":
+    main()
