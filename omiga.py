@@ -1,0 +1,378 @@
+"""OMIGA: offline MARL with implicit global-to-local value regularization (seed 002: Wang et al., NeurIPS 2023).
+
+Per agent i: V_i(o_i), Q_i(o_i, a_i) and a tanh-Gaussian policy pi_i(a_i | o_i); a mixer hypernetwork on the global
+state s gives w(s) = |.| >= 0 and b(s). Targets (bar) are Polyak copies of V, Q and the mixer.
+
+    Q_tot(s, a) = sum_i w_i(s) Q_i(o_i, a_i) + b(s),   V_tot(s) = sum_i w_i(s) V_i(o_i) + b(s)          (Eq. 8)
+    z_i = w̄_i(s) (Q̄_i(o_i, a_i) - V_i(o_i)) / alpha                                                   (Eq. 9)
+    L_V  = E_D[ exp(z_i) + w̄_i(s) V_i(o_i) / alpha ]              -> E_mu[exp(z_i)] = 1 at the optimum   (Eq. 11, 12)
+    L_Q  = E_D[ (r + gamma (1 - done) V̄_tot(s') - Q_tot(s, a))^2 ]   over Q_i, w, b                    (Eq. 13)
+    L_pi = -E_D[ sg(exp(z_i)) log pi_i(a_i | o_i) ]                                                    (Eq. 14)
+
+Agent inputs follow --obs-mode: "state" (default) gives every agent the global state plus a one-hot id, the setting
+of the seeds' MuJoCo experiments; "local" gives each agent its local observation (agent_obsk=1) plus the id.
+
+Choices the paper leaves open (published code's, unless marked "ours"):
+- alpha 10, gamma 0.99, tau 0.005, Adam lr 5e-4, batch 128, 1e6 updates, 2x256 ReLU networks, mixer with one hidden
+  layer of 64 on the global state, gradient-norm clip 1.0.
+- w̄ in z is the target mixer's weights (detached); Q̄ is the target Q.
+- L_V is computed as exp(z - c) + exp(-c) w̄ V / alpha with c = sg(max_batch z): a positive rescaling, so the
+  minimiser is unchanged and exp never overflows. Ours: z is not clamped inside L_V (a clamp would zero the exp term's
+  gradient for the largest z and let the linear term push V the wrong way); the policy weight uses exp(clamp(z, -10, 10)).
+- Policy: state-dependent log-std clamped to [-5, 2]; dataset actions clamped to +-(1 - 1e-6) before atanh;
+  evaluation action tanh(mean).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from common.collect import ensure_dataset
+from common.datasets import Batch, Dataset, load_dataset
+from common.envs import make_env
+from common.evaluation import evaluate
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, cuda will be used when available"""
+    track: bool = False
+    """if toggled, log to Weights & Biases (needs `pip install wandb`)"""
+    wandb_project_name: str = "offline-marl"
+    """the wandb project name"""
+    env: str = "Hopper"
+    """the Multi-Agent MuJoCo task: Hopper, Ant or HalfCheetah"""
+    agent_conf: str | None = None
+    """agent partition (default per env: Hopper 3x1, Ant 2x4, HalfCheetah 6x1)"""
+    obs_mode: str = "state"
+    """agent inputs: state (global state + id, the seeds' setting), local (local observation + id), omiga"""
+    dataset: str = "medium-replay"
+    """dataset quality: expert, medium, medium-replay, medium-expert"""
+    data_dir: str = "data"
+    """folder of the dataset files"""
+    no_generate: bool = False
+    """if toggled, a missing dataset is an error instead of being generated from the committed behaviour policies"""
+    total_steps: int = 1_000_000
+    """number of gradient updates"""
+    batch_size: int = 128
+    """minibatch size"""
+    eval_every: int = 5000
+    """evaluate every this many updates"""
+    eval_episodes: int = 10
+    """episodes per evaluation during training"""
+    final_eval_episodes: int = 32
+    """episodes of the final evaluation"""
+    log_every: int = 1000
+    """log losses every this many updates"""
+    save_model: bool = False
+    """if toggled, save all networks, optimizers and the step to `model.pt` in the run directory"""
+
+    # Algorithm specific arguments
+    gamma: float = 0.99
+    """discount factor"""
+    tau: float = 0.005
+    """target network update rate"""
+    alpha: float = 10.0
+    """regularisation strength alpha of the global KL(pi_tot || mu_tot) (seed 002: 10; 1 for HalfCheetah medium)"""
+    q_lr: float = 5e-4
+    """learning rate of the local Q networks and the mixer"""
+    v_lr: float = 5e-4
+    """learning rate of the local V networks"""
+    policy_lr: float = 5e-4
+    """learning rate of the policies"""
+    hidden_dim: int = 256
+    """hidden units of the two hidden layers of V, Q and pi"""
+    mixer_hidden_dim: int = 64
+    """hidden units of the mixer hypernetwork"""
+    grad_clip: float = 1.0
+    """gradient-norm clip of every optimizer"""
+    z_clip: float = 10.0
+    """z is clamped to [-z_clip, z_clip] in the policy weight exp(z)"""
+
+
+# TRY NOT TO MODIFY: batched per-agent networks and the mixer
+class BatchedLinear(nn.Module):
+    """One linear layer per agent, all agents in one matmul: x [n_agents, B, in] -> [n_agents, B, out]."""
+
+    def __init__(self, n_agents: int, in_dim: int, out_dim: int):
+        super().__init__()
+        bound = 1.0 / math.sqrt(in_dim)  # nn.Linear's default initialisation, per agent
+        self.weight = nn.Parameter(torch.empty(n_agents, in_dim, out_dim).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(n_agents, 1, out_dim).uniform_(-bound, bound))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+def batched_mlp(n_agents: int, in_dim: int, out_dim: int, hidden_dim: int) -> nn.Sequential:
+    return nn.Sequential(
+        BatchedLinear(n_agents, in_dim, hidden_dim), nn.ReLU(),
+        BatchedLinear(n_agents, hidden_dim, hidden_dim), nn.ReLU(),
+        BatchedLinear(n_agents, hidden_dim, out_dim),
+    )
+
+
+class AgentValue(nn.Module):
+    """V_i(o_i) for every agent: obs [n, B, obs_dim] -> [n, B]."""
+
+    def __init__(self, n_agents: int, obs_dim: int, hidden_dim: int):
+        super().__init__()
+        self.net = batched_mlp(n_agents, obs_dim, 1, hidden_dim)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.net(obs).squeeze(-1)
+
+
+class AgentQ(nn.Module):
+    """Q_i(o_i, a_i) for every agent: obs [n, B, obs_dim], actions [n, B, act_dim] -> [n, B]."""
+
+    def __init__(self, n_agents: int, obs_dim: int, act_dim: int, hidden_dim: int):
+        super().__init__()
+        self.net = batched_mlp(n_agents, obs_dim + act_dim, 1, hidden_dim)
+
+    def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([obs, actions], -1)).squeeze(-1)
+
+
+class AgentPolicy(nn.Module):
+    """Tanh-Gaussian pi_i(a_i | o_i) with state-dependent log-std, all agents batched."""
+
+    def __init__(self, n_agents: int, obs_dim: int, act_dim: int, hidden_dim: int):
+        super().__init__()
+        self.net = batched_mlp(n_agents, obs_dim, 2 * act_dim, hidden_dim)
+
+    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, log_std = self.net(obs).chunk(2, -1)
+        return mean, log_std.clamp(-5.0, 2.0)
+
+    def log_prob(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """log pi_i(a_i | o_i) of actions in (-1, 1): [n, B]."""
+        mean, log_std = self(obs)
+        actions = actions.clamp(-1.0 + 1e-6, 1.0 - 1e-6)
+        pre_tanh = torch.atanh(actions)
+        gaussian = torch.distributions.Normal(mean, log_std.exp()).log_prob(pre_tanh)
+        return (gaussian - torch.log1p(-actions.pow(2))).sum(-1)
+
+    def act(self, obs: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self(obs)[0])
+
+
+class Mixer(nn.Module):
+    """Hypernetwork on the global state: w(s) = |f(s)| >= 0 per agent and a free bias b(s)."""
+
+    def __init__(self, state_dim: int, n_agents: int, hidden_dim: int):
+        super().__init__()
+        self.hyper_w = nn.Sequential(nn.Linear(state_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, n_agents))
+        self.hyper_b = nn.Sequential(nn.Linear(state_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, 1))
+
+    def forward(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """states [B, state_dim] -> w [n, B], b [B]."""
+        return self.hyper_w(states).abs().T, self.hyper_b(states).squeeze(-1)
+
+
+def mix(w: torch.Tensor, values: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum_i w_i values_i + b: w, values [n, B], b [B] -> [B]   (Eq. 8)."""
+    return (w * values).sum(0) + b
+
+
+# ALGO LOGIC: networks, losses and the update
+class Agents(nn.Module):
+    """Every network of OMIGA; targets are Polyak copies."""
+
+    def __init__(self, n_agents: int, obs_dim: int, act_dim: int, state_dim: int, args: Args):
+        super().__init__()
+        self.v = AgentValue(n_agents, obs_dim, args.hidden_dim)
+        self.q = AgentQ(n_agents, obs_dim, act_dim, args.hidden_dim)
+        self.mixer = Mixer(state_dim, n_agents, args.mixer_hidden_dim)
+        self.policy = AgentPolicy(n_agents, obs_dim, act_dim, args.hidden_dim)
+        self.v_target, self.q_target, self.mixer_target = (copy.deepcopy(m).requires_grad_(False) for m in (self.v, self.q, self.mixer))
+
+
+def make_optimizers(agents: Agents, args: Args) -> dict[str, torch.optim.Optimizer]:
+    return {
+        "v": torch.optim.Adam(agents.v.parameters(), lr=args.v_lr),
+        "q": torch.optim.Adam([*agents.q.parameters(), *agents.mixer.parameters()], lr=args.q_lr),
+        "policy": torch.optim.Adam(agents.policy.parameters(), lr=args.policy_lr),
+    }
+
+
+def value_loss(v: torch.Tensor, q_target: torch.Tensor, w: torch.Tensor, alpha: float) -> torch.Tensor:
+    """L_V (Eq. 12) per agent, summed over agents; v, q_target, w [n, B]. Shifted by c = sg(max z) per agent."""
+    z = w * (q_target - v) / alpha
+    shift = z.max(dim=1, keepdim=True).values.detach()
+    return (torch.exp(z - shift) + torch.exp(-shift) * w * v / alpha).mean(1).sum()
+
+
+def q_loss(q_tot: torch.Tensor, rewards: torch.Tensor, dones: torch.Tensor, next_v_tot: torch.Tensor, gamma: float) -> torch.Tensor:
+    """L_Q (Eq. 13): squared TD error of the mixed Q against r + gamma (1 - done) V̄_tot(s')."""
+    target = rewards + gamma * (1.0 - dones) * next_v_tot
+    return (q_tot - target.detach()).pow(2).mean()
+
+
+def policy_loss(log_prob: torch.Tensor, z: torch.Tensor, z_clip: float) -> torch.Tensor:
+    """L_pi (Eq. 14): advantage-weighted behaviour cloning, weights exp(clamp(z)) detached; summed over agents."""
+    weight = torch.exp(z.detach().clamp(-z_clip, z_clip))
+    return -(weight * log_prob).mean(1).sum()
+
+
+def clipped_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, clip: float) -> torch.Tensor:
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    grad_norm = nn.utils.clip_grad_norm_(params, clip)
+    optimizer.step()
+    return grad_norm
+
+
+@torch.no_grad()
+def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
+    torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), tau)
+
+
+def update(agents: Agents, optimizers: dict, batch: Batch, args: Args) -> dict[str, torch.Tensor]:
+    """One OMIGA update (seed 002, Algorithm 1): V (Eq. 12), then Q and mixer (Eq. 13), then policy (Eq. 14)."""
+    with torch.no_grad():
+        w_target, _ = agents.mixer_target(batch.states)
+        q_target = agents.q_target(batch.obs, batch.actions)
+        next_w, next_b = agents.mixer_target(batch.next_states)
+        next_v_tot = mix(next_w, agents.v_target(batch.next_obs), next_b)
+
+    v = agents.v(batch.obs)
+    loss_v = value_loss(v, q_target, w_target, args.alpha)
+    clipped_step(optimizers["v"], loss_v, args.grad_clip)
+
+    w, b = agents.mixer(batch.states)
+    q_tot = mix(w, agents.q(batch.obs, batch.actions), b)
+    loss_q = q_loss(q_tot, batch.rewards, batch.dones, next_v_tot, args.gamma)
+    clipped_step(optimizers["q"], loss_q, args.grad_clip)
+
+    z = w_target * (q_target - v.detach()) / args.alpha
+    loss_pi = policy_loss(agents.policy.log_prob(batch.obs, batch.actions), z, args.z_clip)
+    clipped_step(optimizers["policy"], loss_pi, args.grad_clip)
+
+    soft_update(agents.v_target, agents.v, args.tau)
+    soft_update(agents.q_target, agents.q, args.tau)
+    soft_update(agents.mixer_target, agents.mixer, args.tau)
+    return {"losses/v": loss_v.detach(), "losses/q": loss_q.detach(), "losses/policy": loss_pi.detach(),
+            "values/q_tot": q_tot.detach().mean(), "values/v": v.detach().mean(),
+            "values/weight_mean": torch.exp(z.clamp(-args.z_clip, args.z_clip)).mean()}
+
+
+# TRY NOT TO MODIFY: running, logging, evaluation, checkpoints
+def make_act_fn(policy: AgentPolicy, device: torch.device):
+    @torch.no_grad()
+    def act(obs: np.ndarray) -> np.ndarray:
+        obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device).transpose(0, 1)
+        return policy.act(obs_t).transpose(0, 1).cpu().numpy()
+
+    return act
+
+
+def save_checkpoint(path: Path, agents: nn.Module, optimizers: dict, step: int, args: Args) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save({"agents": agents.state_dict(), "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+                "step": step, "args": asdict(args)}, tmp)
+    os.replace(tmp, path)
+
+
+def check_finite(metrics: dict[str, float], step: int, last_checked: int) -> None:
+    for name, value in metrics.items():
+        if not math.isfinite(value):
+            raise FloatingPointError(f"training diverged: {name} = {value} at the log of update {step} "
+                                     f"(finite at update {last_checked}); try a smaller learning rate or larger alpha")
+
+
+def make_run(args: Args) -> tuple[Path, SummaryWriter]:
+    run_dir = Path("runs") / f"{args.env}__{args.dataset}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=2))
+    writer = SummaryWriter(str(run_dir))
+    table = "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items())
+    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, config=asdict(args), name=run_dir.name, sync_tensorboard=True,
+                   dir=str(run_dir))
+    return run_dir, writer
+
+
+def seed_everything(seed: int, torch_deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.deterministic = torch_deterministic
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    seed_everything(args.seed, args.torch_deterministic)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    env = make_env(args.env, args.agent_conf, args.obs_mode)
+    dataset_file = ensure_dataset(args.data_dir, args.env, env.agent_conf, args.dataset, generate=not args.no_generate)
+    dataset = load_dataset(dataset_file, device, args.obs_mode)
+    dataset.check_env(env)
+    run_dir, writer = make_run(args)
+    print(f"{run_dir}: {len(dataset):,} transitions from {dataset_file} on {device}")
+
+    agents = Agents(env.n_agents, env.obs_dim, env.act_dim, env.state_dim, args).to(device)
+    optimizers = make_optimizers(agents, args)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    act_fn = make_act_fn(agents.policy, device)
+    eval_seed = 1_000_000 * (args.seed + 1)
+
+    last_eval, last_checked, tick, tick_step = float("nan"), 0, time.perf_counter(), 0
+    progress = tqdm(range(1, args.total_steps + 1), mininterval=2.0, desc=args.exp_name)
+    for step in progress:
+        metrics = update(agents, optimizers, dataset.sample(args.batch_size, generator), args)
+        if step % args.log_every == 0 or step == args.total_steps:
+            values = {name: value.item() for name, value in metrics.items()}
+            check_finite(values, step, last_checked)
+            last_checked = step
+            updates_per_sec = (step - tick_step) / (time.perf_counter() - tick)
+            tick, tick_step = time.perf_counter(), step
+            for name, value in values.items():
+                writer.add_scalar(name, value, step)
+            writer.add_scalar("charts/updates_per_sec", updates_per_sec, step)
+            progress.set_postfix(ups=f"{updates_per_sec:.0f}", eval=f"{last_eval:.0f}")
+        if step % args.eval_every == 0 and step < args.total_steps:
+            agents.eval()
+            returns = evaluate(act_fn, env, args.eval_episodes, eval_seed)
+            agents.train()
+            last_eval = float(returns.mean())
+            writer.add_scalar("eval/return_mean", last_eval, step)
+            writer.add_scalar("eval/return_std", float(returns.std()), step)
+            tqdm.write(f"step {step}: eval return {last_eval:.1f} ± {returns.std():.1f}")
+            if args.save_model:
+                save_checkpoint(run_dir / "model.pt", agents, optimizers, step, args)
+            tick = time.perf_counter()
+
+    agents.eval()
+    returns = evaluate(act_fn, env, args.final_eval_episodes, eval_seed)
+    writer.add_scalar("eval/return_mean", float(returns.mean()), args.total_steps)
+    writer.add_scalar("eval/return_std", float(returns.std()), args.total_steps)
+    if args.save_model:
+        save_checkpoint(run_dir / "model.pt", agents, optimizers, args.total_steps, args)
+    writer.close()
+    print(f"final return: {returns.mean():.2f} ± {returns.std():.2f} over {len(returns)} episodes")
