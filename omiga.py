@@ -155,6 +155,13 @@ class AgentQ(nn.Module):
         return self.net(torch.cat([obs, actions], -1)).squeeze(-1)
 
 
+def tanh_gaussian_log_prob(mean: torch.Tensor, log_std: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """log-density of actions in (-1, 1) under tanh(N(mean, exp(log_std)^2)), summed over action dims: [n, B]."""
+    actions = actions.clamp(-1.0 + 1e-6, 1.0 - 1e-6)
+    gaussian = torch.distributions.Normal(mean, log_std.exp()).log_prob(torch.atanh(actions))
+    return (gaussian - torch.log1p(-actions.pow(2))).sum(-1)
+
+
 class AgentPolicy(nn.Module):
     """Tanh-Gaussian pi_i(a_i | o_i) with state-dependent log-std, all agents batched."""
 
@@ -168,11 +175,7 @@ class AgentPolicy(nn.Module):
 
     def log_prob(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """log pi_i(a_i | o_i) of actions in (-1, 1): [n, B]."""
-        mean, log_std = self(obs)
-        actions = actions.clamp(-1.0 + 1e-6, 1.0 - 1e-6)
-        pre_tanh = torch.atanh(actions)
-        gaussian = torch.distributions.Normal(mean, log_std.exp()).log_prob(pre_tanh)
-        return (gaussian - torch.log1p(-actions.pow(2))).sum(-1)
+        return tanh_gaussian_log_prob(*self(obs), actions)
 
     def act(self, obs: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self(obs)[0])
@@ -296,6 +299,17 @@ def save_checkpoint(path: Path, agents: nn.Module, optimizers: dict, step: int, 
     os.replace(tmp, path)
 
 
+def scalar_metrics(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Host copies of the metrics (log intervals only); a per-agent vector `name` becomes `name_0`, `name_1`, ..."""
+    values = {}
+    for name, value in metrics.items():
+        if value.ndim == 0:
+            values[name] = value.item()
+        else:
+            values.update({f"{name}_{i}": x for i, x in enumerate(value.tolist())})
+    return values
+
+
 def check_finite(metrics: dict[str, float], step: int, last_checked: int) -> None:
     for name, value in metrics.items():
         if not math.isfinite(value):
@@ -347,7 +361,7 @@ if __name__ == "__main__":
     for step in progress:
         metrics = update(agents, optimizers, dataset.sample(args.batch_size, generator), args)
         if step % args.log_every == 0 or step == args.total_steps:
-            values = {name: value.item() for name, value in metrics.items()}
+            values = scalar_metrics(metrics)
             check_finite(values, step, last_checked)
             last_checked = step
             updates_per_sec = (step - tick_step) / (time.perf_counter() - tick)

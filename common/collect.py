@@ -313,6 +313,7 @@ def rollout(env_name: str, agent_conf: str | None, segments: list[tuple[Actor | 
     running episodes at the end and marking the cut as a timeout ("train", "uniform")."""
     envs = [make_env(env_name, agent_conf, obs_mode="local") for _ in range(num_envs)]
     env0 = envs[0]
+    local_dim = env0.local_obs_dim  # store local observations without the one-hot id (native format)
     rng = np.random.default_rng(seed)
     episode_seed = seed * 1_000_003
     chunks = []
@@ -346,7 +347,7 @@ def rollout(env_name: str, agent_conf: str | None, segments: list[tuple[Actor | 
                 next_obs, next_state, reward, terminated, truncated = envs[k].step(actions[row])
                 counts[k] += 1
                 cut = not whole_episodes and counts[k] >= budget
-                for key, value in (("obs", obs[k].copy()), ("next_obs", next_obs), ("states", states[k].copy()),
+                for key, value in (("obs", obs[k, :, :local_dim].copy()), ("next_obs", next_obs[:, :local_dim]), ("states", states[k].copy()),
                                    ("next_states", next_state), ("actions", actions[row]), ("rewards", reward),
                                    ("terminals", terminated), ("timeouts", (truncated or cut) and not terminated)):
                     buf[key].append(value)

@@ -236,6 +236,12 @@ def import_omiga(src: str | Path, dst: str | Path, env: str, agent_conf: str | N
     if s.ndim != 3 or o.ndim != 3 or a.ndim != 3:
         raise DatasetError(f"{src}: s, o and a must be [N, n_agents, dim]; got s {s.shape}, o {o.shape}, a {a.shape}")
     n = len(o)
+    for key, value in (("s", s), ("a", a)):
+        if value.shape[:2] != o.shape[:2]:
+            raise DatasetError(f"{src}: {key} has shape {value.shape}; expected [{n}, {o.shape[1]}, dim] like o {o.shape}")
+    for key, value in (("r", r), ("d", d)):
+        if value.shape not in ((n,), (n, 1)):
+            raise DatasetError(f"{src}: {key} has shape {value.shape}; expected [{n}] or [{n}, 1]")
     r = np.asarray(r, np.float32).reshape(n, -1)[:, 0]
     d = np.asarray(d).reshape(n, -1)[:, 0].astype(bool)
     keep = np.flatnonzero(~d[:-1])
