@@ -1,0 +1,606 @@
+"""OMCDA: offline MARL with conservative degree allocation (seeds 000 and 001, "Who Matters Matters").
+
+OMIGA (seed 002) with one KL budget per agent instead of one alpha for all. The objective is
+    max E[ sum_t gamma^t (r_t - sum_i alpha_i KL(pi_i(.|o_i) || pi_b,i(.|o_i))) ],  pi_tot = prod_i pi_i.
+[seed] = stated by seeds 000/001; [reading] = the concrete reading this script implements where the seeds give the
+structure but not the equation (issue 5 of this project).
+
+ 1. Behaviour cloning [seed]: pi_b,i = argmax E_D[log pi_b,i(a_i|o_i)], pretrained for --bc-steps, then frozen.
+ 2. Decoupled values [seed 001, key design 1]: reward values Q^r_i, V^r_i and conservative values Q^c_i, V^c_i;
+      Q^r_tot = sum_i w^r_i(s) Q^r_i + b^r(s),   Q^{c,i}_tot = sum_j W^c_ij(s) Q^c_j + b^c_i(s)   (W^c >= 0, n x n),
+      Q_tot = Q^r_tot + sum_i alpha_i Q^{c,i}_tot.
+ 3. Consistent local policy [seed 001, Prop. 3.2]: pi*_i ∝ pi_b,i exp(z_i) with
+      z_i = (w̄^r_i / alpha_i)(Q̄^r_i - V^r_i) + (Q̄^c_i - V^c_i).
+ 4. In-sample value updates [reading]:
+      L_Vc = E_D[ exp(z_i) + V^c_i ]                    -> E_{pi_b}[exp(z_i)] = 1  (normalisation, seed 001 Prop. 3.4)
+      L_Vr = E_D[ sg(exp(z_i)) (Q̄^r_i - V^r_i)^2 ]       -> V^r_i = E_{pi*}[Q^r_i]
+      so V^c_i = E_{pi*}[Q^c_i] - KL(pi*_i || pi_b,i): the deviation is carried implicitly.
+      L_Qr = E_D[ (r + gamma (1 - done) V̄^r_tot(s') - Q^r_tot(s, a))^2 ]                 (decoupled backups [seed])
+      L_Qc = sum_i E_D[ (gamma (1 - done) V̄^{c,i}_tot(s') - Q^{c,i}_tot(s, a))^2 ]
+ 5. Influence [seed 001, key design 2: m_i = dV^r_tot / dKL(pi_i || pi_b,i), by the chain rule through pi_i]:
+      with theta_i(o_i) = (mean, log_std) of pi_i's pre-tanh Gaussian [reading],
+      g_V = d/dtheta_i [ w^r_i(s) Q^r_i(o_i, tanh(mean + std eps)) ],  g_KL = d KL / dtheta_i,
+      m_i = E_B[<g_V, g_KL>] / (E_B[|g_KL|^2] + 1e-8), smoothed by an EMA. The only place the critics see policy
+      actions; a measurement, not a learning signal.
+ 6. Allocation [seed]: d = softmax(m̂ / tau_m) d_tot with m̂ = m / max_i |m_i| [reading: scale-free, keeps signs and
+      ratios], so sum_i d_i = d_tot.
+ 7. alpha_i [seed 001]: min_{alpha_i >= 0} alpha_i (d_i - KL_i), KL_i = E_B[KL(pi_i || pi_b,i)] in closed form on the
+      pre-tanh Gaussians (equal to the squashed KL); dual descent on log alpha_i with loss log alpha_i sg(d_i - KL_i),
+      clamped to [--alpha-min, --alpha-max], so alpha_i rises while agent i exceeds its budget.
+ 8. Policy [reading, as OMIGA Eq. 14]: L_pi = -E_D[ sg(exp(clamp(z_i, -10, 10))) log pi_i(a_i | o_i) ].
+Ablations (seed 001): --allocation uniform (w/o-CDA), --allocation random (rd: one Dirichlet(1) draw per run), and
+--no-decouple (w/o-dq: one entangled Q_i, V_i and mixer as in OMIGA, z_i = w̄_i (Q̄_i - V_i) / alpha_i).
+
+Agent inputs follow --obs-mode: "state" (default) gives every agent the global state plus a one-hot id, the setting
+of the seeds' MuJoCo experiments; "local" gives each agent its local observation (agent_obsk=1) plus the id.
+
+Choices the seeds leave open (OMIGA's published values where they apply; otherwise ours):
+- gamma 0.99, tau 0.005 (targets of Q^r, Q^c, V^r, V^c and both mixers), Adam lr 5e-4, batch 128, 1e6 updates,
+  2x256 ReLU networks, mixers with one hidden layer of 64 on the global state, gradient-norm clip 1.0 per optimizer.
+- alpha_i starts at 10 (OMIGA's MuJoCo alpha), lives in [0.1, 100], log-alpha Adam lr 1e-3; influence EMA rate 0.05.
+- pi_i starts as a copy of pi_b,i (KL 0, so the first budgets are uniform); pi_b is pretrained for 20k updates.
+- L_Vc uses the max-shift of omiga.py's L_V (a positive rescaling, minimiser unchanged); z is clamped only in weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from common.collect import ensure_dataset
+from common.datasets import Batch, Dataset, load_dataset
+from common.envs import make_env
+from common.evaluation import evaluate
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, cuda will be used when available"""
+    track: bool = False
+    """if toggled, log to Weights & Biases (needs `pip install wandb`)"""
+    wandb_project_name: str = "offline-marl"
+    """the wandb project name"""
+    env: str = "Hopper"
+    """the Multi-Agent MuJoCo task: Hopper, Ant or HalfCheetah"""
+    agent_conf: str | None = None
+    """agent partition (default per env: Hopper 3x1, Ant 2x4, HalfCheetah 6x1)"""
+    obs_mode: str = "state"
+    """agent inputs: state (global state + id, the seeds' setting), local (local observation + id), omiga"""
+    dataset: str = "medium-replay"
+    """dataset quality: expert, medium, medium-replay, medium-expert"""
+    data_dir: str = "data"
+    """folder of the dataset files"""
+    no_generate: bool = False
+    """if toggled, a missing dataset is an error instead of being generated from the committed behaviour policies"""
+    total_steps: int = 1_000_000
+    """number of gradient updates"""
+    batch_size: int = 128
+    """minibatch size"""
+    eval_every: int = 5000
+    """evaluate every this many updates"""
+    eval_episodes: int = 10
+    """episodes per evaluation during training"""
+    final_eval_episodes: int = 32
+    """episodes of the final evaluation"""
+    log_every: int = 1000
+    """log losses every this many updates"""
+    save_model: bool = False
+    """if toggled, save all networks, optimizers and the step to `model.pt` in the run directory"""
+
+    # Algorithm specific arguments
+    gamma: float = 0.99
+    """discount factor"""
+    tau: float = 0.005
+    """target network update rate"""
+    d_tot: float = 1.2
+    """total KL budget sum_i d_i shared by the agents (seed 001 MuJoCo sweeps: 0.3, 1.2, 3)"""
+    allocation: str = "influence"
+    """how d_tot is split: influence (OMCDA), uniform (w/o-CDA), random (rd)"""
+    no_decouple: bool = False
+    """if toggled, one entangled Q, V and mixer with per-agent alpha_i (the w/o-dq ablation)"""
+    influence_temperature: float = 1.0
+    """softmax temperature tau_m of the allocation over normalised influences"""
+    influence_ema: float = 0.05
+    """exponential-moving-average rate of the influence estimate"""
+    alpha_init: float = 10.0
+    """initial alpha_i of every agent"""
+    alpha_min: float = 0.1
+    """lower clamp of alpha_i"""
+    alpha_max: float = 100.0
+    """upper clamp of alpha_i"""
+    alpha_lr: float = 1e-3
+    """Adam learning rate of the dual descent on log alpha_i"""
+    bc_steps: int = 20_000
+    """behaviour-cloning updates of pi_b before training (then pi_b is frozen)"""
+    bc_lr: float = 5e-4
+    """learning rate of behaviour cloning"""
+    q_lr: float = 5e-4
+    """learning rate of the local Q networks and their mixers"""
+    v_lr: float = 5e-4
+    """learning rate of the local V networks"""
+    policy_lr: float = 5e-4
+    """learning rate of the policies"""
+    hidden_dim: int = 256
+    """hidden units of the two hidden layers of V, Q and pi"""
+    mixer_hidden_dim: int = 64
+    """hidden units of the mixer hypernetworks"""
+    grad_clip: float = 1.0
+    """gradient-norm clip of every optimizer"""
+    z_clip: float = 10.0
+    """z is clamped to [-z_clip, z_clip] in the policy weight exp(z)"""
+
+
+# TRY NOT TO MODIFY: batched per-agent networks and the mixer
+class BatchedLinear(nn.Module):
+    """One linear layer per agent, all agents in one matmul: x [n_agents, B, in] -> [n_agents, B, out]."""
+
+    def __init__(self, n_agents: int, in_dim: int, out_dim: int):
+        super().__init__()
+        bound = 1.0 / math.sqrt(in_dim)  # nn.Linear's default initialisation, per agent
+        self.weight = nn.Parameter(torch.empty(n_agents, in_dim, out_dim).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(n_agents, 1, out_dim).uniform_(-bound, bound))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+def batched_mlp(n_agents: int, in_dim: int, out_dim: int, hidden_dim: int) -> nn.Sequential:
+    return nn.Sequential(
+        BatchedLinear(n_agents, in_dim, hidden_dim), nn.ReLU(),
+        BatchedLinear(n_agents, hidden_dim, hidden_dim), nn.ReLU(),
+        BatchedLinear(n_agents, hidden_dim, out_dim),
+    )
+
+
+class AgentValue(nn.Module):
+    """V_i(o_i) for every agent: obs [n, B, obs_dim] -> [n, B]."""
+
+    def __init__(self, n_agents: int, obs_dim: int, hidden_dim: int):
+        super().__init__()
+        self.net = batched_mlp(n_agents, obs_dim, 1, hidden_dim)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.net(obs).squeeze(-1)
+
+
+class AgentQ(nn.Module):
+    """Q_i(o_i, a_i) for every agent: obs [n, B, obs_dim], actions [n, B, act_dim] -> [n, B]."""
+
+    def __init__(self, n_agents: int, obs_dim: int, act_dim: int, hidden_dim: int):
+        super().__init__()
+        self.net = batched_mlp(n_agents, obs_dim + act_dim, 1, hidden_dim)
+
+    def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([obs, actions], -1)).squeeze(-1)
+
+
+def tanh_gaussian_log_prob(mean: torch.Tensor, log_std: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """log-density of actions in (-1, 1) under tanh(N(mean, exp(log_std)^2)), summed over action dims: [n, B]."""
+    actions = actions.clamp(-1.0 + 1e-6, 1.0 - 1e-6)
+    gaussian = torch.distributions.Normal(mean, log_std.exp()).log_prob(torch.atanh(actions))
+    return (gaussian - torch.log1p(-actions.pow(2))).sum(-1)
+
+
+class AgentPolicy(nn.Module):
+    """Tanh-Gaussian pi_i(a_i | o_i) with state-dependent log-std, all agents batched."""
+
+    def __init__(self, n_agents: int, obs_dim: int, act_dim: int, hidden_dim: int):
+        super().__init__()
+        self.net = batched_mlp(n_agents, obs_dim, 2 * act_dim, hidden_dim)
+
+    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, log_std = self.net(obs).chunk(2, -1)
+        return mean, log_std.clamp(-5.0, 2.0)
+
+    def log_prob(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """log pi_i(a_i | o_i) of actions in (-1, 1): [n, B]."""
+        return tanh_gaussian_log_prob(*self(obs), actions)
+
+    def act(self, obs: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self(obs)[0])
+
+
+class Mixer(nn.Module):
+    """Hypernetwork on the global state: w(s) = |f(s)| >= 0 per agent and a free bias b(s)."""
+
+    def __init__(self, state_dim: int, n_agents: int, hidden_dim: int):
+        super().__init__()
+        self.hyper_w = nn.Sequential(nn.Linear(state_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, n_agents))
+        self.hyper_b = nn.Sequential(nn.Linear(state_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, 1))
+
+    def forward(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """states [B, state_dim] -> w [n, B], b [B]."""
+        return self.hyper_w(states).abs().T, self.hyper_b(states).squeeze(-1)
+
+
+def mix(w: torch.Tensor, values: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum_i w_i values_i + b: w, values [n, B], b [B] -> [B]   (Eq. 8)."""
+    return (w * values).sum(0) + b
+
+
+# ALGO LOGIC: networks, losses and the update
+class ConservativeMixer(nn.Module):
+    """Hypernetwork on the global state: W^c(s) = |f(s)| >= 0 of shape [n, n] (row i mixes every agent's Q^c_j into
+    agent i's conservative total) and a free bias b^c(s) [n]."""
+
+    def __init__(self, state_dim: int, n_agents: int, hidden_dim: int):
+        super().__init__()
+        self.n_agents = n_agents
+        self.hyper_w = nn.Sequential(nn.Linear(state_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, n_agents * n_agents))
+        self.hyper_b = nn.Sequential(nn.Linear(state_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, n_agents))
+
+    def forward(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """states [B, state_dim] -> W [n, n, B], b [n, B]."""
+        w = self.hyper_w(states).abs().T.reshape(self.n_agents, self.n_agents, -1)
+        return w, self.hyper_b(states).T
+
+
+def mix_conservative(w: torch.Tensor, values: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Q^{c,i}_tot = sum_j W^c_ij Q^c_j + b^c_i: w [n, n, B], values [n, B], b [n, B] -> [n, B]."""
+    return torch.einsum("ijb,jb->ib", w, values) + b
+
+
+class Agents(nn.Module):
+    """Every network of OMCDA, the frozen behaviour policy, log alpha_i and the allocation state; targets are Polyak
+    copies. With `decouple=False` (w/o-dq) only the reward networks exist and hold the entangled Q, V and mixer."""
+
+    def __init__(self, n_agents: int, obs_dim: int, act_dim: int, state_dim: int, args: Args):
+        super().__init__()
+        self.decouple = not args.no_decouple
+        self.v_reward = AgentValue(n_agents, obs_dim, args.hidden_dim)
+        self.q_reward = AgentQ(n_agents, obs_dim, act_dim, args.hidden_dim)
+        self.mixer_reward = Mixer(state_dim, n_agents, args.mixer_hidden_dim)
+        self.v_reward_target, self.q_reward_target, self.mixer_reward_target = (
+            copy.deepcopy(m).requires_grad_(False) for m in (self.v_reward, self.q_reward, self.mixer_reward))
+        if self.decouple:
+            self.v_conservative = AgentValue(n_agents, obs_dim, args.hidden_dim)
+            self.q_conservative = AgentQ(n_agents, obs_dim, act_dim, args.hidden_dim)
+            self.mixer_conservative = ConservativeMixer(state_dim, n_agents, args.mixer_hidden_dim)
+            self.v_conservative_target, self.q_conservative_target, self.mixer_conservative_target = (
+                copy.deepcopy(m).requires_grad_(False) for m in (self.v_conservative, self.q_conservative, self.mixer_conservative))
+        self.policy = AgentPolicy(n_agents, obs_dim, act_dim, args.hidden_dim)
+        self.behaviour = AgentPolicy(n_agents, obs_dim, act_dim, args.hidden_dim)
+        self.log_alpha = nn.Parameter(torch.full((n_agents,), math.log(args.alpha_init)))
+        self.register_buffer("influence", torch.zeros(n_agents))
+        self.register_buffer("budget", torch.full((n_agents,), args.d_tot / n_agents))
+        self.register_buffer("kl", torch.zeros(n_agents))
+        self.register_buffer("random_allocation", torch.distributions.Dirichlet(torch.ones(n_agents)).sample())
+
+
+def make_optimizers(agents: Agents, args: Args) -> dict[str, torch.optim.Optimizer]:
+    optimizers = {
+        "v": torch.optim.Adam(agents.v_reward.parameters(), lr=args.v_lr),
+        "q": torch.optim.Adam([*agents.q_reward.parameters(), *agents.mixer_reward.parameters()], lr=args.q_lr),
+        "policy": torch.optim.Adam(agents.policy.parameters(), lr=args.policy_lr),
+        "alpha": torch.optim.Adam([agents.log_alpha], lr=args.alpha_lr),
+    }
+    if agents.decouple:
+        optimizers["v_conservative"] = torch.optim.Adam(agents.v_conservative.parameters(), lr=args.v_lr)
+        optimizers["q_conservative"] = torch.optim.Adam(
+            [*agents.q_conservative.parameters(), *agents.mixer_conservative.parameters()], lr=args.q_lr)
+    return optimizers
+
+
+def value_loss(v: torch.Tensor, q_target: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """OMIGA's L_V (seed 002, Eq. 12) with per-agent alpha [n, 1]: the entangled V of --no-decouple."""
+    z = w * (q_target - v) / alpha
+    shift = z.max(dim=1, keepdim=True).values.detach()
+    return (torch.exp(z - shift) + torch.exp(-shift) * w * v / alpha).mean(1).sum()
+
+
+def conservative_value_loss(v_conservative: torch.Tensor, z_without_v: torch.Tensor) -> torch.Tensor:
+    """L_Vc = E_D[exp(z_i) + V^c_i] with z_i = z_without_v - V^c_i; minimiser: E_{pi_b}[exp(z_i)] = 1.
+    Shifted by c = sg(max z) per agent like L_V (a positive rescaling)."""
+    z = z_without_v.detach() - v_conservative
+    shift = z.max(dim=1, keepdim=True).values.detach()
+    return (torch.exp(z - shift) + torch.exp(-shift) * v_conservative).mean(1).sum()
+
+
+def reward_value_loss(v_reward: torch.Tensor, q_reward_target: torch.Tensor, z: torch.Tensor, z_clip: float) -> torch.Tensor:
+    """L_Vr = E_D[sg(exp(z_i)) (Q̄^r_i - V^r_i)^2]: V^r_i -> E_{pi*}[Q^r_i]."""
+    weight = torch.exp(z.detach().clamp(-z_clip, z_clip))
+    return (weight * (q_reward_target - v_reward).pow(2)).mean(1).sum()
+
+
+def q_loss(q_tot: torch.Tensor, rewards: torch.Tensor, dones: torch.Tensor, next_v_tot: torch.Tensor, gamma: float) -> torch.Tensor:
+    """L_Qr (OMIGA Eq. 13 on the reward part): squared TD error of Q^r_tot against r + gamma (1 - done) V̄^r_tot(s')."""
+    target = rewards + gamma * (1.0 - dones) * next_v_tot
+    return (q_tot - target.detach()).pow(2).mean()
+
+
+def conservative_q_loss(q_tot: torch.Tensor, dones: torch.Tensor, next_v_tot: torch.Tensor, gamma: float) -> torch.Tensor:
+    """L_Qc = sum_i E_D[(gamma (1 - done) V̄^{c,i}_tot(s') - Q^{c,i}_tot(s, a))^2]; q_tot, next_v_tot [n, B]."""
+    target = gamma * (1.0 - dones) * next_v_tot
+    return (q_tot - target.detach()).pow(2).mean(1).sum()
+
+
+def policy_loss(log_prob: torch.Tensor, z: torch.Tensor, z_clip: float) -> torch.Tensor:
+    """L_pi: weighted behaviour cloning towards pi*_i, weights exp(clamp(z_i)) detached; summed over agents."""
+    weight = torch.exp(z.detach().clamp(-z_clip, z_clip))
+    return -(weight * log_prob).mean(1).sum()
+
+
+def gaussian_kl(mean: torch.Tensor, log_std: torch.Tensor, ref_mean: torch.Tensor, ref_log_std: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean, std^2) || N(ref_mean, ref_std^2)) of diagonal Gaussians, summed over action dims: [n, B].
+    tanh is a bijection, so this is also the KL of the squashed policies."""
+    variance_ratio = torch.exp(2.0 * (log_std - ref_log_std))
+    mean_term = (mean - ref_mean).pow(2) * torch.exp(-2.0 * ref_log_std)
+    return 0.5 * (variance_ratio + mean_term - 1.0).sum(-1) + (ref_log_std - log_std).sum(-1)
+
+
+def influence(mean: torch.Tensor, log_std: torch.Tensor, behaviour_mean: torch.Tensor, behaviour_log_std: torch.Tensor,
+              q_reward, w_reward: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """m_i = E_B[<g_V, g_KL>] / (E_B[|g_KL|^2] + 1e-8) [n]: the change of V^r_tot per unit of KL(pi_i || pi_b,i) when
+    pi_i's distribution parameters theta = (mean, log_std) [n, B, act_dim] move along the direction that raises KL.
+    g_V = d/dtheta [w^r_i Q^r_i(o_i, tanh(mean + std * noise))] (reparameterised), g_KL = d KL / dtheta."""
+    theta = (mean.detach().requires_grad_(True), log_std.detach().requires_grad_(True))
+    actions = torch.tanh(theta[0] + theta[1].exp() * noise)
+    reward_value = (w_reward.detach() * q_reward(actions)).sum()
+    kl = gaussian_kl(*theta, behaviour_mean.detach(), behaviour_log_std.detach()).sum()
+    grad_value = torch.autograd.grad(reward_value, theta)
+    grad_kl = torch.autograd.grad(kl, theta)
+    inner = sum((gv * gk).sum(-1) for gv, gk in zip(grad_value, grad_kl))
+    kl_sq_norm = sum(gk.pow(2).sum(-1) for gk in grad_kl)
+    return inner.mean(1) / (kl_sq_norm.mean(1) + 1e-8)
+
+
+ALLOCATIONS = ("influence", "uniform", "random")
+
+
+def allocate_budget(influence: torch.Tensor, d_tot: float, allocation: str, temperature: float,
+                    random_allocation: torch.Tensor) -> torch.Tensor:
+    """Split d_tot over agents: softmax of m / max|m| (influence), d_tot / n (uniform) or a fixed random split."""
+    if allocation == "influence":
+        normalised = influence / (influence.abs().max() + 1e-8)
+        return torch.softmax(normalised / temperature, 0) * d_tot
+    if allocation == "uniform":
+        return torch.full_like(influence, d_tot / influence.numel())
+    if allocation == "random":
+        return random_allocation * d_tot
+    raise ValueError(f"unknown allocation {allocation!r}; valid: {', '.join(ALLOCATIONS)}")
+
+
+def alpha_loss(log_alpha: torch.Tensor, kl: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
+    """Dual descent on min_{alpha_i >= 0} alpha_i (d_i - KL_i) in log alpha_i: alpha_i rises while KL_i > d_i."""
+    return (log_alpha * (budget - kl).detach()).sum()
+
+
+def clipped_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, clip: float) -> torch.Tensor:
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    grad_norm = nn.utils.clip_grad_norm_(params, clip)
+    optimizer.step()
+    return grad_norm
+
+
+@torch.no_grad()
+def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
+    torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), tau)
+
+
+def pretrain_behaviour(agents: Agents, dataset: Dataset, args: Args, generator: torch.Generator) -> torch.Tensor:
+    """Behaviour cloning of pi_b by maximum likelihood, then freeze it and start pi from it (KL(pi || pi_b) = 0)."""
+    optimizer = torch.optim.Adam(agents.behaviour.parameters(), lr=args.bc_lr)
+    loss = torch.zeros(())
+    for _ in tqdm(range(args.bc_steps), desc="behaviour cloning", mininterval=2.0, disable=args.bc_steps < 1000):
+        batch = dataset.sample(args.batch_size, generator)
+        loss = -agents.behaviour.log_prob(batch.obs, batch.actions).mean(1).sum()
+        clipped_step(optimizer, loss, args.grad_clip)
+    agents.behaviour.requires_grad_(False)
+    agents.policy.load_state_dict(agents.behaviour.state_dict())
+    return loss.detach()
+
+
+def update(agents: Agents, optimizers: dict, batch: Batch, args: Args) -> dict[str, torch.Tensor]:
+    """One OMCDA update: V^c and V^r, then Q^r and Q^c with their mixers, then the policy, then influence,
+    allocation and the alpha_i step."""
+    alpha = agents.log_alpha.detach().exp()[:, None]
+    with torch.no_grad():
+        w_target, _ = agents.mixer_reward_target(batch.states)
+        q_target = agents.q_reward_target(batch.obs, batch.actions)
+        next_w, next_b = agents.mixer_reward_target(batch.next_states)
+        next_v_tot = mix(next_w, agents.v_reward_target(batch.next_obs), next_b)
+        if agents.decouple:
+            q_conservative_target = agents.q_conservative_target(batch.obs, batch.actions)
+            next_w_c, next_b_c = agents.mixer_conservative_target(batch.next_states)
+            next_v_conservative_tot = mix_conservative(next_w_c, agents.v_conservative_target(batch.next_obs), next_b_c)
+
+    v = agents.v_reward(batch.obs)
+    metrics = {}
+    if agents.decouple:
+        v_conservative = agents.v_conservative(batch.obs)
+        z_without_v = w_target * (q_target - v.detach()) / alpha + q_conservative_target
+        loss_v_conservative = conservative_value_loss(v_conservative, z_without_v)
+        clipped_step(optimizers["v_conservative"], loss_v_conservative, args.grad_clip)
+        z = z_without_v - v_conservative.detach()
+        loss_v = reward_value_loss(v, q_target, z, args.z_clip)
+        metrics["losses/v_conservative"] = loss_v_conservative.detach()
+        metrics["values/v_conservative"] = v_conservative.detach().mean()
+    else:
+        loss_v = value_loss(v, q_target, w_target, alpha)
+        z = w_target * (q_target - v.detach()) / alpha
+    clipped_step(optimizers["v"], loss_v, args.grad_clip)
+
+    w, b = agents.mixer_reward(batch.states)
+    q_tot = mix(w, agents.q_reward(batch.obs, batch.actions), b)
+    loss_q = q_loss(q_tot, batch.rewards, batch.dones, next_v_tot, args.gamma)
+    clipped_step(optimizers["q"], loss_q, args.grad_clip)
+    if agents.decouple:
+        w_c, b_c = agents.mixer_conservative(batch.states)
+        q_conservative_tot = mix_conservative(w_c, agents.q_conservative(batch.obs, batch.actions), b_c)
+        loss_q_conservative = conservative_q_loss(q_conservative_tot, batch.dones, next_v_conservative_tot, args.gamma)
+        clipped_step(optimizers["q_conservative"], loss_q_conservative, args.grad_clip)
+        metrics["losses/q_conservative"] = loss_q_conservative.detach()
+
+    mean, log_std = agents.policy(batch.obs)
+    loss_pi = policy_loss(tanh_gaussian_log_prob(mean, log_std, batch.actions), z, args.z_clip)
+    clipped_step(optimizers["policy"], loss_pi, args.grad_clip)
+
+    with torch.no_grad():
+        behaviour_mean, behaviour_log_std = agents.behaviour(batch.obs)
+        agents.kl.copy_(gaussian_kl(mean.detach(), log_std.detach(), behaviour_mean, behaviour_log_std).mean(1))
+    measured = influence(mean, log_std, behaviour_mean, behaviour_log_std,
+                         lambda actions: agents.q_reward(batch.obs, actions), w, torch.randn_like(mean))
+    with torch.no_grad():
+        agents.influence.lerp_(measured, args.influence_ema)
+        agents.budget.copy_(allocate_budget(agents.influence, args.d_tot, args.allocation, args.influence_temperature,
+                                            agents.random_allocation))
+    optimizers["alpha"].zero_grad(set_to_none=True)
+    alpha_loss(agents.log_alpha, agents.kl, agents.budget).backward()
+    optimizers["alpha"].step()
+    with torch.no_grad():
+        agents.log_alpha.clamp_(math.log(args.alpha_min), math.log(args.alpha_max))
+
+    soft_update(agents.v_reward_target, agents.v_reward, args.tau)
+    soft_update(agents.q_reward_target, agents.q_reward, args.tau)
+    soft_update(agents.mixer_reward_target, agents.mixer_reward, args.tau)
+    if agents.decouple:
+        soft_update(agents.v_conservative_target, agents.v_conservative, args.tau)
+        soft_update(agents.q_conservative_target, agents.q_conservative, args.tau)
+        soft_update(agents.mixer_conservative_target, agents.mixer_conservative, args.tau)
+    return {"losses/v": loss_v.detach(), "losses/q": loss_q.detach(), "losses/policy": loss_pi.detach(), **metrics,
+            "values/q_tot": q_tot.detach().mean(), "values/v": v.detach().mean(),
+            "values/weight_mean": torch.exp(z.clamp(-args.z_clip, args.z_clip)).mean(),
+            "agents/alpha": agents.log_alpha.detach().exp(), "agents/budget": agents.budget.clone(),
+            "agents/influence": agents.influence.clone(), "agents/kl": agents.kl.clone()}
+
+
+def agent_summary(agents: Agents) -> str:
+    """One line of the per-agent allocation state, for the terminal at each evaluation."""
+    fields = {"alpha": agents.log_alpha.detach().exp(), "budget": agents.budget, "kl": agents.kl, "influence": agents.influence}
+    return "  ".join(f"{name} [{', '.join(f'{x:.3g}' for x in value.tolist())}]" for name, value in fields.items())
+
+
+# TRY NOT TO MODIFY: running, logging, evaluation, checkpoints
+def make_act_fn(policy: AgentPolicy, device: torch.device):
+    @torch.no_grad()
+    def act(obs: np.ndarray) -> np.ndarray:
+        obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device).transpose(0, 1)
+        return policy.act(obs_t).transpose(0, 1).cpu().numpy()
+
+    return act
+
+
+def save_checkpoint(path: Path, agents: nn.Module, optimizers: dict, step: int, args: Args) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save({"agents": agents.state_dict(), "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+                "step": step, "args": asdict(args)}, tmp)
+    os.replace(tmp, path)
+
+
+def scalar_metrics(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Host copies of the metrics (log intervals only); a per-agent vector `name` becomes `name_0`, `name_1`, ..."""
+    values = {}
+    for name, value in metrics.items():
+        if value.ndim == 0:
+            values[name] = value.item()
+        else:
+            values.update({f"{name}_{i}": x for i, x in enumerate(value.tolist())})
+    return values
+
+
+def check_finite(metrics: dict[str, float], step: int, last_checked: int) -> None:
+    for name, value in metrics.items():
+        if not math.isfinite(value):
+            raise FloatingPointError(f"training diverged: {name} = {value} at the log of update {step} "
+                                     f"(finite at update {last_checked}); try a smaller learning rate or larger alpha")
+
+
+def make_run(args: Args) -> tuple[Path, SummaryWriter]:
+    run_dir = Path("runs") / f"{args.env}__{args.dataset}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=2))
+    writer = SummaryWriter(str(run_dir))
+    table = "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items())
+    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, config=asdict(args), name=run_dir.name, sync_tensorboard=True,
+                   dir=str(run_dir))
+    return run_dir, writer
+
+
+def seed_everything(seed: int, torch_deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.deterministic = torch_deterministic
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    seed_everything(args.seed, args.torch_deterministic)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    env = make_env(args.env, args.agent_conf, args.obs_mode)
+    dataset_file = ensure_dataset(args.data_dir, args.env, env.agent_conf, args.dataset, generate=not args.no_generate)
+    dataset = load_dataset(dataset_file, device, args.obs_mode)
+    dataset.check_env(env)
+    run_dir, writer = make_run(args)
+    print(f"{run_dir}: {len(dataset):,} transitions from {dataset_file} on {device}")
+
+    if args.allocation not in ALLOCATIONS:
+        raise SystemExit(f"unknown --allocation {args.allocation!r}; valid: {', '.join(ALLOCATIONS)}")
+    agents = Agents(env.n_agents, env.obs_dim, env.act_dim, env.state_dim, args).to(device)
+    optimizers = make_optimizers(agents, args)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    bc_loss = pretrain_behaviour(agents, dataset, args, generator)
+    writer.add_scalar("losses/behaviour_cloning", bc_loss.item(), 0)
+    act_fn = make_act_fn(agents.policy, device)
+    eval_seed = 1_000_000 * (args.seed + 1)
+
+    last_eval, last_checked, tick, tick_step = float("nan"), 0, time.perf_counter(), 0
+    progress = tqdm(range(1, args.total_steps + 1), mininterval=2.0, desc=args.exp_name)
+    for step in progress:
+        metrics = update(agents, optimizers, dataset.sample(args.batch_size, generator), args)
+        if step % args.log_every == 0 or step == args.total_steps:
+            values = scalar_metrics(metrics)
+            check_finite(values, step, last_checked)
+            last_checked = step
+            updates_per_sec = (step - tick_step) / (time.perf_counter() - tick)
+            tick, tick_step = time.perf_counter(), step
+            for name, value in values.items():
+                writer.add_scalar(name, value, step)
+            writer.add_scalar("charts/updates_per_sec", updates_per_sec, step)
+            progress.set_postfix(ups=f"{updates_per_sec:.0f}", eval=f"{last_eval:.0f}")
+        if step % args.eval_every == 0 and step < args.total_steps:
+            agents.eval()
+            returns = evaluate(act_fn, env, args.eval_episodes, eval_seed)
+            agents.train()
+            last_eval = float(returns.mean())
+            writer.add_scalar("eval/return_mean", last_eval, step)
+            writer.add_scalar("eval/return_std", float(returns.std()), step)
+            tqdm.write(f"step {step}: eval return {last_eval:.1f} ± {returns.std():.1f} | {agent_summary(agents)}")
+            if args.save_model:
+                save_checkpoint(run_dir / "model.pt", agents, optimizers, step, args)
+            tick = time.perf_counter()
+
+    agents.eval()
+    returns = evaluate(act_fn, env, args.final_eval_episodes, eval_seed)
+    writer.add_scalar("eval/return_mean", float(returns.mean()), args.total_steps)
+    writer.add_scalar("eval/return_std", float(returns.std()), args.total_steps)
+    if args.save_model:
+        save_checkpoint(run_dir / "model.pt", agents, optimizers, args.total_steps, args)
+    writer.close()
+    print(f"final return: {returns.mean():.2f} ± {returns.std():.2f} over {len(returns)} episodes")
