@@ -1,0 +1,440 @@
+"""ICQ: implicit constraint Q-learning, multi-agent (Yang et al., NeurIPS 2021, "Believe What You See: Implicit
+Constraint Approach for Offline Multi-Agent Reinforcement Learning"; a baseline of seeds 000, 002 and 004, and in
+seed 002's "Discussion with prior works" the method that estimates the partition function Z from the minibatch).
+
+Per agent i: twin critics Q^1_i, Q^2_i(o_i, a_i) and a tanh-Gaussian policy pi_i(a_i | o_i); a mixer hypernetwork on
+the global state s gives w(s) = |.| >= 0 and b(s). Targets (bar) are Polyak copies of the critics and the mixer.
+Nothing outside the data is evaluated: the next joint action a' is the dataset's own action at the next step, so the
+critic is trained SARSA-like, with the behaviour expectation reweighted towards high values.
+
+    Q_i = min_j Q^j_i,   Q^j_tot(s, a) = sum_i w_i(s) Q^j_i(o_i, a_i) + b(s)                (ICQ-MA's decomposition)
+    T_IC Q(s, a) = r + gamma E_{s', a'~mu}[ exp(Q(s', a')/alpha) / Z(s') Q(s', a') ],   Z(s') = E_{a'~mu}[exp(Q/alpha)]
+                                               (implicit constraint operator, from pi* = mu exp(Q/alpha) / Z)
+    rho = B softmax_B(Q̄_tot(s', a')/alpha)                    (Z estimated over the minibatch: rho averages one)
+    L_Q  = sum_j E_B[ (r + gamma (1 - done) rho Q̄_tot(s', a') - Q^j_tot(s, a))^2 ]       (critic loss J_Q, lambda = 0)
+    L_pi = -sum_i E_B[ sg(B softmax_B(w_i(s) Q_i(o_i, a_i)/beta)) log pi_i(a_i | o_i) ]     (ICQ-MA's policy loss J_pi)
+As alpha -> infinity the target is the SARSA target r + gamma Q̄_tot(s', a'); as alpha -> 0 its batch average tends to
+r + gamma max_B Q̄_tot(s', a'), the best next value seen in the batch.
+
+Agent inputs follow --obs-mode as in omiga.py: "state" (default, global state + one-hot id) or "local".
+
+Choices the paper leaves open (published code's, i.e. OMIGA's ICQ baseline, unless marked "ours"):
+- alpha 10 (seed 002, Table 5, "Lagrangian coefficient"), beta 100, gamma 0.99, tau 0.005, Adam lr 5e-4, batch 128,
+  2x256 ReLU networks, mixer with one hidden layer of 64, gradient-norm clip 1.0. Both temperatures are in units of Q:
+  with MuJoCo rewards of a few per step, Q spans about 10^2 over a batch, so beta 100 gives policy weights within a few
+  e-folds of each other and no single sample owns the batch; rescale beta with the reward scale (the toy test: 0.2).
+- Twin critics, min per agent before mixing, for the target and the policy weights. Ours: each twin is mixed and
+  regressed on the target (published code regresses the mixed min, which trains only the lower twin per sample).
+- Ours: Z is the batch mean (rho = B softmax, averaging one), the estimator of E_mu[exp(Q/alpha)]; published code uses
+  a plain softmax (summing to one), which shrinks every bootstrapped value by about 1/B and keeps Q near the one-step
+  reward. The softmax runs across the batch's different next states, one batch-level Z standing in for every Z(s'):
+  high-value next states get rho > 1/gamma, so once Q̄_tot spreads over more than a few alpha within a batch the target
+  expands and the critic diverges (Hopper random-action data, rewards x1 or x20, alpha 10: in 500-1000 updates).
+- Ours: terminal transitions are sampled (their target is r) but left out of the critic's softmax, since their next
+  value is not bootstrapped; a transition that ends its episode by a time limit is not sampled, because the next
+  action it would bootstrap on is not in the data.
+- Policy weights from the online critics and mixer before their step, detached, no baseline, as in published code.
+- The paper's lambda-return over sampled trajectories is left out: one-step targets on shuffled transitions, as in
+  omiga.py (published code decays by lambda over positions in a randomly drawn minibatch: no trajectory meaning).
+- Policy: tanh-Gaussian with state-dependent log-std clamped to [-5, 2]; evaluation action tanh(mean), as in omiga.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from common.collect import ensure_dataset
+from common.datasets import Batch, Dataset, load_dataset
+from common.envs import make_env
+from common.evaluation import evaluate
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, cuda will be used when available"""
+    track: bool = False
+    """if toggled, log to Weights & Biases (needs `pip install wandb`)"""
+    wandb_project_name: str = "offline-marl"
+    """the wandb project name"""
+    env: str = "Hopper"
+    """the Multi-Agent MuJoCo task: Hopper, Ant or HalfCheetah"""
+    agent_conf: str | None = None
+    """agent partition (default per env: Hopper 3x1, Ant 2x4, HalfCheetah 6x1)"""
+    obs_mode: str = "state"
+    """agent inputs: state (global state + id, the seeds' setting), local (local observation + id), omiga"""
+    dataset: str = "medium-replay"
+    """dataset quality: expert, medium, medium-replay, medium-expert"""
+    data_dir: str = "data"
+    """folder of the dataset files"""
+    no_generate: bool = False
+    """if toggled, a missing dataset is an error instead of being generated from the committed behaviour policies"""
+    total_steps: int = 1_000_000
+    """number of gradient updates"""
+    batch_size: int = 128
+    """minibatch size"""
+    eval_every: int = 5000
+    """evaluate every this many updates"""
+    eval_episodes: int = 10
+    """episodes per evaluation during training"""
+    final_eval_episodes: int = 32
+    """episodes of the final evaluation"""
+    log_every: int = 1000
+    """log losses every this many updates"""
+    save_model: bool = False
+    """if toggled, save all networks, optimizers and the step to `model.pt` in the run directory"""
+
+    # Algorithm specific arguments
+    gamma: float = 0.99
+    """discount factor"""
+    tau: float = 0.005
+    """target network update rate"""
+    alpha: float = 10.0
+    """temperature of the critic's implicit constraint, in units of Q (ICQ's Lagrangian coefficient; seed 002: 10)"""
+    beta: float = 100.0
+    """temperature of the policy weights softmax(w_i Q_i / beta), in units of Q (published code: 100)"""
+    q_lr: float = 5e-4
+    """learning rate of the local critics and the mixer"""
+    policy_lr: float = 5e-4
+    """learning rate of the policies"""
+    hidden_dim: int = 256
+    """hidden units of the two hidden layers of Q and pi"""
+    mixer_hidden_dim: int = 64
+    """hidden units of the mixer hypernetwork"""
+    grad_clip: float = 1.0
+    """gradient-norm clip of every optimizer"""
+
+
+# TRY NOT TO MODIFY: batched per-agent networks and the mixer
+class BatchedLinear(nn.Module):
+    """One linear layer per agent, all agents in one matmul: x [n_agents, B, in] -> [n_agents, B, out]."""
+
+    def __init__(self, n_agents: int, in_dim: int, out_dim: int):
+        super().__init__()
+        bound = 1.0 / math.sqrt(in_dim)  # nn.Linear's default initialisation, per agent
+        self.weight = nn.Parameter(torch.empty(n_agents, in_dim, out_dim).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(n_agents, 1, out_dim).uniform_(-bound, bound))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+def batched_mlp(n_agents: int, in_dim: int, out_dim: int, hidden_dim: int) -> nn.Sequential:
+    return nn.Sequential(
+        BatchedLinear(n_agents, in_dim, hidden_dim), nn.ReLU(),
+        BatchedLinear(n_agents, hidden_dim, hidden_dim), nn.ReLU(),
+        BatchedLinear(n_agents, hidden_dim, out_dim),
+    )
+
+
+class AgentQ(nn.Module):
+    """Q_i(o_i, a_i) for every agent: obs [n, B, obs_dim], actions [n, B, act_dim] -> [n, B]."""
+
+    def __init__(self, n_agents: int, obs_dim: int, act_dim: int, hidden_dim: int):
+        super().__init__()
+        self.net = batched_mlp(n_agents, obs_dim + act_dim, 1, hidden_dim)
+
+    def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([obs, actions], -1)).squeeze(-1)
+
+
+def tanh_gaussian_log_prob(mean: torch.Tensor, log_std: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """log-density of actions in (-1, 1) under tanh(N(mean, exp(log_std)^2)), summed over action dims: [n, B]."""
+    actions = actions.clamp(-1.0 + 1e-6, 1.0 - 1e-6)
+    gaussian = torch.distributions.Normal(mean, log_std.exp()).log_prob(torch.atanh(actions))
+    return (gaussian - torch.log1p(-actions.pow(2))).sum(-1)
+
+
+class AgentPolicy(nn.Module):
+    """Tanh-Gaussian pi_i(a_i | o_i) with state-dependent log-std, all agents batched."""
+
+    def __init__(self, n_agents: int, obs_dim: int, act_dim: int, hidden_dim: int):
+        super().__init__()
+        self.net = batched_mlp(n_agents, obs_dim, 2 * act_dim, hidden_dim)
+
+    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, log_std = self.net(obs).chunk(2, -1)
+        return mean, log_std.clamp(-5.0, 2.0)
+
+    def log_prob(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """log pi_i(a_i | o_i) of actions in (-1, 1): [n, B]."""
+        return tanh_gaussian_log_prob(*self(obs), actions)
+
+    def act(self, obs: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self(obs)[0])
+
+
+class Mixer(nn.Module):
+    """Hypernetwork on the global state: w(s) = |f(s)| >= 0 per agent and a free bias b(s)."""
+
+    def __init__(self, state_dim: int, n_agents: int, hidden_dim: int):
+        super().__init__()
+        self.hyper_w = nn.Sequential(nn.Linear(state_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, n_agents))
+        self.hyper_b = nn.Sequential(nn.Linear(state_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, 1))
+
+    def forward(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """states [B, state_dim] -> w [n, B], b [B]."""
+        return self.hyper_w(states).abs().T, self.hyper_b(states).squeeze(-1)
+
+
+def mix(w: torch.Tensor, values: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum_i w_i values_i + b: w, values [n, B], b [B] -> [B]   (Eq. 8)."""
+    return (w * values).sum(0) + b
+
+
+# ALGO LOGIC: in-sample next actions, networks, losses and the update
+@dataclass
+class ICQBatch(Batch):
+    next_actions: torch.Tensor  # [n_agents, B, act_dim] the dataset's joint action at the next step
+
+
+class NextActionSampler:
+    """Samples transitions with the dataset's next joint action a', the action at step t + 1 of the same episode.
+
+    Episodes are contiguous, so step t + 1 follows t unless t ends an episode. A true terminal needs no a' (nothing is
+    bootstrapped; it is paired with itself); an episode cut by a time limit would need one and the data has none, so
+    that transition is not sampled. Indices stay on the dataset's device: sampling copies nothing from the host."""
+
+    def __init__(self, dataset: Dataset):
+        steps = torch.arange(len(dataset), device=dataset.device)
+        episode_end = torch.zeros(len(dataset), dtype=torch.bool, device=dataset.device)
+        episode_end[dataset.episode_starts[1:] - 1] = True
+        episode_end[-1] = True
+        self.dataset = dataset
+        self.indices = steps[~episode_end | dataset.dones.bool()]
+        self.next_indices = torch.where(episode_end, steps, steps + 1)[self.indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def sample(self, batch_size: int, generator: torch.Generator | None = None) -> ICQBatch:
+        pick = torch.randint(len(self.indices), (batch_size,), device=self.indices.device, generator=generator)
+        batch = self.dataset.gather(self.indices[pick])
+        return ICQBatch(**vars(batch), next_actions=self.dataset.actions[:, self.next_indices[pick]])
+
+
+class TwinAgentQ(nn.Module):
+    """Two independent Q_i(o_i, a_i) per agent, run as 2 x n_agents batched networks: -> [2, n, B]."""
+
+    def __init__(self, n_agents: int, obs_dim: int, act_dim: int, hidden_dim: int):
+        super().__init__()
+        self.q = AgentQ(2 * n_agents, obs_dim, act_dim, hidden_dim)
+
+    def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        return self.q(obs.repeat(2, 1, 1), actions.repeat(2, 1, 1)).unflatten(0, (2, -1))
+
+
+class Agents(nn.Module):
+    """Every network of ICQ; targets are Polyak copies."""
+
+    def __init__(self, n_agents: int, obs_dim: int, act_dim: int, state_dim: int, args: Args):
+        super().__init__()
+        self.q = TwinAgentQ(n_agents, obs_dim, act_dim, args.hidden_dim)
+        self.mixer = Mixer(state_dim, n_agents, args.mixer_hidden_dim)
+        self.policy = AgentPolicy(n_agents, obs_dim, act_dim, args.hidden_dim)
+        self.q_target, self.mixer_target = (copy.deepcopy(m).requires_grad_(False) for m in (self.q, self.mixer))
+
+
+def make_optimizers(agents: Agents, args: Args) -> dict[str, torch.optim.Optimizer]:
+    return {
+        "q": torch.optim.Adam([*agents.q.parameters(), *agents.mixer.parameters()], lr=args.q_lr),
+        "policy": torch.optim.Adam(agents.policy.parameters(), lr=args.policy_lr),
+    }
+
+
+def batch_softmax_weights(values: torch.Tensor, temperature: float, live: torch.Tensor | None = None) -> torch.Tensor:
+    """B softmax_B(values / temperature) over the last (batch) axis, the minibatch estimate of exp(Q/temperature) / Z
+    with Z = E_mu[exp(Q/temperature)]: the weights average one. Entries not `live` get zero and do not count in Z."""
+    if live is None:
+        return torch.softmax(values / temperature, dim=-1) * values.shape[-1]
+    logits = (values / temperature).masked_fill(~live, float("-inf"))
+    # With no live entry the softmax is all NaN; torch.where then gives zeros.
+    return torch.where(live, torch.softmax(logits, dim=-1) * live.sum(-1, keepdim=True), 0.0)
+
+
+def icq_target(rewards: torch.Tensor, dones: torch.Tensor, next_q_tot: torch.Tensor, gamma: float,
+               alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """T_IC in-sample: y = r + gamma (1 - done) rho Q̄_tot(s', a'), rho the batch-softmax weights over the non-terminal
+    samples (zero on terminals). Returns y and rho."""
+    rho = batch_softmax_weights(next_q_tot, alpha, live=dones == 0)
+    return rewards + gamma * rho * next_q_tot, rho
+
+
+def q_loss(q_tot: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """L_Q for one twin: squared error of the mixed Q against the (detached) implicit-constraint target."""
+    return (q_tot - target.detach()).pow(2).mean()
+
+
+def policy_loss(log_prob: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """L_pi: behaviour cloning weighted per sample (weights detached); log_prob, weights [n, B], summed over agents."""
+    return -(weights.detach() * log_prob).mean(1).sum()
+
+
+def clipped_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, clip: float) -> torch.Tensor:
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    grad_norm = nn.utils.clip_grad_norm_(params, clip)
+    optimizer.step()
+    return grad_norm
+
+
+@torch.no_grad()
+def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
+    torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), tau)
+
+
+def update(agents: Agents, optimizers: dict, batch: ICQBatch, args: Args) -> dict[str, torch.Tensor]:
+    """One ICQ update: critics and mixer on the in-sample implicit-constraint target, then the policies by weighted
+    behaviour cloning with weights from the critics before their step."""
+    with torch.no_grad():
+        next_w, next_b = agents.mixer_target(batch.next_states)
+        next_q = agents.q_target(batch.next_obs, batch.next_actions).min(0).values
+        target, rho = icq_target(batch.rewards, batch.dones, mix(next_w, next_q, next_b), args.gamma, args.alpha)
+
+    w, b = agents.mixer(batch.states)
+    q_twins = agents.q(batch.obs, batch.actions)
+    q1_tot, q2_tot = mix(w, q_twins[0], b), mix(w, q_twins[1], b)
+    loss_q = q_loss(q1_tot, target) + q_loss(q2_tot, target)
+    policy_weights = batch_softmax_weights(w.detach() * q_twins.detach().min(0).values, args.beta)
+    clipped_step(optimizers["q"], loss_q, args.grad_clip)
+
+    loss_pi = policy_loss(agents.policy.log_prob(batch.obs, batch.actions), policy_weights)
+    clipped_step(optimizers["policy"], loss_pi, args.grad_clip)
+
+    soft_update(agents.q_target, agents.q, args.tau)
+    soft_update(agents.mixer_target, agents.mixer, args.tau)
+    return {"losses/q": loss_q.detach(), "losses/policy": loss_pi.detach(), "values/q_tot": q1_tot.detach().mean(),
+            "values/target_weight_max": rho.max(), "values/policy_weight_max": policy_weights.max()}
+
+
+# TRY NOT TO MODIFY: running, logging, evaluation, checkpoints
+def make_act_fn(policy: AgentPolicy, device: torch.device):
+    @torch.no_grad()
+    def act(obs: np.ndarray) -> np.ndarray:
+        obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device).transpose(0, 1)
+        return policy.act(obs_t).transpose(0, 1).cpu().numpy()
+
+    return act
+
+
+def save_checkpoint(path: Path, agents: nn.Module, optimizers: dict, step: int, args: Args) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save({"agents": agents.state_dict(), "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+                "step": step, "args": asdict(args)}, tmp)
+    os.replace(tmp, path)
+
+
+def scalar_metrics(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Host copies of the metrics (log intervals only); a per-agent vector `name` becomes `name_0`, `name_1`, ..."""
+    values = {}
+    for name, value in metrics.items():
+        if value.ndim == 0:
+            values[name] = value.item()
+        else:
+            values.update({f"{name}_{i}": x for i, x in enumerate(value.tolist())})
+    return values
+
+
+def check_finite(metrics: dict[str, float], step: int, last_checked: int) -> None:
+    for name, value in metrics.items():
+        if not math.isfinite(value):
+            raise FloatingPointError(f"training diverged: {name} = {value} at the log of update {step} "
+                                     f"(finite at update {last_checked}); try a smaller learning rate or larger alpha")
+
+
+def make_run(args: Args) -> tuple[Path, SummaryWriter]:
+    run_dir = Path("runs") / f"{args.env}__{args.dataset}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=2))
+    writer = SummaryWriter(str(run_dir))
+    table = "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items())
+    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, config=asdict(args), name=run_dir.name, sync_tensorboard=True,
+                   dir=str(run_dir))
+    return run_dir, writer
+
+
+def seed_everything(seed: int, torch_deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.deterministic = torch_deterministic
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    seed_everything(args.seed, args.torch_deterministic)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    env = make_env(args.env, args.agent_conf, args.obs_mode)
+    dataset_file = ensure_dataset(args.data_dir, args.env, env.agent_conf, args.dataset, generate=not args.no_generate)
+    dataset = load_dataset(dataset_file, device, args.obs_mode)
+    dataset.check_env(env)
+    transitions = NextActionSampler(dataset)
+    run_dir, writer = make_run(args)
+    print(f"{run_dir}: {len(dataset):,} transitions ({len(transitions):,} with a next action) from {dataset_file} "
+          f"on {device}")
+
+    agents = Agents(env.n_agents, env.obs_dim, env.act_dim, env.state_dim, args).to(device)
+    optimizers = make_optimizers(agents, args)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    act_fn = make_act_fn(agents.policy, device)
+    eval_seed = 1_000_000 * (args.seed + 1)
+
+    last_eval, last_checked, tick, tick_step = float("nan"), 0, time.perf_counter(), 0
+    progress = tqdm(range(1, args.total_steps + 1), mininterval=2.0, desc=args.exp_name)
+    for step in progress:
+        metrics = update(agents, optimizers, transitions.sample(args.batch_size, generator), args)
+        if step % args.log_every == 0 or step == args.total_steps:
+            values = scalar_metrics(metrics)
+            check_finite(values, step, last_checked)
+            last_checked = step
+            updates_per_sec = (step - tick_step) / (time.perf_counter() - tick)
+            tick, tick_step = time.perf_counter(), step
+            for name, value in values.items():
+                writer.add_scalar(name, value, step)
+            writer.add_scalar("charts/updates_per_sec", updates_per_sec, step)
+            progress.set_postfix(ups=f"{updates_per_sec:.0f}", eval=f"{last_eval:.0f}")
+        if step % args.eval_every == 0 and step < args.total_steps:
+            agents.eval()
+            returns = evaluate(act_fn, env, args.eval_episodes, eval_seed)
+            agents.train()
+            last_eval = float(returns.mean())
+            writer.add_scalar("eval/return_mean", last_eval, step)
+            writer.add_scalar("eval/return_std", float(returns.std()), step)
+            tqdm.write(f"step {step}: eval return {last_eval:.1f} ± {returns.std():.1f}")
+            if args.save_model:
+                save_checkpoint(run_dir / "model.pt", agents, optimizers, step, args)
+            tick = time.perf_counter()
+
+    agents.eval()
+    returns = evaluate(act_fn, env, args.final_eval_episodes, eval_seed)
+    writer.add_scalar("eval/return_mean", float(returns.mean()), args.total_steps)
+    writer.add_scalar("eval/return_std", float(returns.std()), args.total_steps)
+    if args.save_model:
+        save_checkpoint(run_dir / "model.pt", agents, optimizers, args.total_steps, args)
+    writer.close()
+    print(f"final return: {returns.mean():.2f} ± {returns.std():.2f} over {len(returns)} episodes")
