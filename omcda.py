@@ -262,23 +262,23 @@ def mix_conservative(w: torch.Tensor, values: torch.Tensor, b: torch.Tensor) -> 
 
 class Agents(nn.Module):
     """Every network of OMCDA, the frozen behaviour policy, log alpha_i and the allocation state; targets are Polyak
-    copies. With `decouple=False` (w/o-dq) only the reward networks exist and hold the entangled Q, V and mixer."""
+    copies. `v`, `q`, `mixer` are the reward part V^r, Q^r, (w^r, b^r); with `decouple=False` (w/o-dq) they hold the
+    entangled V, Q and mixer, and the conservative networks do not exist."""
 
     def __init__(self, n_agents: int, obs_dim: int, act_dim: int, state_dim: int, args: Args):
         super().__init__()
         self.decouple = not args.no_decouple
-        self.v_reward = AgentValue(n_agents, obs_dim, args.hidden_dim)
-        self.q_reward = AgentQ(n_agents, obs_dim, act_dim, args.hidden_dim)
-        self.mixer_reward = Mixer(state_dim, n_agents, args.mixer_hidden_dim)
-        self.v_reward_target, self.q_reward_target, self.mixer_reward_target = (
-            copy.deepcopy(m).requires_grad_(False) for m in (self.v_reward, self.q_reward, self.mixer_reward))
+        self.v = AgentValue(n_agents, obs_dim, args.hidden_dim)
+        self.q = AgentQ(n_agents, obs_dim, act_dim, args.hidden_dim)
+        self.mixer = Mixer(state_dim, n_agents, args.mixer_hidden_dim)
+        self.policy = AgentPolicy(n_agents, obs_dim, act_dim, args.hidden_dim)
+        self.v_target, self.q_target, self.mixer_target = (copy.deepcopy(m).requires_grad_(False) for m in (self.v, self.q, self.mixer))
         if self.decouple:
             self.v_conservative = AgentValue(n_agents, obs_dim, args.hidden_dim)
             self.q_conservative = AgentQ(n_agents, obs_dim, act_dim, args.hidden_dim)
             self.mixer_conservative = ConservativeMixer(state_dim, n_agents, args.mixer_hidden_dim)
             self.v_conservative_target, self.q_conservative_target, self.mixer_conservative_target = (
                 copy.deepcopy(m).requires_grad_(False) for m in (self.v_conservative, self.q_conservative, self.mixer_conservative))
-        self.policy = AgentPolicy(n_agents, obs_dim, act_dim, args.hidden_dim)
         self.behaviour = AgentPolicy(n_agents, obs_dim, act_dim, args.hidden_dim)
         self.log_alpha = nn.Parameter(torch.full((n_agents,), math.log(args.alpha_init)))
         self.register_buffer("influence", torch.zeros(n_agents))
@@ -289,8 +289,8 @@ class Agents(nn.Module):
 
 def make_optimizers(agents: Agents, args: Args) -> dict[str, torch.optim.Optimizer]:
     optimizers = {
-        "v": torch.optim.Adam(agents.v_reward.parameters(), lr=args.v_lr),
-        "q": torch.optim.Adam([*agents.q_reward.parameters(), *agents.mixer_reward.parameters()], lr=args.q_lr),
+        "v": torch.optim.Adam(agents.v.parameters(), lr=args.v_lr),
+        "q": torch.optim.Adam([*agents.q.parameters(), *agents.mixer.parameters()], lr=args.q_lr),
         "policy": torch.optim.Adam(agents.policy.parameters(), lr=args.policy_lr),
         "alpha": torch.optim.Adam([agents.log_alpha], lr=args.alpha_lr),
     }
@@ -316,10 +316,10 @@ def conservative_value_loss(v_conservative: torch.Tensor, z_without_v: torch.Ten
     return (torch.exp(z - shift) + torch.exp(-shift) * v_conservative).mean(1).sum()
 
 
-def reward_value_loss(v_reward: torch.Tensor, q_reward_target: torch.Tensor, z: torch.Tensor, z_clip: float) -> torch.Tensor:
+def reward_value_loss(v_reward: torch.Tensor, q_target: torch.Tensor, z: torch.Tensor, z_clip: float) -> torch.Tensor:
     """L_Vr = E_D[sg(exp(z_i)) (Q̄^r_i - V^r_i)^2]: V^r_i -> E_{pi*}[Q^r_i]."""
     weight = torch.exp(z.detach().clamp(-z_clip, z_clip))
-    return (weight * (q_reward_target - v_reward).pow(2)).mean(1).sum()
+    return (weight * (q_target - v_reward).pow(2)).mean(1).sum()
 
 
 def q_loss(q_tot: torch.Tensor, rewards: torch.Tensor, dones: torch.Tensor, next_v_tot: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -417,16 +417,16 @@ def update(agents: Agents, optimizers: dict, batch: Batch, args: Args) -> dict[s
     allocation and the alpha_i step."""
     alpha = agents.log_alpha.detach().exp()[:, None]
     with torch.no_grad():
-        w_target, _ = agents.mixer_reward_target(batch.states)
-        q_target = agents.q_reward_target(batch.obs, batch.actions)
-        next_w, next_b = agents.mixer_reward_target(batch.next_states)
-        next_v_tot = mix(next_w, agents.v_reward_target(batch.next_obs), next_b)
+        w_target, _ = agents.mixer_target(batch.states)
+        q_target = agents.q_target(batch.obs, batch.actions)
+        next_w, next_b = agents.mixer_target(batch.next_states)
+        next_v_tot = mix(next_w, agents.v_target(batch.next_obs), next_b)
         if agents.decouple:
             q_conservative_target = agents.q_conservative_target(batch.obs, batch.actions)
             next_w_c, next_b_c = agents.mixer_conservative_target(batch.next_states)
             next_v_conservative_tot = mix_conservative(next_w_c, agents.v_conservative_target(batch.next_obs), next_b_c)
 
-    v = agents.v_reward(batch.obs)
+    v = agents.v(batch.obs)
     metrics = {}
     if agents.decouple:
         v_conservative = agents.v_conservative(batch.obs)
@@ -442,8 +442,8 @@ def update(agents: Agents, optimizers: dict, batch: Batch, args: Args) -> dict[s
         z = w_target * (q_target - v.detach()) / alpha
     clipped_step(optimizers["v"], loss_v, args.grad_clip)
 
-    w, b = agents.mixer_reward(batch.states)
-    q_tot = mix(w, agents.q_reward(batch.obs, batch.actions), b)
+    w, b = agents.mixer(batch.states)
+    q_tot = mix(w, agents.q(batch.obs, batch.actions), b)
     loss_q = q_loss(q_tot, batch.rewards, batch.dones, next_v_tot, args.gamma)
     clipped_step(optimizers["q"], loss_q, args.grad_clip)
     if agents.decouple:
@@ -461,7 +461,7 @@ def update(agents: Agents, optimizers: dict, batch: Batch, args: Args) -> dict[s
         behaviour_mean, behaviour_log_std = agents.behaviour(batch.obs)
         agents.kl.copy_(gaussian_kl(mean.detach(), log_std.detach(), behaviour_mean, behaviour_log_std).mean(1))
     measured = influence(mean, log_std, behaviour_mean, behaviour_log_std,
-                         lambda actions: agents.q_reward(batch.obs, actions), w, torch.randn_like(mean))
+                         lambda actions: agents.q(batch.obs, actions), w, torch.randn_like(mean))
     with torch.no_grad():
         agents.influence.lerp_(measured, args.influence_ema)
         agents.budget.copy_(allocate_budget(agents.influence, args.d_tot, args.allocation, args.influence_temperature,
@@ -472,9 +472,9 @@ def update(agents: Agents, optimizers: dict, batch: Batch, args: Args) -> dict[s
     with torch.no_grad():
         agents.log_alpha.clamp_(math.log(args.alpha_min), math.log(args.alpha_max))
 
-    soft_update(agents.v_reward_target, agents.v_reward, args.tau)
-    soft_update(agents.q_reward_target, agents.q_reward, args.tau)
-    soft_update(agents.mixer_reward_target, agents.mixer_reward, args.tau)
+    soft_update(agents.v_target, agents.v, args.tau)
+    soft_update(agents.q_target, agents.q, args.tau)
+    soft_update(agents.mixer_target, agents.mixer, args.tau)
     if agents.decouple:
         soft_update(agents.v_conservative_target, agents.v_conservative, args.tau)
         soft_update(agents.q_conservative_target, agents.q_conservative, args.tau)
