@@ -1,0 +1,479 @@
+"""ComaDICE: offline cooperative MARL with stationary distribution correction (seed 004: Bui et al., ICLR 2025).
+
+Per agent i: nu_i(o_i), q_i(o_i, a_i) and a tanh-Gaussian policy pi_i(a_i | o_i); one mixer M on the global state s,
+a "1-layer" linear mixer: M_s[x] = sum_i w_i(s) x_i + b(s), a single linear combination of the agents' values with
+w(s) = |.| >= 0 and a free bias b(s), both given by hypernetworks with one hidden layer of 64 on s. The same M makes
+
+    nu_tot(s) = M_s[nu(o)],   A_tot(s, a) = M_s[q(o, a) - nu(o)]                                     (Sec. 4.2, 5)
+    L_q  = E_D[ (M_s[q - nu] + M_s[nu] - r - gamma (1 - done) M̄_s'[nū(o')])^2 ]   over q_i and M       (Eq. 10)
+    L_nu = (1 - gamma) E_{s0 ~ D0}[ M_s0[nu(o0)] ] + E_D[ alpha f*(A_tot / alpha) ]   over nu_i          (Eq. 11)
+    w*   = max(0, f'^{-1}(A_tot / alpha))                                                           (Prop. 4.1)
+    L_pi = -E_D[ sg(w*) sum_i log pi_i(a_i | o_i) ]       every agent gets the same global weight      (Eq. 12)
+
+D0 is the set of first steps of the dataset's episodes; bars are Polyak copies. At the minimiser of L_q,
+A_tot = r + gamma nū_tot(s') - nu_tot(s): the advantage is the TD residual of nu (Eq. 5).
+f*(y) = sup_{t>=0} {t y - f(t)} is attained at t = max(0, f'^{-1}(y)) as f is convex, so f*(y) = y t - f(t) there
+and d f*/dy = w* (Prop. 4.1's gradient).
+
+f-divergences (--f-divergence), y = A_tot / alpha:
+    soft-chi2  f(t) = t log t - t + 1 (t < 1), (t - 1)^2 / 2 (t >= 1)
+               f'^{-1}(y) = e^y (y < 0), y + 1 (y >= 0);     f*(y) = e^y - 1 (y < 0), y^2 / 2 + y (y >= 0)
+    chi2       f(t) = (t - 1)^2 / 2;    f'^{-1}(y) = y + 1;  f*(y) = max(0, y + 1)^2 / 2 - 1/2   (t = 0 for y < -1)
+    kl         f(t) = t log t;          f'^{-1}(y) = e^(y - 1);  f*(y) = e^(y - 1)
+
+Agent inputs follow --obs-mode: "state" (default) gives every agent the global state plus a one-hot id, the setting
+of the seeds' MuJoCo experiments; "local" gives each agent its local observation (agent_obsk=1) plus the id.
+
+Choices the paper leaves open (published code's, unless marked "ours"):
+- alpha 10, gamma 0.99, tau 0.005, Adam lr 1e-4, batch 128, 2x256 ReLU networks, mixer hypernetworks with one hidden
+  layer of 64, gradient-norm clip 1.0, soft-chi2 by default. Dataset actions are not rescaled (the published code
+  scales MuJoCo actions by 1/4 for ComaDICE only); every script uses actions in [-1, 1].
+- Ours: Eq. 10 as printed has the signs of its last two terms swapped relative to the sentence before it and Eq. 5,
+  and Sec. 5's w* has M[nu] - M[q]; we use A_tot = r + gamma nu_tot(s') - nu_tot(s) and w* from M[q - nu] (Sec. 4.3).
+- L_q trains q and the mixer, L_nu trains nu only (the published code splits them the same way). Eq. 11 names the
+  mixer's parameters too, but with q held fixed its derivative in the free bias b(s) is (1 - gamma) p0(s) +
+  rho_D(s) E[w* | s], never negative, so minimising it over the mixer only pushes b down (without bound) while q
+  and nu drift to compensate.
+- The bootstrap M̄_s'[nū(o')] uses Polyak copies of nu and the mixer; a terminal transition does not bootstrap.
+- Ours: the three losses are computed from one forward pass on the same minibatch, each seeing the others' networks
+  before this update (the paper updates them "simultaneously"); w* is detached and not clipped.
+- Ours: every update draws batch_size initial states uniformly from D0, independent of the transition minibatch.
+- Policy: state-dependent log-std clamped to [-5, 2]; dataset actions clamped to +-(1 - 1e-6) before atanh;
+  evaluation action tanh(mean). Not offered: the 2-layer mixer of the seed's ablation.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Literal, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from common.collect import ensure_dataset
+from common.datasets import Batch, Dataset, load_dataset
+from common.envs import make_env
+from common.evaluation import evaluate
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, cuda will be used when available"""
+    track: bool = False
+    """if toggled, log to Weights & Biases (needs `pip install wandb`)"""
+    wandb_project_name: str = "offline-marl"
+    """the wandb project name"""
+    env: str = "Hopper"
+    """the Multi-Agent MuJoCo task: Hopper, Ant or HalfCheetah"""
+    agent_conf: str | None = None
+    """agent partition (default per env: Hopper 3x1, Ant 2x4, HalfCheetah 6x1)"""
+    obs_mode: str = "state"
+    """agent inputs: state (global state + id, the seeds' setting), local (local observation + id), omiga"""
+    dataset: str = "medium-replay"
+    """dataset quality: expert, medium, medium-replay, medium-expert"""
+    data_dir: str = "data"
+    """folder of the dataset files"""
+    no_generate: bool = False
+    """if toggled, a missing dataset is an error instead of being generated from the committed behaviour policies"""
+    total_steps: int = 1_000_000
+    """number of gradient updates"""
+    batch_size: int = 128
+    """minibatch size"""
+    eval_every: int = 5000
+    """evaluate every this many updates"""
+    eval_episodes: int = 10
+    """episodes per evaluation during training"""
+    final_eval_episodes: int = 32
+    """episodes of the final evaluation"""
+    log_every: int = 1000
+    """log losses every this many updates"""
+    save_model: bool = False
+    """if toggled, save all networks, optimizers and the step to `model.pt` in the run directory"""
+
+    # Algorithm specific arguments
+    gamma: float = 0.99
+    """discount factor"""
+    tau: float = 0.005
+    """target network update rate"""
+    alpha: float = 10.0
+    """strength alpha of the f-divergence between the occupancies of pi_tot and mu_tot (seed 004: 10)"""
+    f_divergence: Literal["soft-chi2", "chi2", "kl"] = "soft-chi2"
+    """the f of the regulariser D_f: soft-chi2, chi2 or kl"""
+    q_lr: float = 1e-4
+    """learning rate of the local q networks and the mixer"""
+    nu_lr: float = 1e-4
+    """learning rate of the local nu networks"""
+    policy_lr: float = 1e-4
+    """learning rate of the policies"""
+    hidden_dim: int = 256
+    """hidden units of the two hidden layers of nu, q and pi"""
+    mixer_hidden_dim: int = 64
+    """hidden units of the mixer hypernetworks"""
+    grad_clip: float = 1.0
+    """gradient-norm clip of every optimizer"""
+
+
+# TRY NOT TO MODIFY: batched per-agent networks and the mixer
+class BatchedLinear(nn.Module):
+    """One linear layer per agent, all agents in one matmul: x [n_agents, B, in] -> [n_agents, B, out]."""
+
+    def __init__(self, n_agents: int, in_dim: int, out_dim: int):
+        super().__init__()
+        bound = 1.0 / math.sqrt(in_dim)  # nn.Linear's default initialisation, per agent
+        self.weight = nn.Parameter(torch.empty(n_agents, in_dim, out_dim).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(n_agents, 1, out_dim).uniform_(-bound, bound))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+def batched_mlp(n_agents: int, in_dim: int, out_dim: int, hidden_dim: int) -> nn.Sequential:
+    return nn.Sequential(
+        BatchedLinear(n_agents, in_dim, hidden_dim), nn.ReLU(),
+        BatchedLinear(n_agents, hidden_dim, hidden_dim), nn.ReLU(),
+        BatchedLinear(n_agents, hidden_dim, out_dim),
+    )
+
+
+class AgentValue(nn.Module):
+    """V_i(o_i) for every agent: obs [n, B, obs_dim] -> [n, B]."""
+
+    def __init__(self, n_agents: int, obs_dim: int, hidden_dim: int):
+        super().__init__()
+        self.net = batched_mlp(n_agents, obs_dim, 1, hidden_dim)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.net(obs).squeeze(-1)
+
+
+class AgentQ(nn.Module):
+    """Q_i(o_i, a_i) for every agent: obs [n, B, obs_dim], actions [n, B, act_dim] -> [n, B]."""
+
+    def __init__(self, n_agents: int, obs_dim: int, act_dim: int, hidden_dim: int):
+        super().__init__()
+        self.net = batched_mlp(n_agents, obs_dim + act_dim, 1, hidden_dim)
+
+    def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([obs, actions], -1)).squeeze(-1)
+
+
+def tanh_gaussian_log_prob(mean: torch.Tensor, log_std: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """log-density of actions in (-1, 1) under tanh(N(mean, exp(log_std)^2)), summed over action dims: [n, B]."""
+    actions = actions.clamp(-1.0 + 1e-6, 1.0 - 1e-6)
+    gaussian = torch.distributions.Normal(mean, log_std.exp()).log_prob(torch.atanh(actions))
+    return (gaussian - torch.log1p(-actions.pow(2))).sum(-1)
+
+
+class AgentPolicy(nn.Module):
+    """Tanh-Gaussian pi_i(a_i | o_i) with state-dependent log-std, all agents batched."""
+
+    def __init__(self, n_agents: int, obs_dim: int, act_dim: int, hidden_dim: int):
+        super().__init__()
+        self.net = batched_mlp(n_agents, obs_dim, 2 * act_dim, hidden_dim)
+
+    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, log_std = self.net(obs).chunk(2, -1)
+        return mean, log_std.clamp(-5.0, 2.0)
+
+    def log_prob(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """log pi_i(a_i | o_i) of actions in (-1, 1): [n, B]."""
+        return tanh_gaussian_log_prob(*self(obs), actions)
+
+    def act(self, obs: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self(obs)[0])
+
+
+class Mixer(nn.Module):
+    """Hypernetwork on the global state: w(s) = |f(s)| >= 0 per agent and a free bias b(s)."""
+
+    def __init__(self, state_dim: int, n_agents: int, hidden_dim: int):
+        super().__init__()
+        self.hyper_w = nn.Sequential(nn.Linear(state_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, n_agents))
+        self.hyper_b = nn.Sequential(nn.Linear(state_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, 1))
+
+    def forward(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """states [B, state_dim] -> w [n, B], b [B]."""
+        return self.hyper_w(states).abs().T, self.hyper_b(states).squeeze(-1)
+
+
+def mix(w: torch.Tensor, values: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum_i w_i values_i + b: w, values [n, B], b [B] -> [B]   (Eq. 8)."""
+    return (w * values).sum(0) + b
+
+
+# ALGO LOGIC: networks, losses and the update
+class Agents(nn.Module):
+    """Every network of ComaDICE; the bootstrap of Eq. 10 uses Polyak copies of nu and the mixer."""
+
+    def __init__(self, n_agents: int, obs_dim: int, act_dim: int, state_dim: int, args: Args):
+        super().__init__()
+        self.nu = AgentValue(n_agents, obs_dim, args.hidden_dim)
+        self.q = AgentQ(n_agents, obs_dim, act_dim, args.hidden_dim)
+        self.mixer = Mixer(state_dim, n_agents, args.mixer_hidden_dim)
+        self.policy = AgentPolicy(n_agents, obs_dim, act_dim, args.hidden_dim)
+        self.nu_target, self.mixer_target = (copy.deepcopy(m).requires_grad_(False) for m in (self.nu, self.mixer))
+
+
+def make_optimizers(agents: Agents, args: Args) -> dict[str, torch.optim.Optimizer]:
+    return {
+        "nu": torch.optim.Adam(agents.nu.parameters(), lr=args.nu_lr),
+        "q": torch.optim.Adam([*agents.q.parameters(), *agents.mixer.parameters()], lr=args.q_lr),
+        "policy": torch.optim.Adam(agents.policy.parameters(), lr=args.policy_lr),
+    }
+
+
+# f-divergences: f(t) for t >= 0, its conjugate f*(y) = sup_{t>=0} {t y - f(t)} and f'^{-1}(y) (derivations in the
+# module docstring). The exponentials see y clamped at 0 so that torch.where's unused branch never overflows.
+def soft_chi2_f(t: torch.Tensor) -> torch.Tensor:
+    return torch.where(t < 1, torch.xlogy(t, t) - t + 1, 0.5 * (t - 1) ** 2)
+
+
+def soft_chi2_conjugate(y: torch.Tensor) -> torch.Tensor:
+    return torch.where(y < 0, torch.expm1(y.clamp(max=0)), 0.5 * y**2 + y)
+
+
+def soft_chi2_prime_inverse(y: torch.Tensor) -> torch.Tensor:
+    return torch.where(y < 0, torch.exp(y.clamp(max=0)), y + 1)
+
+
+def chi2_f(t: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (t - 1) ** 2
+
+
+def chi2_conjugate(y: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (y + 1).clamp(min=0) ** 2 - 0.5
+
+
+def chi2_prime_inverse(y: torch.Tensor) -> torch.Tensor:
+    return y + 1
+
+
+def kl_f(t: torch.Tensor) -> torch.Tensor:
+    return torch.xlogy(t, t)
+
+
+def kl_conjugate(y: torch.Tensor) -> torch.Tensor:
+    return torch.exp(y - 1)
+
+
+def kl_prime_inverse(y: torch.Tensor) -> torch.Tensor:
+    return torch.exp(y - 1)
+
+
+class FDivergence(NamedTuple):
+    f: Callable[[torch.Tensor], torch.Tensor]
+    conjugate: Callable[[torch.Tensor], torch.Tensor]
+    prime_inverse: Callable[[torch.Tensor], torch.Tensor]
+
+
+F_DIVERGENCES = {
+    "soft-chi2": FDivergence(soft_chi2_f, soft_chi2_conjugate, soft_chi2_prime_inverse),
+    "chi2": FDivergence(chi2_f, chi2_conjugate, chi2_prime_inverse),
+    "kl": FDivergence(kl_f, kl_conjugate, kl_prime_inverse),
+}
+
+
+def occupancy_ratio(advantage_tot: torch.Tensor, divergence: FDivergence, alpha: float) -> torch.Tensor:
+    """w* = max(0, f'^{-1}(A_tot / alpha)) (Prop. 4.1), the estimate of rho^pi_tot / rho^mu_tot."""
+    return divergence.prime_inverse(advantage_tot / alpha).clamp(min=0)
+
+
+def q_loss(advantage_tot: torch.Tensor, nu_tot: torch.Tensor, rewards: torch.Tensor, dones: torch.Tensor,
+           next_nu_tot: torch.Tensor, gamma: float) -> torch.Tensor:
+    """L_q (Eq. 10): squared gap between A_tot and the TD residual r + gamma (1 - done) nū_tot(s') - nu_tot(s)."""
+    td_residual = rewards + gamma * (1.0 - dones) * next_nu_tot.detach() - nu_tot
+    return (advantage_tot - td_residual).pow(2).mean()
+
+
+def nu_loss(initial_nu_tot: torch.Tensor, advantage_tot: torch.Tensor, divergence: FDivergence, alpha: float,
+            gamma: float) -> torch.Tensor:
+    """L_nu (Eq. 11): (1 - gamma) E_D0[nu_tot(s0)] + E_D[alpha f*(A_tot / alpha)]."""
+    return (1.0 - gamma) * initial_nu_tot.mean() + alpha * divergence.conjugate(advantage_tot / alpha).mean()
+
+
+def policy_loss(log_prob: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """L_pi (Eq. 12): behaviour cloning weighted by w* [B], detached, the same for every agent; summed over agents."""
+    return -(weight.detach() * log_prob).mean(1).sum()
+
+
+def clipped_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, clip: float) -> torch.Tensor:
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    grad_norm = nn.utils.clip_grad_norm_(params, clip)
+    optimizer.step()
+    return grad_norm
+
+
+@torch.no_grad()
+def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
+    torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), tau)
+
+
+def sample_initial_states(dataset: Dataset, batch_size: int, generator: torch.Generator) -> Batch:
+    """A minibatch of the episodes' first steps (s0 ~ D0 in Eq. 11), drawn on the dataset's device."""
+    pick = torch.randint(len(dataset.episode_starts), (batch_size,), device=dataset.device, generator=generator)
+    return dataset.gather(dataset.episode_starts[pick])
+
+
+def update(agents: Agents, optimizers: dict, batch: Batch, initial_batch: Batch, args: Args) -> dict[str, torch.Tensor]:
+    """One ComaDICE update (seed 004, Sec. 5): q and mixer (Eq. 10), nu (Eq. 11), then the policy (Eq. 12)."""
+    divergence = F_DIVERGENCES[args.f_divergence]
+    with torch.no_grad():
+        next_w, next_b = agents.mixer_target(batch.next_states)
+        next_nu_tot = mix(next_w, agents.nu_target(batch.next_obs), next_b)
+        initial_w, initial_b = agents.mixer(initial_batch.states)
+
+    w, b = agents.mixer(batch.states)
+    nu, q = agents.nu(batch.obs), agents.q(batch.obs, batch.actions)
+
+    # Eq. 10 fits q and the mixer with nu held fixed; Eq. 11 fits nu with q and the mixer held fixed.
+    loss_q = q_loss(mix(w, q - nu.detach(), b), mix(w, nu.detach(), b), batch.rewards, batch.dones, next_nu_tot,
+                    args.gamma)
+    clipped_step(optimizers["q"], loss_q, args.grad_clip)
+
+    w, b = w.detach(), b.detach()
+    advantage_tot = mix(w, q.detach() - nu, b)
+    initial_nu_tot = mix(initial_w, agents.nu(initial_batch.obs), initial_b)
+    loss_nu = nu_loss(initial_nu_tot, advantage_tot, divergence, args.alpha, args.gamma)
+    clipped_step(optimizers["nu"], loss_nu, args.grad_clip)
+
+    weight = occupancy_ratio(advantage_tot.detach(), divergence, args.alpha)
+    loss_pi = policy_loss(agents.policy.log_prob(batch.obs, batch.actions), weight)
+    clipped_step(optimizers["policy"], loss_pi, args.grad_clip)
+
+    soft_update(agents.nu_target, agents.nu, args.tau)
+    soft_update(agents.mixer_target, agents.mixer, args.tau)
+    return {"losses/q": loss_q.detach(), "losses/nu": loss_nu.detach(), "losses/policy": loss_pi.detach(),
+            "values/nu_tot": mix(w, nu.detach(), b).mean(), "values/advantage_tot": advantage_tot.detach().mean(),
+            "values/w_mean": weight.mean(), "values/w_max": weight.max(),
+            "values/w_zero_fraction": (weight == 0).float().mean()}
+
+
+# TRY NOT TO MODIFY: running, logging, evaluation, checkpoints
+def make_act_fn(policy: AgentPolicy, device: torch.device):
+    @torch.no_grad()
+    def act(obs: np.ndarray) -> np.ndarray:
+        obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device).transpose(0, 1)
+        return policy.act(obs_t).transpose(0, 1).cpu().numpy()
+
+    return act
+
+
+def save_checkpoint(path: Path, agents: nn.Module, optimizers: dict, step: int, args: Args) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save({"agents": agents.state_dict(), "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+                "step": step, "args": asdict(args)}, tmp)
+    os.replace(tmp, path)
+
+
+def scalar_metrics(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Host copies of the metrics (log intervals only); a per-agent vector `name` becomes `name_0`, `name_1`, ..."""
+    values = {}
+    for name, value in metrics.items():
+        if value.ndim == 0:
+            values[name] = value.item()
+        else:
+            values.update({f"{name}_{i}": x for i, x in enumerate(value.tolist())})
+    return values
+
+
+def check_finite(metrics: dict[str, float], step: int, last_checked: int) -> None:
+    for name, value in metrics.items():
+        if not math.isfinite(value):
+            raise FloatingPointError(f"training diverged: {name} = {value} at the log of update {step} "
+                                     f"(finite at update {last_checked}); try a smaller learning rate or larger alpha")
+
+
+def make_run(args: Args) -> tuple[Path, SummaryWriter]:
+    run_dir = Path("runs") / f"{args.env}__{args.dataset}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=2))
+    writer = SummaryWriter(str(run_dir))
+    table = "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items())
+    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, config=asdict(args), name=run_dir.name, sync_tensorboard=True,
+                   dir=str(run_dir))
+    return run_dir, writer
+
+
+def seed_everything(seed: int, torch_deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.deterministic = torch_deterministic
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    seed_everything(args.seed, args.torch_deterministic)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    env = make_env(args.env, args.agent_conf, args.obs_mode)
+    dataset_file = ensure_dataset(args.data_dir, args.env, env.agent_conf, args.dataset, generate=not args.no_generate)
+    dataset = load_dataset(dataset_file, device, args.obs_mode)
+    dataset.check_env(env)
+    run_dir, writer = make_run(args)
+    print(f"{run_dir}: {len(dataset):,} transitions from {dataset_file} on {device}")
+
+    agents = Agents(env.n_agents, env.obs_dim, env.act_dim, env.state_dim, args).to(device)
+    optimizers = make_optimizers(agents, args)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    act_fn = make_act_fn(agents.policy, device)
+    eval_seed = 1_000_000 * (args.seed + 1)
+
+    last_eval, last_checked, tick, tick_step = float("nan"), 0, time.perf_counter(), 0
+    progress = tqdm(range(1, args.total_steps + 1), mininterval=2.0, desc=args.exp_name)
+    for step in progress:
+        metrics = update(agents, optimizers, dataset.sample(args.batch_size, generator),
+                         sample_initial_states(dataset, args.batch_size, generator), args)
+        if step % args.log_every == 0 or step == args.total_steps:
+            values = scalar_metrics(metrics)
+            check_finite(values, step, last_checked)
+            last_checked = step
+            updates_per_sec = (step - tick_step) / (time.perf_counter() - tick)
+            tick, tick_step = time.perf_counter(), step
+            for name, value in values.items():
+                writer.add_scalar(name, value, step)
+            writer.add_scalar("charts/updates_per_sec", updates_per_sec, step)
+            progress.set_postfix(ups=f"{updates_per_sec:.0f}", eval=f"{last_eval:.0f}")
+        if step % args.eval_every == 0 and step < args.total_steps:
+            agents.eval()
+            returns = evaluate(act_fn, env, args.eval_episodes, eval_seed)
+            agents.train()
+            last_eval = float(returns.mean())
+            writer.add_scalar("eval/return_mean", last_eval, step)
+            writer.add_scalar("eval/return_std", float(returns.std()), step)
+            tqdm.write(f"step {step}: eval return {last_eval:.1f} ± {returns.std():.1f}")
+            if args.save_model:
+                save_checkpoint(run_dir / "model.pt", agents, optimizers, step, args)
+            tick = time.perf_counter()
+
+    agents.eval()
+    returns = evaluate(act_fn, env, args.final_eval_episodes, eval_seed)
+    writer.add_scalar("eval/return_mean", float(returns.mean()), args.total_steps)
+    writer.add_scalar("eval/return_std", float(returns.std()), args.total_steps)
+    if args.save_model:
+        save_checkpoint(run_dir / "model.pt", agents, optimizers, args.total_steps, args)
+    writer.close()
+    print(f"final return: {returns.mean():.2f} ± {returns.std():.2f} over {len(returns)} episodes")
