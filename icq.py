@@ -49,6 +49,7 @@ import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -77,13 +78,13 @@ class Args:
     """if toggled, log to Weights & Biases (needs `pip install wandb`)"""
     wandb_project_name: str = "offline-marl"
     """the wandb project name"""
-    env: str = "Hopper"
+    env: Literal["Hopper", "Ant", "HalfCheetah"] = "Hopper"
     """the Multi-Agent MuJoCo task: Hopper, Ant or HalfCheetah"""
     agent_conf: str | None = None
     """agent partition (default per env: Hopper 3x1, Ant 2x4, HalfCheetah 6x1)"""
-    obs_mode: str = "state"
+    obs_mode: Literal["state", "local", "omiga"] = "state"
     """agent inputs: state (global state + id, the seeds' setting), local (local observation + id), omiga"""
-    dataset: str = "medium-replay"
+    dataset: Literal["expert", "medium", "medium-replay", "medium-expert"] = "medium-replay"
     """dataset quality: expert, medium, medium-replay, medium-expert"""
     data_dir: str = "data"
     """folder of the dataset files"""

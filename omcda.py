@@ -52,6 +52,7 @@ import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -80,13 +81,13 @@ class Args:
     """if toggled, log to Weights & Biases (needs `pip install wandb`)"""
     wandb_project_name: str = "offline-marl"
     """the wandb project name"""
-    env: str = "Hopper"
+    env: Literal["Hopper", "Ant", "HalfCheetah"] = "Hopper"
     """the Multi-Agent MuJoCo task: Hopper, Ant or HalfCheetah"""
     agent_conf: str | None = None
     """agent partition (default per env: Hopper 3x1, Ant 2x4, HalfCheetah 6x1)"""
-    obs_mode: str = "state"
+    obs_mode: Literal["state", "local", "omiga"] = "state"
     """agent inputs: state (global state + id, the seeds' setting), local (local observation + id), omiga"""
-    dataset: str = "medium-replay"
+    dataset: Literal["expert", "medium", "medium-replay", "medium-expert"] = "medium-replay"
     """dataset quality: expert, medium, medium-replay, medium-expert"""
     data_dir: str = "data"
     """folder of the dataset files"""
@@ -114,7 +115,7 @@ class Args:
     """target network update rate"""
     d_tot: float = 1.2
     """total KL budget sum_i d_i shared by the agents (seed 001 MuJoCo sweeps: 0.3, 1.2, 3)"""
-    allocation: str = "influence"
+    allocation: Literal["influence", "uniform", "random"] = "influence"
     """how d_tot is split: influence (OMCDA), uniform (w/o-CDA), random (rd)"""
     no_decouple: bool = False
     """if toggled, one entangled Q, V and mixer with per-agent alpha_i (the w/o-dq ablation)"""
@@ -560,8 +561,6 @@ if __name__ == "__main__":
     run_dir, writer = make_run(args)
     print(f"{run_dir}: {len(dataset):,} transitions from {dataset_file} on {device}")
 
-    if args.allocation not in ALLOCATIONS:
-        raise SystemExit(f"unknown --allocation {args.allocation!r}; valid: {', '.join(ALLOCATIONS)}")
     agents = Agents(env.n_agents, env.obs_dim, env.act_dim, env.state_dim, args).to(device)
     optimizers = make_optimizers(agents, args)
     generator = torch.Generator(device=device).manual_seed(args.seed)

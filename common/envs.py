@@ -18,12 +18,15 @@ tasks that OMIGA's data was recorded in; returns are comparable in scale, not to
 
 from __future__ import annotations
 
+import contextlib
+import io
 import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 
-with warnings.catch_warnings():
+# gymnasium-robotics prints a notice about its AdroitHand tasks on import; it does not concern MaMuJoCo.
+with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
     warnings.simplefilter("ignore")
     from gymnasium_robotics import mamujoco_v1
 
