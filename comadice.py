@@ -178,7 +178,9 @@ class AgentQ(nn.Module):
 def tanh_gaussian_log_prob(mean: torch.Tensor, log_std: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
     """log-density of actions in (-1, 1) under tanh(N(mean, exp(log_std)^2)), summed over action dims: [n, B]."""
     actions = actions.clamp(-1.0 + 1e-6, 1.0 - 1e-6)
-    gaussian = torch.distributions.Normal(mean, log_std.exp()).log_prob(torch.atanh(actions))
+    # Written out rather than torch.distributions.Normal, whose argument validation syncs with the GPU.
+    standardised = (torch.atanh(actions) - mean) * torch.exp(-log_std)
+    gaussian = -0.5 * standardised.pow(2) - log_std - 0.5 * math.log(2 * math.pi)
     return (gaussian - torch.log1p(-actions.pow(2))).sum(-1)
 
 

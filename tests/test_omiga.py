@@ -109,3 +109,13 @@ def test_missing_dataset_without_generation_says_how_to_make_it(tmp_path):
                         cwd=tmp_path)
     assert result.returncode != 0
     assert "python -m common.collect dataset --env Hopper --quality medium-replay" in result.stderr
+
+
+def test_tanh_gaussian_log_prob_matches_torch_transformed_distribution():
+    torch.manual_seed(0)
+    mean, log_std = torch.randn(3, 6, 2), 0.5 * torch.randn(3, 6, 2)
+    actions = torch.rand(3, 6, 2) * 1.8 - 0.9
+    squashed = torch.distributions.TransformedDistribution(
+        torch.distributions.Normal(mean, log_std.exp()), [torch.distributions.TanhTransform()])
+    torch.testing.assert_close(omiga.tanh_gaussian_log_prob(mean, log_std, actions), squashed.log_prob(actions).sum(-1),
+                               atol=1e-4, rtol=1e-4)
