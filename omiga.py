@@ -43,7 +43,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from common.collect import ensure_dataset
-from common.datasets import Batch, Dataset, load_dataset
+from common.datasets import Batch, load_dataset
 from common.envs import make_env
 from common.evaluation import evaluate
 

@@ -1,9 +1,13 @@
+import json
 import os
+import re
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -37,3 +41,34 @@ def run_module(module: str, *args: str, cwd: Path, timeout: int = 300) -> subpro
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+@dataclass
+class SmokeRun:
+    stdout: str
+    run_dir: Path
+    args: dict
+    scalars: set
+    checkpoint: dict
+
+
+def smoke_run(script: str, data_dir: Path, cwd: Path, *extra_args: str, total_steps: int = 50) -> SmokeRun:
+    """Run an algorithm script for a few updates on a tiny dataset and check what every script must produce:
+    the final line, the run directory, args.json, TensorBoard scalars and an atomically saved checkpoint."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    result = run_script(script, "--data-dir", str(data_dir), "--no-generate", "--total-steps", str(total_steps),
+                        "--eval-every", str(total_steps // 2), "--eval-episodes", "1", "--final-eval-episodes", "2",
+                        "--log-every", "10", "--save-model", "--exp-name", "smoke", *extra_args, cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r"^final return: -?\d+\.\d+ ± \d+\.\d+ over 2 episodes$", result.stdout, re.M), result.stdout
+    (run_dir,) = (cwd / "runs").iterdir()
+    assert run_dir.name.startswith("Hopper__medium-replay__smoke__1__")
+    args = json.loads((run_dir / "args.json").read_text())
+    assert args["total_steps"] == total_steps
+    scalars = set(EventAccumulator(str(run_dir)).Reload().Tags()["scalars"])
+    assert {"eval/return_mean", "eval/return_std", "charts/updates_per_sec"} <= scalars
+    checkpoint = torch.load(run_dir / "model.pt", weights_only=False)
+    assert checkpoint["step"] == total_steps and any(key.startswith("policy.") for key in checkpoint["agents"])
+    assert not list(run_dir.glob("*.tmp"))
+    return SmokeRun(result.stdout, run_dir, args, scalars, checkpoint)

@@ -1,17 +1,14 @@
 """ComaDICE: the f-divergence maths, the nu objective's convexity and minimiser, initial-state sampling, learning on a
 toy task, and a smoke run."""
 
-import json
-import re
 
 import numpy as np
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import comadice
 from common.datasets import Dataset
-from conftest import run_script
+from conftest import smoke_run
 from test_omiga import toy_dataset, toy_return
 
 F_NAMES = list(comadice.F_DIVERGENCES)
@@ -153,19 +150,7 @@ def test_comadice_beats_behaviour_cloning_on_toy_task():
 
 
 def test_smoke_run_writes_logs_checkpoint_and_final_line(tiny_hopper_dir, tmp_path):
-    result = run_script("comadice.py", "--data-dir", str(tiny_hopper_dir), "--no-generate", "--total-steps", "50",
-                        "--eval-every", "25", "--eval-episodes", "1", "--final-eval-episodes", "2", "--log-every", "10",
-                        "--save-model", "--exp-name", "smoke", "--f-divergence", "chi2", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert re.search(r"^final return: -?\d+\.\d+ ± \d+\.\d+ over 2 episodes$", result.stdout, re.M), result.stdout
-    (run_dir,) = (tmp_path / "runs").iterdir()
-    assert run_dir.name.startswith("Hopper__medium-replay__smoke__1__")
-    saved_args = json.loads((run_dir / "args.json").read_text())
-    assert saved_args["total_steps"] == 50 and saved_args["f_divergence"] == "chi2"
-    (events,) = run_dir.glob("events.out.tfevents.*")
-    scalars = EventAccumulator(str(events)).Reload().Tags()["scalars"]
-    assert {"values/w_mean", "values/w_max", "values/w_zero_fraction", "losses/nu", "losses/q",
-            "eval/return_mean", "charts/updates_per_sec"} <= set(scalars)
-    checkpoint = torch.load(run_dir / "model.pt", weights_only=False)
-    assert checkpoint["step"] == 50 and {"nu", "q", "policy"} <= set(checkpoint["optimizers"])
-    assert any(key.startswith("policy.") for key in checkpoint["agents"])
+    run = smoke_run("comadice.py", tiny_hopper_dir, tmp_path, "--f-divergence", "chi2")
+    assert run.args["f_divergence"] == "chi2"
+    assert {"values/w_mean", "values/w_max", "values/w_zero_fraction", "losses/nu", "losses/q"} <= run.scalars
+    assert {"nu", "q", "policy"} <= set(run.checkpoint["optimizers"])

@@ -1,7 +1,6 @@
 """OMCDA: allocation, the alpha_i solve, the influence chain rule, the V^c normalisation, heterogeneous influence on a
 toy task, and smoke runs of the headline command and each ablation."""
 
-import json
 import math
 import re
 
@@ -11,7 +10,7 @@ import torch
 
 import omcda
 from common.datasets import Dataset
-from conftest import run_script
+from conftest import run_script, smoke_run
 
 
 def test_allocation_budgets_are_nonnegative_sum_to_d_tot_and_follow_influence():
@@ -159,22 +158,13 @@ SMOKE_FLAGS = ("--no-generate", "--eval-episodes", "1", "--final-eval-episodes",
 
 
 def test_headline_command_smoke(tiny_hopper_dir, tmp_path):
-    result = run_script("omcda.py", "--env", "Hopper", "--dataset", "medium-replay", "--d-tot", "1.2",
-                        "--data-dir", str(tiny_hopper_dir), *SMOKE_FLAGS, "--total-steps", "40", "--eval-every", "20",
-                        "--log-every", "10", "--save-model", "--exp-name", "smoke", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert re.search(r"^final return: -?\d+\.\d+ ± \d+\.\d+ over 1 episodes$", result.stdout, re.M), result.stdout
-    assert re.search(r"step 20: eval return .*\| alpha \[.*\]  budget \[.*\]  kl \[.*\]  influence \[.*\]", result.stdout)
-    (run_dir,) = (tmp_path / "runs").iterdir()
-    assert json.loads((run_dir / "args.json").read_text())["d_tot"] == 1.2
-    assert list(run_dir.glob("events.out.tfevents.*"))
-    checkpoint = torch.load(run_dir / "model.pt", weights_only=False)
-    assert checkpoint["step"] == 40 and {"alpha", "v_conservative", "q_conservative"} <= set(checkpoint["optimizers"])
-    assert "log_alpha" in checkpoint["agents"] and "budget" in checkpoint["agents"]
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    tags = EventAccumulator(str(run_dir)).Reload().Tags()["scalars"]
-    assert {f"agents/{name}_{i}" for name in ("alpha", "budget", "influence", "kl") for i in range(3)} <= set(tags)
+    run = smoke_run("omcda.py", tiny_hopper_dir, tmp_path, "--env", "Hopper", "--dataset", "medium-replay", "--d-tot",
+                    "1.2", "--bc-steps", "20", total_steps=40)
+    assert re.search(r"step 20: eval return .*\| alpha \[.*\]  budget \[.*\]  kl \[.*\]  influence \[.*\]", run.stdout)
+    assert run.args["d_tot"] == 1.2
+    assert {"alpha", "v_conservative", "q_conservative"} <= set(run.checkpoint["optimizers"])
+    assert "log_alpha" in run.checkpoint["agents"] and "budget" in run.checkpoint["agents"]
+    assert {f"agents/{name}_{i}" for name in ("alpha", "budget", "influence", "kl") for i in range(3)} <= run.scalars
 
 
 @pytest.mark.parametrize("ablation", [("--allocation", "uniform"), ("--allocation", "random"), ("--no-decouple",)])

@@ -1,15 +1,12 @@
 """OMIGA: the V loss's minimiser, the policy loss's direction, learning on a toy task, and a smoke run."""
 
-import json
-import re
 
 import numpy as np
-import pytest
 import torch
 
 import omiga
 from common.datasets import Dataset
-from conftest import run_script
+from conftest import run_script, smoke_run
 
 
 def test_value_loss_minimiser_is_closed_form():
@@ -90,18 +87,9 @@ def test_omiga_beats_behaviour_cloning_on_toy_task():
 
 
 def test_smoke_run_writes_logs_checkpoint_and_final_line(tiny_hopper_dir, tmp_path):
-    result = run_script("omiga.py", "--data-dir", str(tiny_hopper_dir), "--no-generate", "--total-steps", "50",
-                        "--eval-every", "25", "--eval-episodes", "1", "--final-eval-episodes", "2", "--log-every", "10",
-                        "--save-model", "--exp-name", "smoke", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert re.search(r"^final return: -?\d+\.\d+ ± \d+\.\d+ over 2 episodes$", result.stdout, re.M), result.stdout
-    (run_dir,) = (tmp_path / "runs").iterdir()
-    assert run_dir.name.startswith("Hopper__medium-replay__smoke__1__")
-    assert json.loads((run_dir / "args.json").read_text())["total_steps"] == 50
-    assert list(run_dir.glob("events.out.tfevents.*"))
-    checkpoint = torch.load(run_dir / "model.pt", weights_only=False)
-    assert checkpoint["step"] == 50 and {"v", "q", "policy"} <= set(checkpoint["optimizers"])
-    assert any(key.startswith("policy.") for key in checkpoint["agents"])
+    run = smoke_run("omiga.py", tiny_hopper_dir, tmp_path)
+    assert {"losses/v", "losses/q", "losses/policy"} <= run.scalars
+    assert {"v", "q", "policy"} <= set(run.checkpoint["optimizers"])
 
 
 def test_missing_dataset_without_generation_says_how_to_make_it(tmp_path):
