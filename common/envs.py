@@ -129,9 +129,16 @@ class MultiAgentMujocoEnv:
         self.action_mask = self.joint_action_index >= 0
         self.obs_dim = build_agent_obs(obs_mode, np.zeros((self.n_agents, self.local_obs_dim)), np.zeros(self.state_dim), self.omiga_state_dim).shape[-1]
         self._seed = seed
+        self._copies: list[MultiAgentMujocoEnv] = []
 
     def copy(self) -> "MultiAgentMujocoEnv":
         return MultiAgentMujocoEnv(self.name, self.agent_conf, self.obs_mode)
+
+    def copies(self, count: int) -> list["MultiAgentMujocoEnv"]:
+        """`count` other envs of the same task, built once and kept: building a MuJoCo env costs far more than a step."""
+        while len(self._copies) < count:
+            self._copies.append(self.copy())
+        return self._copies[:count]
 
     def local_observations(self) -> np.ndarray:
         obs = np.zeros((self.n_agents, self.local_obs_dim), dtype=np.float32)
@@ -169,6 +176,8 @@ class MultiAgentMujocoEnv:
         return obs, state, float(reward), bool(terminated), bool(truncated)
 
     def close(self) -> None:
+        for other in self._copies:
+            other.close()
         self.base_env.close()
 
 

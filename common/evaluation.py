@@ -18,7 +18,7 @@ def evaluate(act_fn: Callable[[np.ndarray], np.ndarray], env: MultiAgentMujocoEn
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
     num_envs = min(num_envs or episodes, episodes)
-    envs = [env] + [env.copy() for _ in range(num_envs - 1)]
+    envs = [env] + env.copies(num_envs - 1)
     returns = np.zeros(episodes)
     running = {}  # env slot -> episode index
     obs = np.zeros((num_envs, env.n_agents, env.obs_dim), np.float32)
@@ -41,6 +41,4 @@ def evaluate(act_fn: Callable[[np.ndarray], np.ndarray], env: MultiAgentMujocoEn
                     next_episode += 1
                 else:
                     del running[slot]
-    for extra in envs[1:]:
-        extra.close()
     return returns
