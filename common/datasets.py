@@ -259,8 +259,9 @@ def import_omiga(src: str | Path, dst: str | Path, env: str, agent_conf: str | N
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m common.datasets", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    info = sub.add_parser("info", help="print a dataset card")
-    info.add_argument("file")
+    info = sub.add_parser("info", help="print the dataset card of each file")
+    info.add_argument("files", nargs="+")
+    info.add_argument("--markdown", action="store_true", help="one markdown table row per file, for the README")
     imp = sub.add_parser("import-omiga", help="convert an OMIGA file to the native format")
     imp.add_argument("file")
     imp.add_argument("--env", required=True, choices=sorted(ENV_SPECS))
@@ -269,10 +270,17 @@ def main(argv: list[str] | None = None) -> None:
     imp.add_argument("--data-dir", default="data")
     args = parser.parse_args(argv)
     if args.command == "info":
-        card = dataset_card(args.file)
-        print(f"{card['file']}\n  transitions {card['transitions']:,}   episodes {card['episodes']:,}\n"
-              f"  episode return {card['return_mean']:.1f} ± {card['return_std']:.1f}   "
-              f"min {card['return_min']:.1f}   max {card['return_max']:.1f}\n  source: {card['source']}")
+        if args.markdown:
+            print("| file | episodes | transitions | return mean ± std | min | max | how it was made |\n|---|---:|---:|---|---:|---:|---|")
+        for file in args.files:
+            card = dataset_card(file)
+            if args.markdown:
+                print(f"| {Path(file).name} | {card['episodes']:,} | {card['transitions']:,} | {card['return_mean']:.1f} ± "
+                      f"{card['return_std']:.1f} | {card['return_min']:.1f} | {card['return_max']:.1f} | {card['source']} |")
+            else:
+                print(f"{card['file']}\n  transitions {card['transitions']:,}   episodes {card['episodes']:,}\n"
+                      f"  episode return {card['return_mean']:.1f} ± {card['return_std']:.1f}   "
+                      f"min {card['return_min']:.1f}   max {card['return_max']:.1f}\n  source: {card['source']}")
     else:
         out = dataset_path(args.data_dir, args.env, args.agent_conf, args.quality)
         print(f"wrote {import_omiga(args.file, out, args.env, args.agent_conf)}")
