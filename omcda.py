@@ -530,9 +530,20 @@ def check_finite(metrics: dict[str, float], step: int, last_checked: int) -> Non
                                      f"(finite at update {last_checked}); try a smaller learning rate or larger alpha")
 
 
+def unique_dir(base: Path) -> Path:
+    """Create and return `base`, or `base_2`, `base_3`, ... when a run of the same name started in the same second."""
+    for attempt in range(1, 1000):
+        run_dir = base if attempt == 1 else base.with_name(f"{base.name}_{attempt}")
+        try:
+            run_dir.mkdir(parents=True)
+            return run_dir
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a fresh run directory next to {base}")
+
+
 def make_run(args: Args) -> tuple[Path, SummaryWriter]:
-    run_dir = Path("runs") / f"{args.env}__{args.dataset}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = unique_dir(Path("runs") / f"{args.env}__{args.dataset}__{args.exp_name}__{args.seed}__{int(time.time())}")
     (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=2))
     writer = SummaryWriter(str(run_dir))
     table = "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items())

@@ -107,3 +107,9 @@ def test_tanh_gaussian_log_prob_matches_torch_transformed_distribution():
         torch.distributions.Normal(mean, log_std.exp()), [torch.distributions.TanhTransform()])
     torch.testing.assert_close(omiga.tanh_gaussian_log_prob(mean, log_std, actions), squashed.log_prob(actions).sum(-1),
                                atol=1e-4, rtol=1e-4)
+
+
+def test_runs_started_in_the_same_second_get_separate_directories(tmp_path):
+    base = tmp_path / "runs" / "Hopper__medium-replay__omiga__1__1700000000"
+    first, second = omiga.unique_dir(base), omiga.unique_dir(base)
+    assert first == base and second.name == base.name + "_2" and second.is_dir()
