@@ -8,7 +8,9 @@ structure but not the equation (issue 5 of this project).
  1. Behaviour cloning [seed]: pi_b,i = argmax E_D[log pi_b,i(a_i|o_i)], pretrained for --bc-steps, then frozen.
  2. Decoupled values [seed 001, key design 1]: reward values Q^r_i, V^r_i and conservative values Q^c_i, V^c_i;
       Q^r_tot = sum_i w^r_i(s) Q^r_i + b^r(s),   Q^{c,i}_tot = sum_j W^c_ij(s) Q^c_j + b^c_i(s)   (W^c >= 0, n x n),
-      Q_tot = Q^r_tot + sum_i alpha_i Q^{c,i}_tot.
+      Q_tot = Q^r_tot + sum_i alpha_i Q^{c,i}_tot.   [reading] Each row of W^c sums to one (|f(s)| / row sum), so the
+      conservative backup below is a gamma-contraction; with free non-negative rows, Hopper medium-replay's L_Qc grew
+      to ~3e3 within 9k updates (to 6 with normalised rows).
  3. Consistent local policy [seed 001, Prop. 3.2]: pi*_i ∝ pi_b,i exp(z_i) with
       z_i = (w̄^r_i / alpha_i)(Q̄^r_i - V^r_i) + (Q̄^c_i - V^c_i).
  4. In-sample value updates [reading]:
@@ -243,8 +245,8 @@ def mix(w: torch.Tensor, values: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 # ALGO LOGIC: networks, losses and the update
 class ConservativeMixer(nn.Module):
-    """Hypernetwork on the global state: W^c(s) = |f(s)| >= 0 of shape [n, n] (row i mixes every agent's Q^c_j into
-    agent i's conservative total) and a free bias b^c(s) [n]."""
+    """Hypernetwork on the global state: W^c(s) >= 0 of shape [n, n], each row summing to one (row i averages every
+    agent's Q^c_j into agent i's conservative total), and a free bias b^c(s) [n]."""
 
     def __init__(self, state_dim: int, n_agents: int, hidden_dim: int):
         super().__init__()
@@ -255,7 +257,7 @@ class ConservativeMixer(nn.Module):
     def forward(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """states [B, state_dim] -> W [n, n, B], b [n, B]."""
         w = self.hyper_w(states).abs().T.reshape(self.n_agents, self.n_agents, -1)
-        return w, self.hyper_b(states).T
+        return w / (w.sum(1, keepdim=True) + 1e-6), self.hyper_b(states).T
 
 
 def mix_conservative(w: torch.Tensor, values: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -180,3 +180,14 @@ def test_unknown_allocation_is_a_clear_error(tiny_hopper_dir, tmp_path):
                         cwd=tmp_path)
     assert result.returncode != 0
     assert "invalid choice 'greedy'" in result.stderr and "'influence', 'uniform', 'random'" in result.stderr
+
+
+def test_conservative_mixer_rows_are_convex_combinations():
+    torch.manual_seed(0)
+    mixer = omcda.ConservativeMixer(state_dim=5, n_agents=3, hidden_dim=8)
+    w, b = mixer(torch.randn(7, 5))
+    assert w.shape == (3, 3, 7) and b.shape == (3, 7) and (w >= 0).all()
+    torch.testing.assert_close(w.sum(1), torch.ones(3, 7), atol=1e-5, rtol=0)
+    values = torch.randn(3, 7)
+    mixed = omcda.mix_conservative(w, values, torch.zeros(3, 7))
+    assert (mixed <= values.max(0).values + 1e-5).all() and (mixed >= values.min(0).values - 1e-5).all()
