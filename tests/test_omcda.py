@@ -130,7 +130,7 @@ def train_on_heterogeneous_task(allocation: str, steps: int = 900):
     torch.manual_seed(0)
     dataset, best, scale = heterogeneous_dataset()
     args = omcda.Args(allocation=allocation, d_tot=0.5, hidden_dim=64, mixer_hidden_dim=16, q_lr=3e-3, v_lr=3e-3,
-                      policy_lr=3e-3, alpha_init=1.0, alpha_lr=1e-2, bc_steps=300, bc_lr=3e-3)
+                      policy_lr=3e-3, alpha_init=1.0, alpha_min=0.1, alpha_lr=1e-2, bc_steps=300, bc_lr=3e-3)
     agents = omcda.Agents(2, dataset.obs_dim, 1, 1, args)
     optimizers = omcda.make_optimizers(agents, args)
     generator = torch.Generator().manual_seed(0)
