@@ -7,7 +7,7 @@ import torch
 import icq
 from common.datasets import Dataset, dataset_path, load_dataset
 from conftest import smoke_run
-from test_omiga import toy_dataset, toy_return
+from test_omiga import behaviour_cloning_return, toy_dataset, toy_return
 
 
 def episodes_dataset(states: np.ndarray, actions: np.ndarray, rewards: np.ndarray, terminals: np.ndarray,
@@ -132,15 +132,10 @@ def test_icq_beats_behaviour_cloning_on_toy_task():
     args = icq.Args(beta=0.2, hidden_dim=64, mixer_hidden_dim=16, q_lr=3e-3, policy_lr=3e-3)
     agents = icq.Agents(2, dataset.obs_dim, 1, 1, args)
     optimizers = icq.make_optimizers(agents, args)
-    bc_policy = icq.AgentPolicy(2, dataset.obs_dim, 1, 64)
-    bc_optimizer = torch.optim.Adam(bc_policy.parameters(), lr=3e-3)
     sampler, generator = icq.NextActionSampler(dataset), torch.Generator().manual_seed(0)
     for _ in range(1000):
-        batch = sampler.sample(128, generator)
-        icq.update(agents, optimizers, batch, args)
-        bc_loss = icq.policy_loss(bc_policy.log_prob(batch.obs, batch.actions), torch.ones(2, 128))
-        icq.clipped_step(bc_optimizer, bc_loss, 1.0)
-    icq_return, bc_return = toy_return(agents.policy, dataset, best), toy_return(bc_policy, dataset, best)
+        icq.update(agents, optimizers, sampler.sample(128, generator), args)
+    icq_return, bc_return = toy_return(agents.policy, dataset, best), behaviour_cloning_return(dataset, best, 1000)
     # BC recovers the behaviour mean (0, 0): return about -0.72. The weights exp(w_i Q_i / beta) tilt each agent's
     # N(0, 0.5^2) behaviour towards a*_i: its mean moves to a* 0.25 / (0.25 + beta / 2), a return of about -0.06.
     assert bc_return < -0.5
