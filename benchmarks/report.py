@@ -95,6 +95,8 @@ def ordered(names: list[str], preferred: tuple[str, ...]) -> list[str]:
 def mean_std_cell(values: list[float]) -> str:
     if not values:
         return "—"
+    if len(values) == 1:  # no spread to report from one seed
+        return f"{values[0]:.1f} (n=1)"
     return f"{np.mean(values):.1f} ± {np.std(values):.1f} (n={len(values)})"
 
 

@@ -72,7 +72,7 @@ def test_report_averages_last_and_best_evaluation_over_seeds(tmp_path, tiny_hopp
     assert last["medium-replay"]["omiga"] == "200.0 ± 81.6 (n=3)"
     assert best["medium-replay"]["omiga"] == "250.0 ± 108.0 (n=3)"
     assert last["medium-replay"]["icq"] == "—"
-    assert last["expert"]["icq"] == "10.0 ± 0.0 (n=1)" and last["expert"]["omiga"] == "—"
+    assert last["expert"]["icq"] == "10.0 (n=1)" and last["expert"]["omiga"] == "—"
     assert last["medium-replay"]["transitions"] == "600"  # the card of the tiny dataset file
     assert last["expert"]["transitions"] == "—"  # no file for it
     assert "## Hopper 3x1" in text
@@ -137,7 +137,7 @@ def test_grid_runs_end_to_end_then_skips_the_finished_run(tmp_path, tiny_hopper_
 
     report.main([str(tmp_path / "grid"), "--out", str(tmp_path / "results.md"), "--data-dir", str(tiny_hopper_dir)])
     cell = table((tmp_path / "results.md").read_text(), "**Last evaluation**")["medium-replay"]["omiga"]
-    assert cell == f"{outcome['return_mean']:.1f} ± 0.0 (n=1)"
+    assert cell == f"{outcome['return_mean']:.1f} (n=1)"
 
 
 def test_a_failed_run_is_reported_and_exits_non_zero(tmp_path, tiny_hopper_dir):
