@@ -7,6 +7,8 @@ w(s) = |.| >= 0 and a free bias b(s), both given by hypernetworks with one hidde
     nu_tot(s) = M_s[nu(o)],   A_tot(s, a) = M_s[q(o, a) - nu(o)]                                     (Sec. 4.2, 5)
     L_q  = E_D[ (M_s[q - nu] + M_s[nu] - r - gamma (1 - done) M̄_s'[nū(o')])^2 ]   over q_i and M       (Eq. 10)
     L_nu = (1 - gamma) E_{s0 ~ D0}[ M_s0[nu(o0)] ] + E_D[ alpha f*(A_tot / alpha) ]   over nu_i          (Eq. 11)
+           with A_tot = M_s[q - nu] + gamma (1 - done) (M_s'[nu(o')] - sg(M_s'[nu(o')]))   (value of Eq. 10's fit,
+           derivative of Eq. 5's r + gamma nu_tot(s') - nu_tot(s))
     w*   = max(0, f'^{-1}(A_tot / alpha))                                                           (Prop. 4.1)
     L_pi = -E_D[ sg(w*) sum_i log pi_i(a_i | o_i) ]       every agent gets the same global weight      (Eq. 12)
 
@@ -35,6 +37,11 @@ Choices the paper leaves open (published code's, unless marked "ours"):
   rho_D(s) E[w* | s], never negative, so minimising it over the mixer only pushes b down (without bound) while q
   and nu drift to compensate.
 - The bootstrap M̄_s'[nū(o')] uses Polyak copies of nu and the mixer; a terminal transition does not bootstrap.
+- Ours: in L_nu, A_tot keeps q's value but gets Eq. 5's derivative +gamma w* in nu_tot(s') (online nu, detached
+  mixer). q is a fit of r + gamma nu_tot(s'), so holding it fixed drops that term, and the minimiser over nu becomes
+  E_D[w*] = (1 - gamma) p0-mass, driving w* to 0 and nu_tot up without bound: on Hopper expert, 3k updates took
+  nu_tot from 500 to 6,750 and L_q to 8e5 (return 11). With the term, the minimiser is the flow balance of a
+  stationary distribution (the test checks it).
 - Ours: the three losses are computed from one forward pass on the same minibatch, each seeing the others' networks
   before this update (the paper updates them "simultaneously"); w* is detached and not clipped.
 - Ours: every update draws batch_size initial states uniformly from D0, independent of the transition minibatch.
@@ -305,6 +312,13 @@ def q_loss(advantage_tot: torch.Tensor, nu_tot: torch.Tensor, rewards: torch.Ten
     return (advantage_tot - td_residual).pow(2).mean()
 
 
+def advantage_for_nu(advantage_tot: torch.Tensor, next_nu_tot: torch.Tensor, dones: torch.Tensor,
+                     gamma: float) -> torch.Tensor:
+    """A_tot as L_nu sees it: the value of M_s[q - nu], with the derivative in nu_tot(s') of the r + gamma nu_tot(s')
+    that q stands for (Eq. 5), so that dL_nu/dnu balances the flow out of a state against the flow into it."""
+    return advantage_tot + gamma * (1.0 - dones) * (next_nu_tot - next_nu_tot.detach())
+
+
 def nu_loss(initial_nu_tot: torch.Tensor, advantage_tot: torch.Tensor, divergence: FDivergence, alpha: float,
             gamma: float) -> torch.Tensor:
     """L_nu (Eq. 11): (1 - gamma) E_D0[nu_tot(s0)] + E_D[alpha f*(A_tot / alpha)]."""
@@ -354,8 +368,12 @@ def update(agents: Agents, optimizers: dict, batch: Batch, initial_batch: Batch,
 
     w, b = w.detach(), b.detach()
     advantage_tot = mix(w, q.detach() - nu, b)
+    with torch.no_grad():
+        online_next_w, online_next_b = agents.mixer(batch.next_states)
+    online_next_nu_tot = mix(online_next_w, agents.nu(batch.next_obs), online_next_b)
     initial_nu_tot = mix(initial_w, agents.nu(initial_batch.obs), initial_b)
-    loss_nu = nu_loss(initial_nu_tot, advantage_tot, divergence, args.alpha, args.gamma)
+    loss_nu = nu_loss(initial_nu_tot, advantage_for_nu(advantage_tot, online_next_nu_tot, batch.dones, args.gamma),
+                      divergence, args.alpha, args.gamma)
     clipped_step(optimizers["nu"], loss_nu, args.grad_clip)
 
     weight = occupancy_ratio(advantage_tot.detach(), divergence, args.alpha)

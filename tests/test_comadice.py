@@ -77,30 +77,39 @@ def test_nu_objective_is_convex_along_segments(name):
 
 
 @pytest.mark.parametrize("name", F_NAMES)
-def test_nu_minimiser_balances_weights_against_initial_states(name):
-    """At the minimiser of L_nu over a constant nu_i per agent, d/d nu_i = 0 reads
-    E_D[w_i(s) w*(s, a)] = (1 - gamma) E_D0[w_i(s0)] for every agent i (Eq. 11 with Prop. 4.1's gradient)."""
-    divergence, gamma, alpha = comadice.F_DIVERGENCES[name], 0.9, 1.0
-    g = torch.Generator().manual_seed(0)
-    n, size, initial_size = 2, 200, 50
-    q = torch.randn(n, size, generator=g, dtype=torch.float64)
-    w, w0 = (torch.rand(n, k, generator=g, dtype=torch.float64) + 0.1 for k in (size, initial_size))
-    b, b0 = (0.3 * torch.randn(k, generator=g, dtype=torch.float64) for k in (size, initial_size))
-    nu = torch.zeros(n, 1, dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS([nu], lr=1.0, max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-15,
-                                  line_search_fn="strong_wolfe")
+def test_nu_gradient_is_that_of_the_dice_objective_when_q_fits_its_target(name):
+    """With M_s[q - nu] + M_s[nu] = r + gamma (1 - done) M_s'[nu(o')] (Eq. 10 at its minimiser), the gradient of the implemented L_nu
+    in nu(o) and nu(o') is that of Eq. 11 with Eq. 5's A_tot = r + gamma (1 - done) nu_tot(s') - nu_tot(s). The control
+    without the next-state term (q held fixed) has no gradient in nu(o'), so the check can fail."""
+    divergence, gamma, alpha = comadice.F_DIVERGENCES[name], 0.9, 2.0
+    g = torch.Generator().manual_seed(1)
+    n, size, initial_size = 2, 64, 16
+    randn = lambda *shape, scale=1.0: scale * torch.randn(*shape, generator=g, dtype=torch.float64)
+    w, next_w, w0 = (torch.rand(n, k, generator=g, dtype=torch.float64) + 0.1 for k in (size, size, initial_size))
+    b, next_b, b0 = randn(size), randn(size), randn(initial_size)
+    rewards, dones = randn(size, scale=3.0), (torch.rand(size, generator=g) < 0.2).double()
+    nu0 = randn(n, initial_size, scale=3.0)
+    nu, next_nu = randn(n, size, scale=3.0).requires_grad_(), randn(n, size, scale=3.0).requires_grad_()
 
-    def closure():
-        optimizer.zero_grad()
-        loss = comadice.nu_loss(comadice.mix(w0, nu.expand(n, initial_size), b0),
-                                comadice.mix(w, q - nu.expand(n, size), b), divergence, alpha, gamma)
-        loss.backward()
-        return loss
+    def gradients(with_next_state_term: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        next_nu_tot = comadice.mix(next_w, next_nu, next_b)
+        target = rewards + gamma * (1 - dones) * next_nu_tot.detach()
+        q = ((target - 2 * b) / w.sum(0)).expand(n, size)  # a q with M_s[q - nu] + M_s[nu] = target
+        advantage_tot = comadice.mix(w, q - nu, b)
+        if with_next_state_term:
+            advantage_tot = comadice.advantage_for_nu(advantage_tot, next_nu_tot, dones, gamma)
+        loss = comadice.nu_loss(comadice.mix(w0, nu0, b0), advantage_tot, divergence, alpha, gamma)
+        grads = torch.autograd.grad(loss, (nu, next_nu), allow_unused=True)
+        return tuple(torch.zeros_like(x) if grad is None else grad for grad, x in zip(grads, (nu, next_nu)))
 
-    optimizer.step(closure)
-    weight = comadice.occupancy_ratio(comadice.mix(w, q - nu.detach(), b), divergence, alpha)
-    torch.testing.assert_close((w * weight).mean(1), (1 - gamma) * w0.mean(1), rtol=1e-5, atol=1e-8)
-    assert 0.0 < weight.mean() < 1.0  # a real balance, not a degenerate all-zero weight
+    exact_advantage = rewards + gamma * (1 - dones) * comadice.mix(next_w, next_nu, next_b) - comadice.mix(w, nu, b)
+    exact = torch.autograd.grad(comadice.nu_loss(comadice.mix(w0, nu0, b0), exact_advantage, divergence, alpha, gamma),
+                                (nu, next_nu))
+    for implemented, reference in zip(gradients(True), exact):
+        torch.testing.assert_close(implemented, reference, rtol=1e-12, atol=1e-14)
+    held_fixed = gradients(False)
+    torch.testing.assert_close(held_fixed[0], exact[0], rtol=1e-12, atol=1e-14)
+    assert held_fixed[1].abs().max() == 0 and exact[1].abs().max() > 1e-3
 
 
 def test_initial_states_are_drawn_from_episode_starts():
