@@ -9,10 +9,7 @@ per-dimension independent action noise such a policy factorises exactly into per
 a_i = mu_i(s) + eps_i given the state: the seeds' setting, where every agent sees the state.
 
 `train` evaluates (10 deterministic episodes) and stores the actor every `--checkpoint-every` steps in
-`runs/behaviour/{env}/`. `--no-survive-bonus` trains on the env's reward minus its per-step survive bonus (relabelling
-the replay buffer when a resumed run switches): a shaping against Ant's stand-still optimum, where a policy that only
-stands collects the bonus of 1 per step and every attempt to walk risks losing it. Evaluations and datasets always use
-the env's own reward. `select` keeps, in `behaviour_policies/{env}.pt` (fp16, committed), the checkpoints from
+`runs/behaviour/{env}/`. `select` keeps, in `behaviour_policies/{env}.pt` (fp16, committed), the checkpoints from
 step 0 to the medium one and the expert one, chosen as the nearest by evaluation to the returns of OMIGA's data.
 
 Datasets (native format of `common.datasets`):
@@ -118,7 +115,7 @@ class Trainer:
 
     def __init__(self, env_name: str, algo: str, hidden: int = 256, batch_size: int = 256, lr: float = 3e-4,
                  gamma: float = 0.99, tau: float = 0.005, learning_starts: int = 10_000, buffer_size: int = 1_000_000,
-                 seed: int = 0, survive_bonus: bool = True):
+                 seed: int = 0):
         self.env = make_env(env_name)
         self.env_name, self.algo, self.hidden = env_name, algo, hidden
         self.batch_size, self.gamma, self.tau, self.learning_starts = batch_size, gamma, tau, learning_starts
@@ -138,10 +135,6 @@ class Trainer:
         self.rng = np.random.default_rng(seed)
         self.step, self.updates, self.episode = 0, 0, 0
         self.history: list[dict] = []
-        # The training reward may leave out the env's per-step survive bonus (a shaping of the behaviour policy's
-        # training only; datasets always record the env's reward). Every switch is kept: (step, bonus on).
-        self.survive_bonus = survive_bonus
-        self.reward_switches: list[tuple[int, bool]] = [(0, survive_bonus)]
 
     def state_dict(self) -> dict:
         nets = {k: getattr(self, k).state_dict() for k in ("actor", "critic", "actor_target", "critic_target",
@@ -150,8 +143,7 @@ class Trainer:
         return dict(nets=nets, log_alpha=self.log_alpha.detach(), step=self.step, updates=self.updates,
                     episode=self.episode, history=self.history, rng=self.rng.bit_generator.state,
                     torch_rng=torch.get_rng_state(), buffer={k: v[:filled].copy() for k, v in self.buffer.items()},
-                    algo=self.algo, hidden=self.hidden, learning_starts=self.learning_starts,
-                    reward_switches=self.reward_switches)
+                    algo=self.algo, hidden=self.hidden, learning_starts=self.learning_starts)
 
     def load_state_dict(self, state: dict) -> None:
         for k, v in state["nets"].items():
@@ -164,19 +156,6 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
         for k, v in state["buffer"].items():
             self.buffer[k][: len(v)] = v
-        self.reward_switches = list(state.get("reward_switches", [(0, True)]))
-        if self.reward_switches[-1][1] != self.survive_bonus:
-            self.relabel_survive_bonus()
-            self.reward_switches.append((self.step, self.survive_bonus))
-            print(f"from step {self.step} the training reward {'includes' if self.survive_bonus else 'leaves out'} "
-                  f"the survive bonus; the replay buffer was relabelled (switches: {self.reward_switches})")
-
-    def relabel_survive_bonus(self) -> None:
-        """Add or remove the survive bonus of the stored rewards: paid on every step that did not terminate."""
-        bonus = getattr(self.env.base_env.unwrapped, "_healthy_reward", 0.0)
-        filled = min(self.step, len(self.buffer["r"]))
-        sign = 1.0 if self.survive_bonus else -1.0
-        self.buffer["r"][:filled] += sign * bonus * (1.0 - self.buffer["done"][:filled])
 
     def update(self) -> None:
         size = min(self.step, len(self.buffer["r"]))
@@ -250,9 +229,7 @@ class Trainer:
                 noise = torch.from_numpy(self.rng.standard_normal(self.env.joint_act_dim).astype(np.float32))
                 with torch.no_grad():
                     action = self.actor.explore(torch.from_numpy(state.astype(np.float32)), noise).numpy()
-            next_state, reward, terminated, truncated, info = env.step(action)
-            if not self.survive_bonus:
-                reward -= info.get("reward_survive", 0.0)
+            next_state, reward, terminated, truncated, _ = env.step(action)
             i = self.step % len(self.buffer["r"])
             for key, value in (("s", state), ("a", action), ("r", reward), ("s2", next_state), ("done", float(terminated))):
                 self.buffer[key][i] = value
@@ -271,11 +248,11 @@ class Trainer:
 
 
 def train(env: str, algo: str | None, total_steps: int, work_dir: Path, checkpoint_every: int, seed: int,
-          learning_starts: int, select_after: bool, survive_bonus: bool = True) -> Trainer:
+          learning_starts: int, select_after: bool) -> Trainer:
     check_env_name(env)
     torch.set_num_threads(1)
     algo = algo or DEFAULT_ALGO[env]
-    trainer = Trainer(env, algo, seed=seed, learning_starts=learning_starts, survive_bonus=survive_bonus)
+    trainer = Trainer(env, algo, seed=seed, learning_starts=learning_starts)
     state_path = work_dir / "train_state.pt"
     if state_path.exists():
         state = torch.load(state_path, weights_only=False)
@@ -305,7 +282,6 @@ def select(env: str, work_dir: Path, out: Path | None = None) -> Path:
                   learning_starts=state["learning_starts"], td3_exploration=TD3_EXPLORATION,
                   sequence=[strip(h) for h in history[: medium + 1]], medium=strip(history[medium]),
                   expert=strip(history[expert]), trained_steps=state["step"],
-                  reward_switches=state.get("reward_switches", [(0, True)]),
                   curve=[(h["step"], h["eval_mean"], h["eval_std"]) for h in history])
     out = out or POLICY_DIR / f"{env}.pt"
     atomic_save(bundle, out)
@@ -461,9 +437,6 @@ def main(argv: list[str] | None = None) -> None:
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--work-dir", default=None, help="default: runs/behaviour/{env}")
     tr.add_argument("--no-select", action="store_true", help="do not write behaviour_policies/{env}.pt at the end")
-    tr.add_argument("--no-survive-bonus", action="store_true",
-                    help="train on the env's reward minus its per-step survive bonus (from now on, when resuming); "
-                         "datasets still record the env's reward")
     se = sub.add_parser("select", help="write behaviour_policies/{env}.pt from a training run")
     se.add_argument("--env", required=True, choices=ENV_NAMES)
     se.add_argument("--work-dir", default=None)
@@ -482,7 +455,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "train":
         default_steps = {"Hopper": 200_000, "HalfCheetah": 100_000, "Ant": 400_000}[args.env]
         train(args.env, args.algo, args.total_steps or default_steps, work_dir, args.checkpoint_every, args.seed,
-              args.learning_starts, not args.no_select, survive_bonus=not args.no_survive_bonus)
+              args.learning_starts, not args.no_select)
     elif args.command == "select":
         select(args.env, work_dir)
     else:

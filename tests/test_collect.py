@@ -88,34 +88,6 @@ def test_train_resumes_from_its_checkpoint(trained, tmp_path, capsys):
         train("Hopper", "sac", TRAIN_STEPS + 200, work, CHECKPOINT_EVERY, 0, LEARNING_STARTS, False)
 
 
-def test_resuming_without_the_survive_bonus_relabels_the_buffer(trained, tmp_path, capsys):
-    """Hopper pays 1 per step that does not terminate; without the bonus the stored and the new rewards lack it."""
-    cwd, result = trained
-    assert result.returncode == 0, result.stderr[-3000:]
-    work = tmp_path / "work"
-    shutil.copytree(cwd / "work", work)
-    before = torch.load(work / "train_state.pt", weights_only=False)["buffer"]
-    train("Hopper", None, TRAIN_STEPS + 100, work, CHECKPOINT_EVERY, seed=0, learning_starts=LEARNING_STARTS,
-          select_after=False, survive_bonus=False)
-    assert "leaves out the survive bonus; the replay buffer was relabelled" in capsys.readouterr().out
-    after = torch.load(work / "train_state.pt", weights_only=False)
-    assert after["reward_switches"] == [(0, True), (TRAIN_STEPS, False)]
-    buffer = after["buffer"]
-    np.testing.assert_allclose(buffer["r"][:TRAIN_STEPS], before["r"] - (1.0 - before["done"]), atol=1e-6)
-    # The first new step happens before any update, so a resume with the bonus takes the same step: its reward is 1 more.
-    with_bonus = tmp_path / "with_bonus"
-    shutil.copytree(cwd / "work", with_bonus)
-    train("Hopper", None, TRAIN_STEPS + 1, with_bonus, CHECKPOINT_EVERY, seed=0, learning_starts=LEARNING_STARTS,
-          select_after=False)
-    reference = torch.load(with_bonus / "train_state.pt", weights_only=False)["buffer"]
-    for key in ("s", "a", "s2", "done"):
-        np.testing.assert_array_equal(buffer[key][TRAIN_STEPS], reference[key][TRAIN_STEPS])
-    assert reference["done"][TRAIN_STEPS] == 0
-    assert reference["r"][TRAIN_STEPS] - buffer["r"][TRAIN_STEPS] == pytest.approx(1.0, abs=1e-6)
-    assert select("Hopper", work, out=tmp_path / "Hopper.pt")
-    assert torch.load(tmp_path / "Hopper.pt", weights_only=False)["reward_switches"] == [(0, True), (TRAIN_STEPS, False)]
-
-
 # --- selection and generation semantics on a hand-made run ----------------------------------------------------------
 
 HAND_EVALS = [10.0, 300.0, 700.0, 1500.0, 2400.0, 2000.0]  # medium target 724 -> step 20k; expert 2452 -> step 40k
