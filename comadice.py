@@ -41,7 +41,7 @@ Choices the paper leaves open (published code's, unless marked "ours"):
   mixer). q is a fit of r + gamma nu_tot(s'), so holding it fixed drops that term, and the minimiser over nu becomes
   E_D[w*] = (1 - gamma) p0-mass, driving w* to 0 and nu_tot up without bound: on Hopper expert, 3k updates took
   nu_tot from 500 to 6,750 and L_q to 8e5 (return 11). With the term, the minimiser is the flow balance of a
-  stationary distribution (the test checks it).
+  stationary distribution (a test checks the gradient against the DICE objective's).
 - Ours: the three losses are computed from one forward pass on the same minibatch, each seeing the others' networks
   before this update (the paper updates them "simultaneously"); w* is detached and not clipped.
 - Ours: every update draws batch_size initial states uniformly from D0, independent of the transition minibatch.
