@@ -78,9 +78,9 @@ def test_nu_objective_is_convex_along_segments(name):
 
 @pytest.mark.parametrize("name", F_NAMES)
 def test_nu_gradient_is_that_of_the_dice_objective_when_q_fits_its_target(name):
-    """With M_s[q - nu] + M_s[nu] = r + gamma (1 - done) M_s'[nu(o')] (Eq. 10 at its minimiser), the gradient of the implemented L_nu
-    in nu(o) and nu(o') is that of Eq. 11 with Eq. 5's A_tot = r + gamma (1 - done) nu_tot(s') - nu_tot(s). The control
-    without the next-state term (q held fixed) has no gradient in nu(o'), so the check can fail."""
+    """With M_s[q - nu] + M_s[nu] = r + gamma (1 - done) M_s'[nu(o')] (Eq. 10 at its minimiser), the gradient of the
+    implemented L_nu in nu(o) and nu(o') is that of Eq. 11 with Eq. 5's A_tot = r + gamma (1 - done) nu_tot(s') -
+    nu_tot(s). The control without the next-state term (q held fixed) has no gradient in nu(o'), so the check can fail."""
     divergence, gamma, alpha = comadice.F_DIVERGENCES[name], 0.9, 2.0
     g = torch.Generator().manual_seed(1)
     n, size, initial_size = 2, 64, 16
