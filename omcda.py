@@ -1,35 +1,41 @@
 """OMCDA: offline MARL with conservative degree allocation (seeds 000 and 001, "Who Matters Matters").
 
-OMIGA (seed 002) with one KL budget per agent instead of one alpha for all. The objective is
-    max E[ sum_t gamma^t (r_t - sum_i alpha_i KL(pi_i(.|o_i) || pi_b,i(.|o_i))) ],  pi_tot = prod_i pi_i.
-[seed] = stated by seeds 000/001; [reading] = the concrete reading this script implements where the seeds give the
-structure but not the equation (issue 5 of this project).
+OMIGA (seed 002) with one KL budget d_i and one price alpha_i per agent instead of one alpha for all:
+    max_pi E[ sum_t gamma^t r_t ]  s.t.  KL_i := E_D[ KL(pi_i(.|o_i) || pi_b,i(.|o_i)) ] <= d_i,  sum_i d_i = d_tot,
+through its Lagrangian, the return of r_t - sum_i alpha_i KL(pi_i || pi_b,i), pi_tot = prod_i pi_i.
+[seed] = stated by seeds 000/001; [ours] = the concrete reading where the seeds give the structure, not the equation.
 
- 1. Behaviour cloning [seed]: pi_b,i = argmax E_D[log pi_b,i(a_i|o_i)], pretrained for --bc-steps, then frozen.
- 2. Decoupled values [seed 001, key design 1]: reward values Q^r_i, V^r_i and conservative values Q^c_i, V^c_i;
-      Q^r_tot = sum_i w^r_i(s) Q^r_i + b^r(s),   Q^{c,i}_tot = sum_j W^c_ij(s) Q^c_j + b^c_i(s)   (W^c >= 0, n x n),
-      Q_tot = Q^r_tot + sum_i alpha_i Q^{c,i}_tot.   [reading] Each row of W^c sums to one (|f(s)| / row sum), so the
-      conservative backup below is a gamma-contraction; with free non-negative rows, Hopper medium-replay's L_Qc grew
-      to ~3e3 within 9k updates (to 6 with normalised rows).
- 3. Consistent local policy [seed 001, Prop. 3.2]: pi*_i ∝ pi_b,i exp(z_i) with
-      z_i = (w̄^r_i / alpha_i)(Q̄^r_i - V^r_i) + (Q̄^c_i - V^c_i).
- 4. In-sample value updates [reading]:
-      L_Vc = E_D[ exp(z_i) + V^c_i ]                    -> E_{pi_b}[exp(z_i)] = 1  (normalisation, seed 001 Prop. 3.4)
-      L_Vr = E_D[ sg(exp(z_i)) (Q̄^r_i - V^r_i)^2 ]       -> V^r_i = E_{pi*}[Q^r_i]
-      so V^c_i = E_{pi*}[Q^c_i] - KL(pi*_i || pi_b,i): the deviation is carried implicitly.
-      L_Qr = E_D[ (r + gamma (1 - done) V̄^r_tot(s') - Q^r_tot(s, a))^2 ]                 (decoupled backups [seed])
-      L_Qc = sum_i E_D[ (gamma (1 - done) V̄^{c,i}_tot(s') - Q^{c,i}_tot(s, a))^2 ]
- 5. Influence [seed 001, key design 2: m_i = dV^r_tot / dKL(pi_i || pi_b,i), by the chain rule through pi_i]:
-      with theta_i(o_i) = (mean, log_std) of pi_i's pre-tanh Gaussian [reading],
-      g_V = d/dtheta_i [ w^r_i(s) Q^r_i(o_i, tanh(mean + std eps)) ],  g_KL = d KL / dtheta_i,
-      m_i = E_B[<g_V, g_KL>] / (E_B[|g_KL|^2] + 1e-8), smoothed by an EMA. The only place the critics see policy
-      actions; a measurement, not a learning signal.
- 6. Allocation [seed]: d = softmax(m̂ / tau_m) d_tot with m̂ = m / max_i |m_i| [reading: scale-free, keeps signs and
-      ratios], so sum_i d_i = d_tot.
- 7. alpha_i [seed 001]: min_{alpha_i >= 0} alpha_i (d_i - KL_i), KL_i = E_B[KL(pi_i || pi_b,i)] in closed form on the
-      pre-tanh Gaussians (equal to the squashed KL); dual descent on log alpha_i with loss log alpha_i sg(d_i - KL_i),
-      clamped to [--alpha-min, --alpha-max], so alpha_i rises while agent i exceeds its budget.
- 8. Policy [reading, as OMIGA Eq. 14]: L_pi = -E_D[ sg(exp(clamp(z_i, -10, 10))) log pi_i(a_i | o_i) ].
+ 1. Behaviour cloning [seed]: pi_b,i = argmax E_D[log pi_b,i(a_i | o_i)] for --bc-steps, then frozen; pi_i starts as
+    a copy of pi_b,i.
+ 2. Decoupled values [seed 001, key design 1]: Q_tot = Q^r_tot + sum_i alpha_i Q^{c,i}_tot with
+      Q^r_tot(s, a)     = sum_i w^r_i(s) Q^r_i(o_i, a_i) + b^r(s)     (return of the rewards; OMIGA's mixer, Eq. 8)
+      Q^{c,i}_tot(s, a) = Q^c_i(o_i, a_i) + b^c_i(s)                   (minus agent i's discounted future KL)
+    [ours] The seed's conservative mixer W^c (n x n, Q^{c,i}_tot = sum_j W^c_ij Q^c_j + b^c_i) is the identity here.
+    Agent i's conservative value accounts for agent i's own KL only, so the Lagrangian separates per agent and
+    V^{c,i}_tot = E_{pi*}[Q^{c,i}_tot] - KL_i holds exactly; with a full W^c row i would pay a mixture of every agent's
+    KL, and pi*_j would carry the coefficient sum_i alpha_i W^c_ij on Q^c_j instead of alpha_j.
+ 3. Consistent local policy [seed 001, Prop. 3.1, 3.2, Thm. 3.3]: the Lagrangian's per-agent maximiser is
+      pi*_i ∝ pi_b,i exp(z_i),   z_i = x_i + y_i,   x_i = w̄^r_i (Q̄^r_i - V^r_i) / alpha_i,   y_i = Q̄^c_i - V^c_i.
+ 4. Value losses [seed 001, Prop. 3.4 (Eq. 25) for V^c; ours the in-sample forms, as OMIGA Eq. 11-13]:
+      L_Vc = E_D[ exp(z_i - c_i) + exp(-c_i) V^c_i ]     -> E_{pi_b}[exp(z_i) | o_i] = 1: pi*_i is normalised
+      L_Vr = E_D[ sg(exp(z_i)) (Q̄^r_i - V^r_i)^2 ]        -> V^r_i = E_{pi*}[Q^r_i | o_i]
+    so that V^c_i = E_{pi*}[Q^c_i] - KL(pi*_i || pi_b,i): the deviation enters the values implicitly.
+      L_Qr = E_D[ (r + gamma (1 - done) V̄^r_tot(s') - Q^r_tot(s, a))^2 ],          V^r_tot = sum_i w^r_i V^r_i + b^r
+      L_Qc = sum_i E_D[ (gamma (1 - done) V̄^{c,i}_tot(s') - Q^{c,i}_tot(s, a))^2 ],   V^{c,i}_tot = V^c_i + b^c_i
+ 5. KL_i [ours: in-sample, of the policy the values define]: KL(pi*_i || pi_b,i) = E_{pi*}[z_i] = E_D[exp(z_i) z_i],
+    no policy action needed. The KL of the extracted Gaussian pi_i to pi_b,i is logged beside it as a diagnostic.
+ 6. Influence [seed 001, key design 2: m_i = dV^r_tot / dKL(pi_i || pi_b,i), by the chain rule through pi_i].
+    [ours] The family pi_i moves on is pi_i(alpha_i) ∝ pi_b,i exp(z_i(alpha_i)); with the critics held fixed,
+      dV^r_tot / dalpha_i = -Var_{pi*}(x_i),   dKL_i / dalpha_i = -Cov_{pi*}(x_i, z_i) / alpha_i,
+      m_i = (dV^r_tot / dalpha_i) / (dKL_i / dalpha_i) = alpha_i E_D[exp(z_i) x_i^2] / E_D[exp(z_i) x_i z_i]
+    (E_{pi*}[x_i | o_i] = 0 since V^r_i = E_{pi*}[Q^r_i]; both moments are averaged over the data, then divided).
+    Coordinate-free and in-sample: no critic is queried off the data. Without the conservative part, m_i = alpha_i:
+    the envelope theorem, the marginal return of KL is its price. y_i moves m_i by how agent i's deviation now
+    correlates with its future deviation. With --no-decouple there is no reward part to isolate: x_i = z_i, m_i = alpha_i.
+ 7. Allocation [seed]: d = softmax(m̂ / tau_m) d_tot with m̂ = m / max_i |m_i| [ours: scale-free], so sum_i d_i = d_tot.
+ 8. alpha_i [seed 001]: min_{alpha_i >= 0} alpha_i (d_i - KL_i), by dual descent on log alpha_i (loss
+    log alpha_i sg(d_i - KL_i)) within [--alpha-min, --alpha-max]: alpha_i rises while agent i exceeds its budget.
+ 9. Policy [OMIGA Eq. 14]: L_pi = -E_D[ sg(exp(clamp(z_i, -z_clip, z_clip))) log pi_i(a_i | o_i) ].
 Ablations (seed 001): --allocation uniform (w/o-CDA), --allocation random (rd: one Dirichlet(1) draw per run), and
 --no-decouple (w/o-dq: one entangled Q_i, V_i and mixer as in OMIGA, z_i = w̄_i (Q̄_i - V_i) / alpha_i).
 
@@ -37,13 +43,17 @@ Agent inputs follow --obs-mode: "state" (default) gives every agent the global s
 of the seeds' MuJoCo experiments; "local" gives each agent its local observation (agent_obsk=1) plus the id.
 
 Choices the seeds leave open (OMIGA's published values where they apply; otherwise ours):
-- gamma 0.99, tau 0.005 (targets of Q^r, Q^c, V^r, V^c and both mixers), Adam lr 5e-4, batch 128, 1e6 updates,
-  2x256 ReLU networks, mixers with one hidden layer of 64 on the global state, gradient-norm clip 1.0 per optimizer.
-- alpha_i starts at 10 (OMIGA's MuJoCo alpha), lives in [1, 100], log-alpha Adam lr 1e-3; influence EMA rate 0.05.
-  The floor matters: on Hopper medium-replay (10k updates, CPU) alpha_i fell to 0.2-1 with a floor of 0.1, the weights
-  exp(z) grew to ~100 on average and Q^r inflated (final return 13.5); with a floor of 1 the return was 578.6 ± 8.1.
-- pi_i starts as a copy of pi_b,i (KL 0, so the first budgets are uniform); pi_b is pretrained for 20k updates.
-- L_Vc uses the max-shift of omiga.py's L_V (a positive rescaling, minimiser unchanged); z is clamped only in weights.
+- gamma 0.99, tau 0.005 (targets of Q^r, Q^c, V^r, V^c, the mixer and b^c), Adam lr 5e-4, batch 128, 1e6 updates,
+  2x256 ReLU networks, hypernetworks with one hidden layer of 64 on the global state, gradient-norm clip 1.0.
+- The shift c_i of L_Vc (and of the entangled L_V) is a running average of the minibatch maximum of z_i at rate tau,
+  raised to max_B z_i - 50 only where exp would overflow float32. A constant shift is a positive rescaling, so the
+  minimiser is unchanged; shifting by each minibatch's own maximum (OMIGA's published code) scales each minibatch's
+  gradient by exp(-max_B z), smallest when the batch says "raise V", and moves SGD's fixed point to
+  E[exp(z)] = 1.3 / 2.9 at std(z) = 2 / 3 (batch 128). Adam is biased too once std(z) nears 3 (heavy-tailed
+  gradients): alpha_min keeps std(z), which grows like 1/alpha, in range; agents/normaliser_i = E_D[exp(z_i)] is logged.
+- KL_i, the influence moments and the allocation are smoothed by an exponential moving average (--estimate-ema), so
+  the dual step sees a 1/0.05 = 20-update average rather than one minibatch; estimates use clamp(z) as the policy does.
+- alpha_i starts at --alpha-init and lives in [--alpha-min, --alpha-max], log-alpha Adam lr --alpha-lr.
 """
 
 from __future__ import annotations
@@ -125,11 +135,11 @@ class Args:
     """if toggled, one entangled Q, V and mixer with per-agent alpha_i (the w/o-dq ablation)"""
     influence_temperature: float = 1.0
     """softmax temperature tau_m of the allocation over normalised influences"""
-    influence_ema: float = 0.05
-    """exponential-moving-average rate of the influence estimate"""
+    estimate_ema: float = 0.05
+    """exponential-moving-average rate of the in-sample KL_i and influence estimates"""
     alpha_init: float = 10.0
     """initial alpha_i of every agent"""
-    alpha_min: float = 1.0
+    alpha_min: float = 0.1
     """lower clamp of alpha_i (in reward units: lower it for tasks with rewards far below MuJoCo's)"""
     alpha_max: float = 100.0
     """upper clamp of alpha_i"""
@@ -246,25 +256,16 @@ def mix(w: torch.Tensor, values: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 # ALGO LOGIC: networks, losses and the update
-class ConservativeMixer(nn.Module):
-    """Hypernetwork on the global state: W^c(s) >= 0 of shape [n, n], each row summing to one (row i averages every
-    agent's Q^c_j into agent i's conservative total), and a free bias b^c(s) [n]."""
+class ConservativeBias(nn.Module):
+    """Hypernetwork on the global state: b^c(s) [n, B], the state part of every agent's Q^{c,i}_tot = Q^c_i + b^c_i."""
 
     def __init__(self, state_dim: int, n_agents: int, hidden_dim: int):
         super().__init__()
-        self.n_agents = n_agents
-        self.hyper_w = nn.Sequential(nn.Linear(state_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, n_agents * n_agents))
         self.hyper_b = nn.Sequential(nn.Linear(state_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, n_agents))
 
-    def forward(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """states [B, state_dim] -> W [n, n, B], b [n, B]."""
-        w = self.hyper_w(states).abs().T.reshape(self.n_agents, self.n_agents, -1)
-        return w / (w.sum(1, keepdim=True) + 1e-6), self.hyper_b(states).T
-
-
-def mix_conservative(w: torch.Tensor, values: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Q^{c,i}_tot = sum_j W^c_ij Q^c_j + b^c_i: w [n, n, B], values [n, B], b [n, B] -> [n, B]."""
-    return torch.einsum("ijb,jb->ib", w, values) + b
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        """states [B, state_dim] -> b^c [n, B]."""
+        return self.hyper_b(states).T
 
 
 class Agents(nn.Module):
@@ -280,17 +281,19 @@ class Agents(nn.Module):
         self.mixer = Mixer(state_dim, n_agents, args.mixer_hidden_dim)
         self.policy = AgentPolicy(n_agents, obs_dim, act_dim, args.hidden_dim)
         self.v_target, self.q_target, self.mixer_target = (copy.deepcopy(m).requires_grad_(False) for m in (self.v, self.q, self.mixer))
+        self.register_buffer("value_shift", torch.zeros(n_agents))
         if self.decouple:
             self.v_conservative = AgentValue(n_agents, obs_dim, args.hidden_dim)
             self.q_conservative = AgentQ(n_agents, obs_dim, act_dim, args.hidden_dim)
-            self.mixer_conservative = ConservativeMixer(state_dim, n_agents, args.mixer_hidden_dim)
-            self.v_conservative_target, self.q_conservative_target, self.mixer_conservative_target = (
-                copy.deepcopy(m).requires_grad_(False) for m in (self.v_conservative, self.q_conservative, self.mixer_conservative))
+            self.bias_conservative = ConservativeBias(state_dim, n_agents, args.mixer_hidden_dim)
+            self.v_conservative_target, self.q_conservative_target, self.bias_conservative_target = (
+                copy.deepcopy(m).requires_grad_(False) for m in (self.v_conservative, self.q_conservative, self.bias_conservative))
         self.behaviour = AgentPolicy(n_agents, obs_dim, act_dim, args.hidden_dim)
         self.log_alpha = nn.Parameter(torch.full((n_agents,), math.log(args.alpha_init)))
+        self.register_buffer("kl", torch.zeros(n_agents))
+        self.register_buffer("influence_moments", torch.zeros(2, n_agents))
         self.register_buffer("influence", torch.zeros(n_agents))
         self.register_buffer("budget", torch.full((n_agents,), args.d_tot / n_agents))
-        self.register_buffer("kl", torch.zeros(n_agents))
         self.register_buffer("random_allocation", torch.distributions.Dirichlet(torch.ones(n_agents)).sample())
 
 
@@ -304,23 +307,33 @@ def make_optimizers(agents: Agents, args: Args) -> dict[str, torch.optim.Optimiz
     if agents.decouple:
         optimizers["v_conservative"] = torch.optim.Adam(agents.v_conservative.parameters(), lr=args.v_lr)
         optimizers["q_conservative"] = torch.optim.Adam(
-            [*agents.q_conservative.parameters(), *agents.mixer_conservative.parameters()], lr=args.q_lr)
+            [*agents.q_conservative.parameters(), *agents.bias_conservative.parameters()], lr=args.q_lr)
     return optimizers
 
 
-def value_loss(v: torch.Tensor, q_target: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    """OMIGA's L_V (seed 002, Eq. 12) with per-agent alpha [n, 1]: the entangled V of --no-decouple."""
+EXP_HEADROOM = 50.0  # exp(z - c) <= e^50 in the exp value losses; float32 overflows at e^88
+
+
+def value_loss(v: torch.Tensor, q_target: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """OMIGA's L_V (seed 002, Eq. 12) with per-agent alpha [n, 1]: the entangled V of --no-decouple. Scaled by
+    exp(-c) with c the running shift [n] (see conservative_value_loss)."""
     z = w * (q_target - v) / alpha
-    shift = z.max(dim=1, keepdim=True).values.detach()
-    return (torch.exp(z - shift) + torch.exp(-shift) * w * v / alpha).mean(1).sum()
+    c = torch.maximum(shift, z.detach().max(1).values - EXP_HEADROOM)[:, None]
+    return (torch.exp(z - c) + torch.exp(-c) * w * v / alpha).mean(1).sum()
 
 
-def conservative_value_loss(v_conservative: torch.Tensor, z_without_v: torch.Tensor) -> torch.Tensor:
-    """L_Vc = E_D[exp(z_i) + V^c_i] with z_i = z_without_v - V^c_i; minimiser: E_{pi_b}[exp(z_i)] = 1.
-    Shifted by c = sg(max z) per agent like L_V (a positive rescaling)."""
+def conservative_value_loss(v_conservative: torch.Tensor, z_without_v: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """L_Vc = E_D[exp(z_i) + V^c_i] with z_i = z_without_v - V^c_i; minimiser: E_{pi_b}[exp(z_i) | o_i] = 1. Scaled by
+    exp(-c) with c the running shift [n], the same for every minibatch, so minibatch gradients stay unbiased."""
     z = z_without_v.detach() - v_conservative
-    shift = z.max(dim=1, keepdim=True).values.detach()
-    return (torch.exp(z - shift) + torch.exp(-shift) * v_conservative).mean(1).sum()
+    c = torch.maximum(shift, z.detach().max(1).values - EXP_HEADROOM)[:, None]
+    return (torch.exp(z - c) + torch.exp(-c) * v_conservative).mean(1).sum()
+
+
+@torch.no_grad()
+def track_shift(shift: torch.Tensor, z: torch.Tensor, rate: float) -> None:
+    """Move an exp loss's shift c [n] towards this minibatch's max of z [n, B], after the loss used it."""
+    shift.lerp_(z.max(1).values, rate)
 
 
 def reward_value_loss(v_reward: torch.Tensor, q_target: torch.Tensor, z: torch.Tensor, z_clip: float) -> torch.Tensor:
@@ -347,28 +360,29 @@ def policy_loss(log_prob: torch.Tensor, z: torch.Tensor, z_clip: float) -> torch
     return -(weight * log_prob).mean(1).sum()
 
 
+def in_sample_kl(z: torch.Tensor) -> torch.Tensor:
+    """KL(pi*_i || pi_b,i) = E_D[exp(z_i) z_i] [n] of pi*_i ∝ pi_b,i exp(z_i), z [n, B] normalised by V^c."""
+    return (torch.exp(z) * z).mean(1)
+
+
+def influence_moments(reward_part: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """(E_D[exp(z_i) x_i^2], E_D[exp(z_i) x_i z_i]) [2, n] of the reward part x [n, B] of z [n, B]: Var_{pi*}(x_i) and
+    Cov_{pi*}(x_i, z_i), with E_{pi*}[x_i | o_i] = 0 because V^r_i = E_{pi*}[Q^r_i]."""
+    weight = torch.exp(z)
+    return torch.stack([(weight * reward_part.pow(2)).mean(1), (weight * reward_part * z).mean(1)])
+
+
+def influence(alpha: torch.Tensor, moments: torch.Tensor) -> torch.Tensor:
+    """m_i = (dV^r_tot / dalpha_i) / (dKL_i / dalpha_i) = alpha_i Var_{pi*}(x_i) / Cov_{pi*}(x_i, z_i) [n]."""
+    return alpha * moments[0] / moments[1]
+
+
 def gaussian_kl(mean: torch.Tensor, log_std: torch.Tensor, ref_mean: torch.Tensor, ref_log_std: torch.Tensor) -> torch.Tensor:
     """KL(N(mean, std^2) || N(ref_mean, ref_std^2)) of diagonal Gaussians, summed over action dims: [n, B].
     tanh is a bijection, so this is also the KL of the squashed policies."""
     variance_ratio = torch.exp(2.0 * (log_std - ref_log_std))
     mean_term = (mean - ref_mean).pow(2) * torch.exp(-2.0 * ref_log_std)
     return 0.5 * (variance_ratio + mean_term - 1.0).sum(-1) + (ref_log_std - log_std).sum(-1)
-
-
-def influence(mean: torch.Tensor, log_std: torch.Tensor, behaviour_mean: torch.Tensor, behaviour_log_std: torch.Tensor,
-              q_reward, w_reward: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """m_i = E_B[<g_V, g_KL>] / (E_B[|g_KL|^2] + 1e-8) [n]: the change of V^r_tot per unit of KL(pi_i || pi_b,i) when
-    pi_i's distribution parameters theta = (mean, log_std) [n, B, act_dim] move along the direction that raises KL.
-    g_V = d/dtheta [w^r_i Q^r_i(o_i, tanh(mean + std * noise))] (reparameterised), g_KL = d KL / dtheta."""
-    theta = (mean.detach().requires_grad_(True), log_std.detach().requires_grad_(True))
-    actions = torch.tanh(theta[0] + theta[1].exp() * noise)
-    reward_value = (w_reward.detach() * q_reward(actions)).sum()
-    kl = gaussian_kl(*theta, behaviour_mean.detach(), behaviour_log_std.detach()).sum()
-    grad_value = torch.autograd.grad(reward_value, theta)
-    grad_kl = torch.autograd.grad(kl, theta)
-    inner = sum((gv * gk).sum(-1) for gv, gk in zip(grad_value, grad_kl))
-    kl_sq_norm = sum(gk.pow(2).sum(-1) for gk in grad_kl)
-    return inner.mean(1) / (kl_sq_norm.mean(1) + 1e-8)
 
 
 ALLOCATIONS = ("influence", "uniform", "random")
@@ -420,8 +434,8 @@ def pretrain_behaviour(agents: Agents, dataset: Dataset, args: Args, generator: 
 
 
 def update(agents: Agents, optimizers: dict, batch: Batch, args: Args) -> dict[str, torch.Tensor]:
-    """One OMCDA update: V^c and V^r, then Q^r and Q^c with their mixers, then the policy, then influence,
-    allocation and the alpha_i step."""
+    """One OMCDA update: V^c and V^r, then Q^r and Q^c, then the policy, then KL_i, influence, allocation and the
+    alpha_i step."""
     alpha = agents.log_alpha.detach().exp()[:, None]
     with torch.no_grad():
         w_target, _ = agents.mixer_target(batch.states)
@@ -430,23 +444,25 @@ def update(agents: Agents, optimizers: dict, batch: Batch, args: Args) -> dict[s
         next_v_tot = mix(next_w, agents.v_target(batch.next_obs), next_b)
         if agents.decouple:
             q_conservative_target = agents.q_conservative_target(batch.obs, batch.actions)
-            next_w_c, next_b_c = agents.mixer_conservative_target(batch.next_states)
-            next_v_conservative_tot = mix_conservative(next_w_c, agents.v_conservative_target(batch.next_obs), next_b_c)
+            next_v_conservative_tot = (agents.v_conservative_target(batch.next_obs)
+                                       + agents.bias_conservative_target(batch.next_states))
 
     v = agents.v(batch.obs)
+    reward_part = w_target * (q_target - v.detach()) / alpha
     metrics = {}
     if agents.decouple:
         v_conservative = agents.v_conservative(batch.obs)
-        z_without_v = w_target * (q_target - v.detach()) / alpha + q_conservative_target
-        loss_v_conservative = conservative_value_loss(v_conservative, z_without_v)
+        loss_v_conservative = conservative_value_loss(v_conservative, reward_part + q_conservative_target,
+                                                      agents.value_shift)
         clipped_step(optimizers["v_conservative"], loss_v_conservative, args.grad_clip)
-        z = z_without_v - v_conservative.detach()
+        z = reward_part + q_conservative_target - v_conservative.detach()
         loss_v = reward_value_loss(v, q_target, z, args.z_clip)
         metrics["losses/v_conservative"] = loss_v_conservative.detach()
         metrics["values/v_conservative"] = v_conservative.detach().mean()
     else:
-        loss_v = value_loss(v, q_target, w_target, alpha)
-        z = w_target * (q_target - v.detach()) / alpha
+        loss_v = value_loss(v, q_target, w_target, alpha, agents.value_shift)
+        z = reward_part
+    track_shift(agents.value_shift, z, args.tau)
     clipped_step(optimizers["v"], loss_v, args.grad_clip)
 
     w, b = agents.mixer(batch.states)
@@ -454,8 +470,7 @@ def update(agents: Agents, optimizers: dict, batch: Batch, args: Args) -> dict[s
     loss_q = q_loss(q_tot, batch.rewards, batch.dones, next_v_tot, args.gamma)
     clipped_step(optimizers["q"], loss_q, args.grad_clip)
     if agents.decouple:
-        w_c, b_c = agents.mixer_conservative(batch.states)
-        q_conservative_tot = mix_conservative(w_c, agents.q_conservative(batch.obs, batch.actions), b_c)
+        q_conservative_tot = agents.q_conservative(batch.obs, batch.actions) + agents.bias_conservative(batch.states)
         loss_q_conservative = conservative_q_loss(q_conservative_tot, batch.dones, next_v_conservative_tot, args.gamma)
         clipped_step(optimizers["q_conservative"], loss_q_conservative, args.grad_clip)
         metrics["losses/q_conservative"] = loss_q_conservative.detach()
@@ -465,12 +480,10 @@ def update(agents: Agents, optimizers: dict, batch: Batch, args: Args) -> dict[s
     clipped_step(optimizers["policy"], loss_pi, args.grad_clip)
 
     with torch.no_grad():
-        behaviour_mean, behaviour_log_std = agents.behaviour(batch.obs)
-        agents.kl.copy_(gaussian_kl(mean.detach(), log_std.detach(), behaviour_mean, behaviour_log_std).mean(1))
-    measured = influence(mean, log_std, behaviour_mean, behaviour_log_std,
-                         lambda actions: agents.q(batch.obs, actions), w, torch.randn_like(mean))
-    with torch.no_grad():
-        agents.influence.lerp_(measured, args.influence_ema)
+        z_clipped = z.clamp(-args.z_clip, args.z_clip)
+        agents.kl.lerp_(in_sample_kl(z_clipped), args.estimate_ema)
+        agents.influence_moments.lerp_(influence_moments(reward_part, z_clipped), args.estimate_ema)
+        agents.influence.copy_(influence(alpha[:, 0], agents.influence_moments))
         agents.budget.copy_(allocate_budget(agents.influence, args.d_tot, args.allocation, args.influence_temperature,
                                             agents.random_allocation))
     optimizers["alpha"].zero_grad(set_to_none=True)
@@ -478,6 +491,7 @@ def update(agents: Agents, optimizers: dict, batch: Batch, args: Args) -> dict[s
     optimizers["alpha"].step()
     with torch.no_grad():
         agents.log_alpha.clamp_(math.log(args.alpha_min), math.log(args.alpha_max))
+        policy_kl = gaussian_kl(mean.detach(), log_std.detach(), *agents.behaviour(batch.obs)).mean(1)
 
     soft_update(agents.v_target, agents.v, args.tau)
     soft_update(agents.q_target, agents.q, args.tau)
@@ -485,12 +499,14 @@ def update(agents: Agents, optimizers: dict, batch: Batch, args: Args) -> dict[s
     if agents.decouple:
         soft_update(agents.v_conservative_target, agents.v_conservative, args.tau)
         soft_update(agents.q_conservative_target, agents.q_conservative, args.tau)
-        soft_update(agents.mixer_conservative_target, agents.mixer_conservative, args.tau)
-    return {"losses/v": loss_v.detach(), "losses/q": loss_q.detach(), "losses/policy": loss_pi.detach(), **metrics,
-            "values/q_tot": q_tot.detach().mean(), "values/v": v.detach().mean(),
-            "values/weight_mean": torch.exp(z.clamp(-args.z_clip, args.z_clip)).mean(),
+        soft_update(agents.bias_conservative_target, agents.bias_conservative, args.tau)
+    part = "reward" if agents.decouple else "entangled"
+    return {f"losses/v_{part}": loss_v.detach(), f"losses/q_{part}": loss_q.detach(), "losses/policy": loss_pi.detach(),
+            **metrics, f"values/q_{part}_tot": q_tot.detach().mean(), f"values/v_{part}": v.detach().mean(),
             "agents/alpha": agents.log_alpha.detach().exp(), "agents/budget": agents.budget.clone(),
-            "agents/influence": agents.influence.clone(), "agents/kl": agents.kl.clone()}
+            "agents/influence": agents.influence.clone(), "agents/kl": agents.kl.clone(), "agents/policy_kl": policy_kl,
+            "agents/normaliser": torch.exp(z_clipped).mean(1), "agents/z_std": z.std(1),
+            "agents/reward_value": (w.detach() * v.detach()).mean(1)}
 
 
 def agent_summary(agents: Agents) -> str:

@@ -16,9 +16,14 @@ Choices the paper leaves open (published code's, unless marked "ours"):
 - alpha 10, gamma 0.99, tau 0.005, Adam lr 5e-4, batch 128, 1e6 updates, 2x256 ReLU networks, mixer with one hidden
   layer of 64 on the global state, gradient-norm clip 1.0.
 - w̄ in z is the target mixer's weights (detached); Q̄ is the target Q.
-- L_V is computed as exp(z - c) + exp(-c) w̄ V / alpha with c = sg(max_batch z): a positive rescaling, so the
-  minimiser is unchanged and exp never overflows. Ours: z is not clamped inside L_V (a clamp would zero the exp term's
-  gradient for the largest z and let the linear term push V the wrong way); the policy weight uses exp(clamp(z, -10, 10)).
+- Ours: L_V is computed as exp(z - c) + exp(-c) w̄ V / alpha with c_i a running average of the minibatch maximum of
+  z_i, tracked at the target networks' rate tau (c_i is raised to max_B z_i - 50 only where exp would overflow float32).
+  A constant c is a positive rescaling of the loss, so its minimiser is unchanged. The published code shifts by the
+  minibatch's own maximum instead: that scales each minibatch's gradient by exp(-max_B z), smallest exactly when the
+  batch holds a large z (which says "raise V"), so the SGD fixed point leaves E_mu[exp(z)] = 1 (about 2.9 at std(z) = 3
+  and batch 128; harmless at alpha 10, where std(z) stays small). z is not clamped inside L_V (a clamp would zero the
+  exp term's gradient for the largest z and let the linear term push V the wrong way); the policy weight uses
+  exp(clamp(z, -10, 10)).
 - Policy: state-dependent log-std clamped to [-5, 2]; dataset actions clamped to +-(1 - 1e-6) before atanh;
   evaluation action tanh(mean).
 """
@@ -213,6 +218,7 @@ class Agents(nn.Module):
         self.mixer = Mixer(state_dim, n_agents, args.mixer_hidden_dim)
         self.policy = AgentPolicy(n_agents, obs_dim, act_dim, args.hidden_dim)
         self.v_target, self.q_target, self.mixer_target = (copy.deepcopy(m).requires_grad_(False) for m in (self.v, self.q, self.mixer))
+        self.register_buffer("value_shift", torch.zeros(n_agents))
 
 
 def make_optimizers(agents: Agents, args: Args) -> dict[str, torch.optim.Optimizer]:
@@ -223,11 +229,22 @@ def make_optimizers(agents: Agents, args: Args) -> dict[str, torch.optim.Optimiz
     }
 
 
-def value_loss(v: torch.Tensor, q_target: torch.Tensor, w: torch.Tensor, alpha: float) -> torch.Tensor:
-    """L_V (Eq. 12) per agent, summed over agents; v, q_target, w [n, B]. Shifted by c = sg(max z) per agent."""
+EXP_HEADROOM = 50.0  # exp(z - c) <= e^50 in the value loss; float32 overflows at e^88
+
+
+def value_loss(v: torch.Tensor, q_target: torch.Tensor, w: torch.Tensor, alpha: float, shift: torch.Tensor) -> torch.Tensor:
+    """L_V (Eq. 12) per agent, summed over agents; v, q_target, w [n, B]. Scaled by exp(-c) with c the running shift
+    [n] (raised to max_B z - EXP_HEADROOM where exp would overflow): the same c for every minibatch keeps the
+    minibatch gradients unbiased, so SGD's fixed point is the minimiser E_mu[exp(z)] = 1."""
     z = w * (q_target - v) / alpha
-    shift = z.max(dim=1, keepdim=True).values.detach()
-    return (torch.exp(z - shift) + torch.exp(-shift) * w * v / alpha).mean(1).sum()
+    c = torch.maximum(shift, z.detach().max(1).values - EXP_HEADROOM)[:, None]
+    return (torch.exp(z - c) + torch.exp(-c) * w * v / alpha).mean(1).sum()
+
+
+@torch.no_grad()
+def track_shift(shift: torch.Tensor, z: torch.Tensor, rate: float) -> None:
+    """Move the value loss's shift c [n] towards this minibatch's max of z [n, B], after the loss used it."""
+    shift.lerp_(z.max(1).values, rate)
 
 
 def q_loss(q_tot: torch.Tensor, rewards: torch.Tensor, dones: torch.Tensor, next_v_tot: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -265,15 +282,16 @@ def update(agents: Agents, optimizers: dict, batch: Batch, args: Args) -> dict[s
         next_v_tot = mix(next_w, agents.v_target(batch.next_obs), next_b)
 
     v = agents.v(batch.obs)
-    loss_v = value_loss(v, q_target, w_target, args.alpha)
+    loss_v = value_loss(v, q_target, w_target, args.alpha, agents.value_shift)
     clipped_step(optimizers["v"], loss_v, args.grad_clip)
+    z = w_target * (q_target - v.detach()) / args.alpha
+    track_shift(agents.value_shift, z, args.tau)
 
     w, b = agents.mixer(batch.states)
     q_tot = mix(w, agents.q(batch.obs, batch.actions), b)
     loss_q = q_loss(q_tot, batch.rewards, batch.dones, next_v_tot, args.gamma)
     clipped_step(optimizers["q"], loss_q, args.grad_clip)
 
-    z = w_target * (q_target - v.detach()) / args.alpha
     loss_pi = policy_loss(agents.policy.log_prob(batch.obs, batch.actions), z, args.z_clip)
     clipped_step(optimizers["policy"], loss_pi, args.grad_clip)
 

@@ -72,3 +72,23 @@ def smoke_run(script: str, data_dir: Path, cwd: Path, *extra_args: str, total_st
     assert checkpoint["step"] == total_steps and any(key.startswith("policy.") for key in checkpoint["agents"])
     assert not list(run_dir.glob("*.tmp"))
     return SmokeRun(result.stdout, run_dir, args, scalars, checkpoint)
+
+
+def exp_loss_fixed_point(loss, track_shift, std: float = 3.0, steps: int = 10_000) -> float:
+    """E[exp(z)] at the fixed point that plain SGD on minibatches of 128 reaches for an exp value loss
+    `loss(v [1, B], q [1, B], shift [1])` with z = q - v, q ~ N(0, std^2) (a pool of 20,000), V a scalar; the iterate
+    averaged over the second half. The minimiser has E[exp(z)] = 1 exactly."""
+    generator = torch.Generator().manual_seed(0)
+    pool = std * torch.randn(1, 20_000, generator=generator)
+    v, shift = torch.zeros(1, 1, requires_grad=True), torch.zeros(1)
+    optimizer = torch.optim.SGD([v], lr=0.1)
+    averaged = torch.zeros(())
+    for step in range(steps):
+        q = pool[:, torch.randint(pool.shape[1], (128,), generator=generator)]
+        optimizer.zero_grad()
+        loss(v.expand_as(q), q, shift).backward()
+        optimizer.step()
+        track_shift(shift, q - v.detach(), 0.005)
+        if step >= steps // 2:
+            averaged += v.detach().squeeze() / (steps - steps // 2)
+    return torch.exp(pool - averaged).mean().item()

@@ -1,6 +1,8 @@
-"""OMCDA: allocation, the alpha_i solve, the influence chain rule, the V^c normalisation, heterogeneous influence on a
-toy task, and smoke runs of the headline command and each ablation."""
+"""OMCDA: allocation, the alpha_i solve, the exp losses under minibatches, the influence and KL estimators against
+enumeration, the values of a multi-step chain against their closed form, allocation on a task where one agent matters,
+and smoke runs of the headline command and each ablation."""
 
+import itertools
 import math
 import re
 
@@ -10,7 +12,7 @@ import torch
 
 import omcda
 from common.datasets import Dataset
-from conftest import run_script, smoke_run
+from conftest import exp_loss_fixed_point, run_script, smoke_run
 
 
 def test_allocation_budgets_are_nonnegative_sum_to_d_tot_and_follow_influence():
@@ -57,61 +59,155 @@ def test_gaussian_kl_matches_torch_distributions():
     torch.testing.assert_close(omcda.gaussian_kl(mean, log_std, ref_mean, ref_log_std), expected)
 
 
-def test_influence_matches_finite_difference_along_the_kl_gradient():
-    """Move theta_i = (mean, log_std) by h * g_KL: Delta V^r_tot / Delta KL must equal the chain-rule m_i."""
+def test_exp_value_losses_reach_their_minimiser_under_minibatches():
+    """std(z) = 3, minibatches of 128, plain SGD: the fixed point normalises, E[exp(z)] = 1 (a per-minibatch max shift
+    gives about 2.9 here)."""
+    entangled = exp_loss_fixed_point(lambda v, q, shift: omcda.value_loss(v, q, torch.ones_like(q), torch.ones(1, 1), shift),
+                                     omcda.track_shift)
+    conservative = exp_loss_fixed_point(omcda.conservative_value_loss, omcda.track_shift)
+    assert abs(entangled - 1.0) < 0.05 and abs(conservative - 1.0) < 0.05, (entangled, conservative)
+
+
+def tilted_policy(alpha, q_reward, q_conservative, w_reward, behaviour):
+    """pi_i(alpha_i) ∝ pi_b,i exp(w^r_i Q^r_i / alpha_i + Q^c_i) at every state: [n, S, A]."""
+    logits = torch.log(behaviour) + w_reward[..., None] * q_reward / alpha[:, None, None] + q_conservative
+    return torch.softmax(logits, -1)
+
+
+def enumerated_toy(with_conservative: bool = True):
+    """Two agents, three equally likely states, three actions: tables of Q^r_i, Q^c_i, w^r_i and pi_b,i."""
+    generator = torch.Generator().manual_seed(0)
+    q_reward = torch.randn(2, 3, 3, generator=generator, dtype=torch.float64)
+    q_conservative = 0.7 * torch.randn(2, 3, 3, generator=generator, dtype=torch.float64) * with_conservative
+    w_reward = 0.5 + torch.rand(2, 3, generator=generator, dtype=torch.float64)
+    behaviour = torch.tensor([[[0.2, 0.5, 0.3], [0.6, 0.3, 0.1], [0.1, 0.1, 0.8]],
+                              [[0.4, 0.4, 0.2], [0.3, 0.3, 0.4], [0.7, 0.2, 0.1]]], dtype=torch.float64)
+    return q_reward, q_conservative, w_reward, behaviour, torch.tensor([0.7, 2.5], dtype=torch.float64)
+
+
+def in_sample_parts(alpha, q_reward, q_conservative, w_reward, behaviour):
+    """The data as the script sees it: every (s, a_i) repeated 10 pi_b,i(a_i | s) times, with the exact V^r_i (the
+    fixed point of L_Vr) and V^c_i (of L_Vc); returns the reward part x and z [n, N]."""
+    pi = tilted_policy(alpha, q_reward, q_conservative, w_reward, behaviour)
+    v_reward = (pi * q_reward).sum(-1, keepdim=True)
+    x = w_reward[..., None] * (q_reward - v_reward) / alpha[:, None, None]
+    v_conservative = torch.log((behaviour * torch.exp(x + q_conservative)).sum(-1, keepdim=True))
+    z = x + q_conservative - v_conservative
+    counts = (10 * behaviour).round().long()
+    return (torch.stack([torch.repeat_interleave(t[i].flatten(), counts[i].flatten()) for i in range(2)]) for t in (x, z))
+
+
+def exact_reward_value_and_kl(alpha, q_reward, q_conservative, w_reward, behaviour):
+    """Per agent: E_s[w^r_i V^r_i] under pi_i(alpha_i) and E_s[KL(pi_i(alpha_i) || pi_b,i)], enumerated: [n], [n]."""
+    pi = tilted_policy(alpha, q_reward, q_conservative, w_reward, behaviour)
+    reward_value = (w_reward * (pi * q_reward).sum(-1)).mean(-1)
+    kl = (pi * torch.log(pi / behaviour)).sum(-1).mean(-1)
+    return reward_value, kl
+
+
+@pytest.mark.parametrize("with_conservative", [True, False])
+def test_influence_and_kl_estimators_match_exact_enumeration(with_conservative):
+    """m_i from the in-sample moments equals dV^r_tot/dKL_i by finite differences along pi_i(alpha_i); the in-sample KL
+    equals the enumerated KL(pi*_i || pi_b,i); without a conservative part m_i = alpha_i (envelope theorem)."""
+    toy = enumerated_toy(with_conservative)
+    alpha = toy[-1]
+    x, z = in_sample_parts(alpha, *toy[:-1])
+    measured = omcda.influence(alpha, omcda.influence_moments(x, z))
+    h = 1e-5
+    finite_difference = torch.zeros(2, dtype=torch.float64)
+    for i in range(2):
+        step = torch.zeros(2, dtype=torch.float64)
+        step[i] = h
+        value_up, kl_up = exact_reward_value_and_kl(alpha + step, *toy[:-1])
+        value_down, kl_down = exact_reward_value_and_kl(alpha - step, *toy[:-1])
+        finite_difference[i] = (value_up[i] - value_down[i]) / (kl_up[i] - kl_down[i])
+    torch.testing.assert_close(measured, finite_difference, rtol=1e-5, atol=0)
+    _, exact_kl = exact_reward_value_and_kl(alpha, *toy[:-1])
+    torch.testing.assert_close(omcda.in_sample_kl(z), exact_kl, rtol=1e-9, atol=1e-12)
+    if with_conservative:  # the conservative part really moves the measurement away from the price alpha_i
+        assert ((measured - alpha).abs() > 0.05 * alpha).all(), measured
+    else:
+        torch.testing.assert_close(measured, alpha)
+
+
+CHAIN_GAMMA = 0.8
+CHAIN_ACTIONS = np.array([-0.5, 0.5], np.float32)  # the two discrete actions as continuous inputs
+CHAIN_BEHAVIOUR = np.array([[[0.8, 0.2], [0.3, 0.7]], [[0.5, 0.5], [0.9, 0.1]]])  # pi_b,i(a_i | s_i)
+CHAIN_REWARD = np.array([[[0.0, 1.0], [0.6, 0.0]], [[0.2, 0.0], [0.0, 0.8]]])  # r_i(s_i, a_i); r = r_0 + r_1
+CHAIN_ALPHA = np.array([0.5, 2.0])
+
+
+def chain_exact_values() -> dict:
+    """Each agent's local state s_i in {0, 1} moves to s_i' = a_i, forever: the regularised problem separates per
+    agent. Soft value iteration of r_i - alpha_i KL gives pi*_i; Q^r, V^r, Q^c, V^c of pi*_i by linear solves."""
+    exact = {}
+    for i in range(2):
+        behaviour, reward, alpha = CHAIN_BEHAVIOUR[i], CHAIN_REWARD[i], CHAIN_ALPHA[i]
+        v = np.zeros(2)
+        for _ in range(500):
+            q = reward + CHAIN_GAMMA * v[None, :]
+            v = alpha * np.log((behaviour * np.exp(q / alpha)).sum(1))
+        pi = behaviour * np.exp((q - v[:, None]) / alpha)
+        kl = (pi * np.log(pi / behaviour)).sum(1)
+        v_reward = np.linalg.solve(np.eye(2) - CHAIN_GAMMA * pi, (pi * reward).sum(1))
+        v_conservative = np.linalg.solve(np.eye(2) - CHAIN_GAMMA * pi, -kl)
+        exact[i] = dict(v_reward=v_reward, q_reward=reward + CHAIN_GAMMA * v_reward[None, :],
+                        v_conservative=v_conservative, q_conservative=np.tile(CHAIN_GAMMA * v_conservative, (2, 1)))
+    return exact
+
+
+def chain_dataset() -> Dataset:
+    """Every joint (s, a) of the two-agent chain, repeated in proportion to the behaviour policies; never terminal."""
+    rows = [(s0, s1, a0, a1) for s0, s1, a0, a1 in itertools.product(range(2), repeat=4)
+            for _ in range(round(200 * CHAIN_BEHAVIOUR[0, s0, a0] * CHAIN_BEHAVIOUR[1, s1, a1]))]
+    rows = np.array(rows)
+    one_hot = np.eye(4, dtype=np.float32)
+    states, next_states = one_hot[rows[:, 0] * 2 + rows[:, 1]], one_hot[rows[:, 2] * 2 + rows[:, 3]]
+    rewards = CHAIN_REWARD[0, rows[:, 0], rows[:, 2]] + CHAIN_REWARD[1, rows[:, 1], rows[:, 3]]
+    arrays = dict(observations=np.repeat(states[:, None], 2, 1), next_observations=np.repeat(next_states[:, None], 2, 1),
+                  states=states, next_states=next_states, actions=CHAIN_ACTIONS[rows[:, 2:]][..., None],
+                  rewards=rewards.astype(np.float32), terminals=np.zeros(len(rows), bool),
+                  timeouts=np.zeros(len(rows), bool))
+    return Dataset(arrays, dict(obs_mode="local"), "local", "cpu")
+
+
+def test_values_match_the_closed_form_on_a_multi_step_chain():
+    """gamma 0.8, no terminals, alpha = (0.5, 2) held fixed: the trained Q^r_tot, V^r_tot, Q^{c,i}_tot, V^{c,i}_tot equal
+    those of pi*, so bootstrapping, both backups, alpha_i and Q^c inside z_i and the weights of L_Vr all count."""
     torch.manual_seed(0)
-    torch.set_default_dtype(torch.float64)
-    try:
-        n, batch, act_dim = 3, 64, 2
-        q_reward = omcda.AgentQ(n, 4, act_dim, 16)
-        obs = torch.randn(n, batch, 4)
-        w_reward = torch.rand(n, batch) + 0.5
-        mean, log_std = 0.3 * torch.randn(n, batch, act_dim), -0.5 + 0.1 * torch.randn(n, batch, act_dim)
-        behaviour_mean, behaviour_log_std = torch.zeros(n, batch, act_dim), torch.full((n, batch, act_dim), -0.4)
-        noise = torch.randn(n, batch, act_dim)
-        m = omcda.influence(mean, log_std, behaviour_mean, behaviour_log_std, lambda a: q_reward(obs, a), w_reward, noise)
-
-        def reward_value(mu, ls):
-            return (w_reward * q_reward(obs, torch.tanh(mu + ls.exp() * noise))).sum(1)
-
-        def kl(mu, ls):
-            return omcda.gaussian_kl(mu, ls, behaviour_mean, behaviour_log_std).sum(1)
-
-        theta = (mean.clone().requires_grad_(True), log_std.clone().requires_grad_(True))
-        g_mean, g_log_std = torch.autograd.grad(kl(*theta).sum(), theta)
-        h = 1e-5
-        moved = (mean + h * g_mean, log_std + h * g_log_std)
-        with torch.no_grad():
-            finite_difference = (reward_value(*moved) - reward_value(mean, log_std)) / (kl(*moved) - kl(mean, log_std))
-        torch.testing.assert_close(m, finite_difference, rtol=1e-3, atol=1e-6)
-        assert m.abs().max() > 1e-3  # a non-trivial measurement
-    finally:
-        torch.set_default_dtype(torch.float32)
-
-
-def test_conservative_value_normalises_the_local_policy():
-    """With Q fixed on a discrete toy, the trained V^c_i makes E_{pi_b}[exp(z_i)] = 1 at every observation."""
-    torch.manual_seed(0)
-    n_obs, n_actions = 2, 4
-    behaviour = torch.tensor([[0.4, 0.3, 0.2, 0.1], [0.1, 0.1, 0.2, 0.6]])
-    z_without_v = torch.tensor([[[0.5, -1.0, 2.0, 0.0], [1.0, 0.3, -0.5, 1.5]],  # agent 0, per obs and action
-                                [[-0.2, 0.4, 1.1, -2.0], [0.0, 0.0, 3.0, -1.0]]])  # agent 1
-    counts = (behaviour * 40).long()
-    obs_index = torch.cat([torch.full((int(c.sum()),), o) for o, c in enumerate(counts)])
-    action_index = torch.cat([torch.repeat_interleave(torch.arange(n_actions), c) for c in counts])
-    obs = torch.eye(n_obs)[obs_index].expand(2, -1, -1)
-    targets = z_without_v[:, obs_index, action_index]
-    v_conservative = omcda.AgentValue(2, n_obs, 32)
-    optimizer = torch.optim.Adam(v_conservative.parameters(), lr=1e-2)
-    for _ in range(1500):
-        optimizer.zero_grad()
-        omcda.conservative_value_loss(v_conservative(obs), targets).backward()
-        optimizer.step()
+    dataset = chain_dataset()
+    args = omcda.Args(gamma=CHAIN_GAMMA, tau=0.05, hidden_dim=64, mixer_hidden_dim=32, q_lr=2e-3, v_lr=2e-3,
+                      alpha_lr=0.0, alpha_min=0.1, alpha_max=10.0, bc_steps=0)
+    agents = omcda.Agents(2, dataset.obs_dim, 1, 4, args)
     with torch.no_grad():
-        v = v_conservative(torch.eye(n_obs).expand(2, -1, -1))  # [agent, obs]
-    normaliser = (behaviour * torch.exp(z_without_v - v[..., None])).sum(-1)
-    torch.testing.assert_close(normaliser, torch.ones(2, n_obs), atol=2e-2, rtol=0)
+        agents.log_alpha.copy_(torch.tensor(np.log(CHAIN_ALPHA), dtype=torch.float32))
+    optimizers = omcda.make_optimizers(agents, args)
+    generator = torch.Generator().manual_seed(0)
+    omcda.pretrain_behaviour(agents, dataset, args, generator)
+    for _ in range(1500):
+        omcda.update(agents, optimizers, dataset.sample(128, generator), args)
 
+    # One row per joint (s, a_0, a_1), in the order s * 4 + a_0 * 2 + a_1.
+    keys = (dataset.states.argmax(1) * 4 + (dataset.actions[0, :, 0] > 0) * 2 + (dataset.actions[1, :, 0] > 0)).tolist()
+    batch = dataset.gather(torch.tensor([keys.index(k) for k in range(16)]))
+    with torch.no_grad():
+        w, b = agents.mixer(batch.states)
+        bias_conservative = agents.bias_conservative(batch.states)
+        learned = dict(q_reward=omcda.mix(w, agents.q(batch.obs, batch.actions), b),
+                       v_reward=omcda.mix(w, agents.v(batch.obs), b)[::4],
+                       q_conservative=agents.q_conservative(batch.obs, batch.actions) + bias_conservative,
+                       v_conservative=(agents.v_conservative(batch.obs) + bias_conservative)[:, ::4])
+    exact = chain_exact_values()
+    local = [(s // 8, (s // 4) % 2, (s // 2) % 2, s % 2) for s in range(16)]  # (s_0, s_1, a_0, a_1)
+    expected = dict(
+        q_reward=[exact[0]["q_reward"][s0, a0] + exact[1]["q_reward"][s1, a1] for s0, s1, a0, a1 in local],
+        v_reward=[exact[0]["v_reward"][s0] + exact[1]["v_reward"][s1] for s0, s1, _, _ in local[::4]],
+        q_conservative=[[exact[i]["q_conservative"][(s0, s1)[i], (a0, a1)[i]] for s0, s1, a0, a1 in local] for i in range(2)],
+        v_conservative=[[exact[i]["v_conservative"][(s0, s1)[i]] for s0, s1, _, _ in local[::4]] for i in range(2)])
+    for name, value in expected.items():
+        torch.testing.assert_close(learned[name], torch.tensor(value, dtype=torch.float32), atol=0.08, rtol=0,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+    assert exact[0]["v_conservative"].min() < -1.0  # agent 0's discounted KL is far from zero: the chain is tested
 
 def heterogeneous_dataset(n_samples: int = 3000, seed: int = 0):
     """r = -(a_0 - 0.6)^2 - 0.05 (a_1 + 0.6)^2: agent 0 drives the reward, agent 1 barely does.
@@ -180,14 +276,3 @@ def test_unknown_allocation_is_a_clear_error(tiny_hopper_dir, tmp_path):
                         cwd=tmp_path)
     assert result.returncode != 0
     assert "invalid choice 'greedy'" in result.stderr and "'influence', 'uniform', 'random'" in result.stderr
-
-
-def test_conservative_mixer_rows_are_convex_combinations():
-    torch.manual_seed(0)
-    mixer = omcda.ConservativeMixer(state_dim=5, n_agents=3, hidden_dim=8)
-    w, b = mixer(torch.randn(7, 5))
-    assert w.shape == (3, 3, 7) and b.shape == (3, 7) and (w >= 0).all()
-    torch.testing.assert_close(w.sum(1), torch.ones(3, 7), atol=1e-5, rtol=0)
-    values = torch.randn(3, 7)
-    mixed = omcda.mix_conservative(w, values, torch.zeros(3, 7))
-    assert (mixed <= values.max(0).values + 1e-5).all() and (mixed >= values.min(0).values - 1e-5).all()

@@ -6,7 +6,7 @@ import torch
 
 import omiga
 from common.datasets import Dataset
-from conftest import run_script, smoke_run
+from conftest import exp_loss_fixed_point, run_script, smoke_run
 
 
 def test_value_loss_minimiser_is_closed_form():
@@ -20,7 +20,7 @@ def test_value_loss_minimiser_is_closed_form():
     optimizer = torch.optim.Adam([v], lr=0.05)
     for _ in range(3000):
         optimizer.zero_grad()
-        omiga.value_loss(v.expand(2, len(q_batch)), q_batch.expand(2, -1), w, alpha).backward()
+        omiga.value_loss(v.expand(2, len(q_batch)), q_batch.expand(2, -1), w, alpha, torch.zeros(2)).backward()
         optimizer.step()
     mu = counts / counts.sum()
     w_agent = w[:, 0]
@@ -28,6 +28,14 @@ def test_value_loss_minimiser_is_closed_form():
     torch.testing.assert_close(v.detach().squeeze(1), closed_form, atol=2e-3, rtol=0)
     # The two agents' values differ: the minimiser really depends on w (a loss without w would give equal values).
     assert abs(closed_form[0] - closed_form[1]) > 0.3
+
+
+def test_value_loss_reaches_its_minimiser_under_minibatches():
+    """std(z) = 3, minibatches of 128, plain SGD: the fixed point normalises, E_mu[exp(z)] = 1 (a per-minibatch max
+    shift, as in the published code, gives about 2.9 here)."""
+    normaliser = exp_loss_fixed_point(lambda v, q, shift: omiga.value_loss(v, q, torch.ones_like(q), 1.0, shift),
+                                      omiga.track_shift)
+    assert abs(normaliser - 1.0) < 0.05, normaliser
 
 
 def test_policy_gradient_raises_high_advantage_action():
