@@ -1,4 +1,5 @@
-"""benchmarks/: report.py's numbers on synthetic runs, run.py's grid, resuming and failures, speed.py's table."""
+"""benchmarks/: report.py's numbers on synthetic runs, run.py's grid, resuming and failures, speed.py's table,
+allocation.py's per-agent table and rank correlation."""
 
 import json
 import os
@@ -11,6 +12,7 @@ from torch.utils.tensorboard import SummaryWriter
 from conftest import REPO, run_script
 
 sys.path.insert(0, str(REPO / "benchmarks"))
+import allocation  # noqa: E402
 import report  # noqa: E402
 import run  # noqa: E402
 import speed  # noqa: E402
@@ -157,3 +159,28 @@ def test_speed_prints_a_table_for_every_algorithm(capsys):
     assert "| algorithm | Hopper 3x1 |" in out and "batch 128" in out
     for algo in run.ALGOS:
         assert re.search(rf"^\| {algo} \| [\d,]+ \|$", out, re.M), out
+
+
+def test_allocation_table_and_rank_correlation(tmp_path):
+    """Two agents, evaluations at 10 and 20: agent 0 binds at 10 (KL within 20 % of its budget, alpha inside its
+    range) and sits on the floor at 20; influence ranks agents like w^r V^r at step 10 and against it at step 20."""
+    run_dir = tmp_path / "Hopper__medium-replay__omcda__1__0"
+    writer = SummaryWriter(str(run_dir))
+    logged = {10: dict(alpha=(0.5, 2.0), kl=(0.55, 0.1), budget=(0.6, 0.6), influence=(0.4, 1.5), reward_value=(1.0, 3.0)),
+              20: dict(alpha=(0.1, 2.0), kl=(0.2, 0.6), budget=(0.6, 0.6), influence=(2.0, 1.0), reward_value=(1.0, 3.0))}
+    for step, fields in logged.items():
+        writer.add_scalar("eval/return_mean", 100.0 * step, step)
+        for field, values in fields.items():
+            for agent, value in enumerate(values):
+                writer.add_scalar(f"agents/{field}_{agent}", value, step)
+    writer.close()
+    (run_dir / "args.json").write_text(json.dumps(dict(d_tot=1.2, allocation="influence", alpha_min=0.1, alpha_max=100.0)))
+    scalars = allocation.read_scalars(run_dir)
+    rows = [line.split(" | ") for line in allocation.allocation_table(run_dir, scalars, [10, 20]).splitlines()
+            if line.startswith("| 1") or line.startswith("| 2")]
+    assert [(row[0], row[2], row[6]) for row in rows] == [("| 10", "0", "yes"), ("| 10", "1", "no"),
+                                                          ("| 20", "0", "no"), ("| 20", "1", "yes")]
+    pooled, per_step, pairs = allocation.figure3_correlation([scalars])
+    assert pairs == 4 and per_step == 0.0  # +1 at step 10, -1 at step 20
+    assert abs(pooled - allocation.spearman([1.0, 3.0, 1.0, 3.0], [0.4, 1.5, 2.0, 1.0])) < 1e-12
+    assert allocation.spearman([1, 2, 3], [10, 20, 30]) == 1.0 and allocation.spearman([1, 2, 3], [3, 2, 1]) == -1.0
