@@ -1,0 +1,446 @@
+"""MA-CQL: conservative Q-learning with a mixed team critic (CQL: Kumar et al., NeurIPS 2020, "Conservative
+Q-Learning for Offline Reinforcement Learning"), multi-agent as offline-MARL papers run it as a baseline (OMAR, Pan et
+al., ICML 2022; the CQL-MA baseline of OMIGA, seed 002, and ComaDICE, seed 004).
+
+Per agent i: Q_i(o_i, a_i) and a tanh-Gaussian policy pi_i(a_i | o_i); a mixer hypernetwork on the global state s gives
+w(s) = |.| >= 0 and b(s), as in omiga.py. Targets (bar) are Polyak copies of Q and the mixer. The joint action a is
+penalised as one action: CQL(H) on Q_tot over the joint action space.
+
+    Q_tot(s, a) = sum_i w_i(s) Q_i(o_i, a_i) + b(s)                                     (omiga.py's mixer, its Eq. 8)
+    y = r + gamma (1 - done) Q̄_tot(s', a'),   a'_i ~ pi_i(. | o'_i)                        (CQL's backup, no entropy)
+    R(s) = log int exp(Q_tot(s, a)) da - Q_tot(s, a_D)                                     (CQL(H), Eq. 4)
+    log int exp(Q_tot) da ~ log( 1/(2N) sum_k exp(Q_tot(s, a_k)) / p(a_k) ),                (CQL, Appendix F)
+          a_1..a_N ~ U([-1, 1]^(n d)),  a_N+1..a_2N ~ prod_i pi_i(. | o_i),  p = the density each was drawn from
+    L_Q  = E_D[ (y - Q_tot(s, a))^2 ] + cql_alpha E_D[ R(s) ]                               over Q_i, w, b  (Eq. 4)
+    L_pi = E_D, a~pi[ alpha sum_i log pi_i(a_i | o_i) - Q_tot(s, a) ]       (SAC's policy step, CQL Algorithm 1)
+    L_alpha = -E_D, a~pi[ log(alpha) sg(sum_i log pi_i(a_i | o_i) + H̄) ],   H̄ = -n d       (SAC's temperature)
+Because the mixer is linear in the Q_i, each agent's action reaches Q_tot only through w_i(s) Q_i(o_i, a_i): agent i's
+policy gradient is its own mixed local value's.
+
+Agent inputs follow --obs-mode as in omiga.py: "state" (default, global state + one-hot id) or "local".
+
+Choices the papers leave open (CQL's published Gym settings unless marked "ours"):
+- cql_alpha 5 (CQL's min_q_weight for Gym MuJoCo, without the Lagrange variant), N = 10 samples per proposal, Adam lr
+  3e-4 for Q and mixer, 1e-4 for the policy and the temperature, gamma 0.99, tau 0.005, automatic entropy tuning
+  towards -1 per action dimension, initial alpha 1; the backup carries no entropy term. L_Q is the mean squared TD
+  error plus cql_alpha R, as in CQL's code: Eq. 4 halves the TD term, so its alpha is cql_alpha / 2.
+- Ours: one critic per agent mixed by omiga.py's hypernetwork (OMAR builds MA-CQL on independent TD3 critics; ComaDICE's
+  published CQL-MA baseline uses a mixer like this one); no twin critics, as in that baseline. CQL's code also draws
+  N actions from pi(. | s') and scores them at s, and clones the behaviour for its first updates; neither is done here.
+- Ours: the estimate divides by 2N inside the log (CQL's code does not): a constant that changes no gradient and makes
+  the logged penalty an estimate of R itself (an integral over the box, where Eq. 4 sums over discrete actions, so R
+  is not bounded below by 0).
+- Policy: omiga.py's class; sampled actions' log-densities are computed from the pre-tanh draw (exact), not by atanh.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn as nn
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from common.collect import ensure_dataset
+from common.datasets import Batch, load_dataset
+from common.envs import make_env
+from common.evaluation import evaluate
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, cuda will be used when available"""
+    track: bool = False
+    """if toggled, log to Weights & Biases (needs `pip install wandb`)"""
+    wandb_project_name: str = "offline-marl"
+    """the wandb project name"""
+    env: Literal["Hopper", "Ant", "HalfCheetah"] = "Hopper"
+    """the Multi-Agent MuJoCo task: Hopper, Ant or HalfCheetah"""
+    agent_conf: str | None = None
+    """agent partition (default per env: Hopper 3x1, Ant 2x4, HalfCheetah 6x1)"""
+    obs_mode: Literal["state", "local", "omiga"] = "state"
+    """agent inputs: state (global state + id, the seeds' setting), local (local observation + id), omiga"""
+    dataset: Literal["expert", "medium", "medium-replay", "medium-expert"] = "medium-replay"
+    """dataset quality: expert, medium, medium-replay, medium-expert"""
+    data_dir: str = "data"
+    """folder of the dataset files"""
+    no_generate: bool = False
+    """if toggled, a missing dataset is an error instead of being generated from the committed behaviour policies"""
+    total_steps: int = 1_000_000
+    """number of gradient updates"""
+    batch_size: int = 128
+    """minibatch size"""
+    eval_every: int = 5000
+    """evaluate every this many updates"""
+    eval_episodes: int = 10
+    """episodes per evaluation during training"""
+    final_eval_episodes: int = 32
+    """episodes of the final evaluation"""
+    log_every: int = 1000
+    """log losses every this many updates"""
+    save_model: bool = False
+    """if toggled, save all networks, optimizers and the step to `model.pt` in the run directory"""
+
+    # Algorithm specific arguments
+    gamma: float = 0.99
+    """discount factor"""
+    tau: float = 0.005
+    """target network update rate"""
+    cql_alpha: float = 5.0
+    """weight of the conservative penalty log int exp(Q_tot) - Q_tot(s, a_D) (CQL's min_q_weight; Gym setting 5)"""
+    cql_samples: int = 10
+    """actions drawn from each proposal (uniform, current policy) for the log-integral's importance-sampled estimate"""
+    q_lr: float = 3e-4
+    """learning rate of the local Q networks and the mixer"""
+    policy_lr: float = 1e-4
+    """learning rate of the policies and of the entropy temperature"""
+    hidden_dim: int = 256
+    """hidden units of the two hidden layers of Q and pi"""
+    mixer_hidden_dim: int = 64
+    """hidden units of the mixer hypernetwork"""
+    grad_clip: float = 1.0
+    """gradient-norm clip of every optimizer"""
+
+
+# TRY NOT TO MODIFY: batched per-agent networks and the mixer
+class BatchedLinear(nn.Module):
+    """One linear layer per agent, all agents in one matmul: x [n_agents, B, in] -> [n_agents, B, out]."""
+
+    def __init__(self, n_agents: int, in_dim: int, out_dim: int):
+        super().__init__()
+        bound = 1.0 / math.sqrt(in_dim)  # nn.Linear's default initialisation, per agent
+        self.weight = nn.Parameter(torch.empty(n_agents, in_dim, out_dim).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(n_agents, 1, out_dim).uniform_(-bound, bound))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+def batched_mlp(n_agents: int, in_dim: int, out_dim: int, hidden_dim: int) -> nn.Sequential:
+    return nn.Sequential(
+        BatchedLinear(n_agents, in_dim, hidden_dim), nn.ReLU(),
+        BatchedLinear(n_agents, hidden_dim, hidden_dim), nn.ReLU(),
+        BatchedLinear(n_agents, hidden_dim, out_dim),
+    )
+
+
+class AgentValue(nn.Module):
+    """V_i(o_i) for every agent: obs [n, B, obs_dim] -> [n, B]."""
+
+    def __init__(self, n_agents: int, obs_dim: int, hidden_dim: int):
+        super().__init__()
+        self.net = batched_mlp(n_agents, obs_dim, 1, hidden_dim)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.net(obs).squeeze(-1)
+
+
+class AgentQ(nn.Module):
+    """Q_i(o_i, a_i) for every agent: obs [n, B, obs_dim], actions [n, B, act_dim] -> [n, B]."""
+
+    def __init__(self, n_agents: int, obs_dim: int, act_dim: int, hidden_dim: int):
+        super().__init__()
+        self.net = batched_mlp(n_agents, obs_dim + act_dim, 1, hidden_dim)
+
+    def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([obs, actions], -1)).squeeze(-1)
+
+
+def tanh_gaussian_log_prob(mean: torch.Tensor, log_std: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """log-density of actions in (-1, 1) under tanh(N(mean, exp(log_std)^2)), summed over action dims: [n, B]."""
+    actions = actions.clamp(-1.0 + 1e-6, 1.0 - 1e-6)
+    # Written out rather than torch.distributions.Normal, whose argument validation syncs with the GPU.
+    standardised = (torch.atanh(actions) - mean) * torch.exp(-log_std)
+    gaussian = -0.5 * standardised.pow(2) - log_std - 0.5 * math.log(2 * math.pi)
+    return (gaussian - torch.log1p(-actions.pow(2))).sum(-1)
+
+
+class AgentPolicy(nn.Module):
+    """Tanh-Gaussian pi_i(a_i | o_i) with state-dependent log-std, all agents batched."""
+
+    def __init__(self, n_agents: int, obs_dim: int, act_dim: int, hidden_dim: int):
+        super().__init__()
+        self.net = batched_mlp(n_agents, obs_dim, 2 * act_dim, hidden_dim)
+
+    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, log_std = self.net(obs).chunk(2, -1)
+        return mean, log_std.clamp(-5.0, 2.0)
+
+    def log_prob(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """log pi_i(a_i | o_i) of actions in (-1, 1): [n, B]."""
+        return tanh_gaussian_log_prob(*self(obs), actions)
+
+    def act(self, obs: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self(obs)[0])
+
+
+class Mixer(nn.Module):
+    """Hypernetwork on the global state: w(s) = |f(s)| >= 0 per agent and a free bias b(s)."""
+
+    def __init__(self, state_dim: int, n_agents: int, hidden_dim: int):
+        super().__init__()
+        self.hyper_w = nn.Sequential(nn.Linear(state_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, n_agents))
+        self.hyper_b = nn.Sequential(nn.Linear(state_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, 1))
+
+    def forward(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """states [B, state_dim] -> w [n, B], b [B]."""
+        return self.hyper_w(states).abs().T, self.hyper_b(states).squeeze(-1)
+
+
+def mix(w: torch.Tensor, values: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum_i w_i values_i + b: w, values [n, B], b [B] -> [B]   (Eq. 8)."""
+    return (w * values).sum(0) + b
+
+
+# ALGO LOGIC: networks, losses and the update
+class Agents(nn.Module):
+    """Every network of MA-CQL and the entropy temperature; targets are Polyak copies."""
+
+    def __init__(self, n_agents: int, obs_dim: int, act_dim: int, state_dim: int, args: Args):
+        super().__init__()
+        self.q = AgentQ(n_agents, obs_dim, act_dim, args.hidden_dim)
+        self.mixer = Mixer(state_dim, n_agents, args.mixer_hidden_dim)
+        self.policy = AgentPolicy(n_agents, obs_dim, act_dim, args.hidden_dim)
+        self.q_target, self.mixer_target = (copy.deepcopy(m).requires_grad_(False) for m in (self.q, self.mixer))
+        self.log_entropy_alpha = nn.Parameter(torch.zeros(()))
+
+
+def make_optimizers(agents: Agents, args: Args) -> dict[str, torch.optim.Optimizer]:
+    return {
+        "q": torch.optim.Adam([*agents.q.parameters(), *agents.mixer.parameters()], lr=args.q_lr),
+        "policy": torch.optim.Adam(agents.policy.parameters(), lr=args.policy_lr),
+        "entropy": torch.optim.Adam([agents.log_entropy_alpha], lr=args.policy_lr),
+    }
+
+
+def sample_actions(mean: torch.Tensor, log_std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reparameterised a = tanh(mean + std eps) and log pi(a) summed over action dims, from the pre-tanh draw u:
+    log N(u) - sum log(1 - tanh(u)^2), the Jacobian written as 2 (log 2 - u - softplus(-2u)) to stay finite."""
+    noise = torch.randn_like(mean)
+    pre_tanh = mean + log_std.exp() * noise
+    gaussian = -0.5 * noise.pow(2) - log_std - 0.5 * math.log(2 * math.pi)
+    log_jacobian = 2.0 * (math.log(2.0) - pre_tanh - nn.functional.softplus(-2.0 * pre_tanh))
+    return torch.tanh(pre_tanh), (gaussian - log_jacobian).sum(-1)
+
+
+def log_integral_exp(values: torch.Tensor, log_density: torch.Tensor) -> torch.Tensor:
+    """Importance-sampled log int exp(Q) da from samples along dim 0: log mean_k exp(Q_k) / p(a_k) (CQL, Appendix F).
+    With the samples split evenly between proposals, each half is an unbiased estimate of the integral."""
+    return torch.logsumexp(values - log_density, 0) - math.log(values.shape[0])
+
+
+def conservative_penalty(sampled_q_tot: torch.Tensor, log_density: torch.Tensor,
+                         data_q_tot: torch.Tensor) -> torch.Tensor:
+    """CQL(H)'s R (Eq. 4), batch mean: sampled_q_tot, log_density [S, B] (joint actions), data_q_tot [B]."""
+    return (log_integral_exp(sampled_q_tot, log_density) - data_q_tot).mean()
+
+
+def q_loss(q_tot: torch.Tensor, rewards: torch.Tensor, dones: torch.Tensor, next_q_tot: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Squared TD error of the mixed Q against r + gamma (1 - done) Q̄_tot(s', a' ~ pi)."""
+    target = rewards + gamma * (1.0 - dones) * next_q_tot
+    return (q_tot - target.detach()).pow(2).mean()
+
+
+def policy_loss(log_prob: torch.Tensor, q_tot: torch.Tensor, entropy_alpha: torch.Tensor) -> torch.Tensor:
+    """L_pi: SAC's policy loss on the joint action; log_prob [n, B] per agent, q_tot [B] at the policy's actions."""
+    return (entropy_alpha * log_prob.sum(0) - q_tot).mean()
+
+
+def entropy_alpha_loss(log_entropy_alpha: torch.Tensor, log_prob: torch.Tensor, target_entropy: float) -> torch.Tensor:
+    """SAC's temperature loss: alpha rises while the joint entropy -sum_i log pi_i is below the target."""
+    return -(log_entropy_alpha * (log_prob.detach().sum(0) + target_entropy)).mean()
+
+
+def clipped_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, clip: float) -> torch.Tensor:
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    grad_norm = nn.utils.clip_grad_norm_(params, clip)
+    optimizer.step()
+    return grad_norm
+
+
+@torch.no_grad()
+def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
+    torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), tau)
+
+
+def update(agents: Agents, optimizers: dict, batch: Batch, args: Args) -> dict[str, torch.Tensor]:
+    """One MA-CQL update (CQL, Algorithm 1): Q and mixer on TD + penalty (Eq. 4), then the policy and temperature."""
+    n_agents, batch_size, act_dim = batch.actions.shape
+    samples = args.cql_samples
+    mean, log_std = agents.policy(batch.obs)
+    with torch.no_grad():
+        next_actions, _ = sample_actions(*agents.policy(batch.next_obs))
+        next_w, next_b = agents.mixer_target(batch.next_states)
+        next_q_tot = mix(next_w, agents.q_target(batch.next_obs, next_actions), next_b)
+        # Proposals for the log-integral, [n, samples, B, act_dim]: uniform on the box, then the current policy.
+        uniform_actions = torch.rand(n_agents, samples, batch_size, act_dim, device=mean.device) * 2.0 - 1.0
+        uniform_log_density = torch.full((samples, batch_size), -n_agents * act_dim * math.log(2.0), device=mean.device)
+        policy_actions, policy_log_prob = sample_actions(mean.detach()[:, None].expand(-1, samples, -1, -1),
+                                                         log_std.detach()[:, None].expand(-1, samples, -1, -1))
+        log_density = torch.cat([uniform_log_density, policy_log_prob.sum(0)])
+
+    # One critic pass scores the dataset action (index 0) and the 2N proposals at every sampled state.
+    actions = torch.cat([batch.actions[:, None], uniform_actions, policy_actions], 1)
+    q = agents.q(batch.obs.repeat(1, actions.shape[1], 1), actions.flatten(1, 2)).unflatten(1, (actions.shape[1], -1))
+    w, b = agents.mixer(batch.states)
+    q_tot_all = (w[:, None] * q).sum(0) + b
+    q_tot = q_tot_all[0]
+    loss_td = q_loss(q_tot, batch.rewards, batch.dones, next_q_tot, args.gamma)
+    loss_cql = conservative_penalty(q_tot_all[1:], log_density, q_tot)
+    clipped_step(optimizers["q"], loss_td + args.cql_alpha * loss_cql, args.grad_clip)
+
+    entropy_alpha = agents.log_entropy_alpha.detach().exp()
+    new_actions, log_prob = sample_actions(mean, log_std)
+    with torch.no_grad():
+        w_new, b_new = agents.mixer(batch.states)
+    loss_pi = policy_loss(log_prob, mix(w_new, agents.q(batch.obs, new_actions), b_new), entropy_alpha)
+    clipped_step(optimizers["policy"], loss_pi, args.grad_clip)
+    loss_alpha = entropy_alpha_loss(agents.log_entropy_alpha, log_prob, -float(n_agents * act_dim))
+    clipped_step(optimizers["entropy"], loss_alpha, args.grad_clip)
+
+    soft_update(agents.q_target, agents.q, args.tau)
+    soft_update(agents.mixer_target, agents.mixer, args.tau)
+    return {"losses/q": loss_td.detach(), "losses/cql_penalty": loss_cql.detach(), "losses/policy": loss_pi.detach(),
+            "values/q_tot": q_tot.detach().mean(), "values/entropy_alpha": entropy_alpha,
+            "values/policy_entropy": -log_prob.detach().sum(0).mean()}
+
+
+# TRY NOT TO MODIFY: running, logging, evaluation, checkpoints
+def make_act_fn(policy: AgentPolicy, device: torch.device):
+    @torch.no_grad()
+    def act(obs: np.ndarray) -> np.ndarray:
+        obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device).transpose(0, 1)
+        return policy.act(obs_t).transpose(0, 1).cpu().numpy()
+
+    return act
+
+
+def save_checkpoint(path: Path, agents: nn.Module, optimizers: dict, step: int, args: Args) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save({"agents": agents.state_dict(), "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+                "step": step, "args": asdict(args)}, tmp)
+    os.replace(tmp, path)
+
+
+def scalar_metrics(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Host copies of the metrics (log intervals only); a per-agent vector `name` becomes `name_0`, `name_1`, ..."""
+    values = {}
+    for name, value in metrics.items():
+        if value.ndim == 0:
+            values[name] = value.item()
+        else:
+            values.update({f"{name}_{i}": x for i, x in enumerate(value.tolist())})
+    return values
+
+
+def check_finite(metrics: dict[str, float], step: int, last_checked: int) -> None:
+    for name, value in metrics.items():
+        if not math.isfinite(value):
+            raise FloatingPointError(f"training diverged: {name} = {value} at the log of update {step} "
+                                     f"(finite at update {last_checked}); try a smaller learning rate or larger alpha")
+
+
+def unique_dir(base: Path) -> Path:
+    """Create and return `base`, or `base_2`, `base_3`, ... when a run of the same name started in the same second."""
+    for attempt in range(1, 1000):
+        run_dir = base if attempt == 1 else base.with_name(f"{base.name}_{attempt}")
+        try:
+            run_dir.mkdir(parents=True)
+            return run_dir
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a fresh run directory next to {base}")
+
+
+def make_run(args: Args) -> tuple[Path, SummaryWriter]:
+    run_dir = unique_dir(Path("runs") / f"{args.env}__{args.dataset}__{args.exp_name}__{args.seed}__{int(time.time())}")
+    (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=2))
+    writer = SummaryWriter(str(run_dir))
+    table = "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items())
+    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, config=asdict(args), name=run_dir.name, sync_tensorboard=True,
+                   dir=str(run_dir))
+    return run_dir, writer
+
+
+def seed_everything(seed: int, torch_deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.deterministic = torch_deterministic
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    seed_everything(args.seed, args.torch_deterministic)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    env = make_env(args.env, args.agent_conf, args.obs_mode)
+    dataset_file = ensure_dataset(args.data_dir, args.env, env.agent_conf, args.dataset, generate=not args.no_generate)
+    dataset = load_dataset(dataset_file, device, args.obs_mode)
+    dataset.check_env(env)
+    run_dir, writer = make_run(args)
+    print(f"{run_dir}: {len(dataset):,} transitions from {dataset_file} on {device}")
+
+    agents = Agents(env.n_agents, env.obs_dim, env.act_dim, env.state_dim, args).to(device)
+    optimizers = make_optimizers(agents, args)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    act_fn = make_act_fn(agents.policy, device)
+    eval_seed = 1_000_000 * (args.seed + 1)
+
+    last_eval, last_checked, tick, tick_step = float("nan"), 0, time.perf_counter(), 0
+    progress = tqdm(range(1, args.total_steps + 1), mininterval=2.0, desc=args.exp_name)
+    for step in progress:
+        metrics = update(agents, optimizers, dataset.sample(args.batch_size, generator), args)
+        if step % args.log_every == 0 or step == args.total_steps:
+            values = scalar_metrics(metrics)
+            check_finite(values, step, last_checked)
+            last_checked = step
+            updates_per_sec = (step - tick_step) / (time.perf_counter() - tick)
+            tick, tick_step = time.perf_counter(), step
+            for name, value in values.items():
+                writer.add_scalar(name, value, step)
+            writer.add_scalar("charts/updates_per_sec", updates_per_sec, step)
+            progress.set_postfix(ups=f"{updates_per_sec:.0f}", eval=f"{last_eval:.0f}")
+        if step % args.eval_every == 0 and step < args.total_steps:
+            agents.eval()
+            returns = evaluate(act_fn, env, args.eval_episodes, eval_seed)
+            agents.train()
+            last_eval = float(returns.mean())
+            writer.add_scalar("eval/return_mean", last_eval, step)
+            writer.add_scalar("eval/return_std", float(returns.std()), step)
+            tqdm.write(f"step {step}: eval return {last_eval:.1f} ± {returns.std():.1f}")
+            if args.save_model:
+                save_checkpoint(run_dir / "model.pt", agents, optimizers, step, args)
+            tick = time.perf_counter()
+
+    agents.eval()
+    returns = evaluate(act_fn, env, args.final_eval_episodes, eval_seed)
+    writer.add_scalar("eval/return_mean", float(returns.mean()), args.total_steps)
+    writer.add_scalar("eval/return_std", float(returns.std()), args.total_steps)
+    if args.save_model:
+        save_checkpoint(run_dir / "model.pt", agents, optimizers, args.total_steps, args)
+    writer.close()
+    print(f"final return: {returns.mean():.2f} ± {returns.std():.2f} over {len(returns)} episodes")
