@@ -584,13 +584,19 @@ def seed_everything(seed: int, torch_deterministic: bool) -> None:
 
 
 if __name__ == "__main__":
+    from common.cli import POSITIVE, StopOnSignal, check_args, exit_on_user_error, interval
+
     args = tyro.cli(Args)
-    seed_everything(args.seed, args.torch_deterministic)
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    env = make_env(args.env, args.agent_conf, args.obs_mode)
-    dataset_file = ensure_dataset(args.data_dir, args.env, env.agent_conf, args.dataset, generate=not args.no_generate)
-    dataset = load_dataset(dataset_file, device, args.obs_mode)
-    dataset.check_env(env)
+    with exit_on_user_error():
+        check_args(args, {"d_tot": POSITIVE, "alpha_min": POSITIVE,
+                          "alpha_init": interval(args.alpha_min, args.alpha_max)})
+        seed_everything(args.seed, args.torch_deterministic)
+        device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+        env = make_env(args.env, args.agent_conf, args.obs_mode)
+        dataset_file = ensure_dataset(args.data_dir, args.env, env.agent_conf, args.dataset,
+                                      generate=not args.no_generate)
+        dataset = load_dataset(dataset_file, device, args.obs_mode)
+        dataset.check_env(env)
     run_dir, writer = make_run(args)
     print(f"{run_dir}: {len(dataset):,} transitions from {dataset_file} on {device}")
 
@@ -603,6 +609,7 @@ if __name__ == "__main__":
     eval_seed = 1_000_000 * (args.seed + 1)
 
     last_eval, last_checked, tick, tick_step = float("nan"), 0, time.perf_counter(), 0
+    stop = StopOnSignal()
     progress = tqdm(range(1, args.total_steps + 1), mininterval=2.0, desc=args.exp_name)
     for step in progress:
         metrics = update(agents, optimizers, dataset.sample(args.batch_size, generator), args)
@@ -627,6 +634,12 @@ if __name__ == "__main__":
             if args.save_model:
                 save_checkpoint(run_dir / "model.pt", agents, optimizers, step, args)
             tick = time.perf_counter()
+        if stop.requested:
+            progress.close()
+            save_checkpoint(run_dir / "model.pt", agents, optimizers, step, args)
+            writer.close()
+            stop.exit(f"stopped after update {step} of {args.total_steps}; checkpoint saved to {run_dir / 'model.pt'}")
+    stop.restore()
 
     agents.eval()
     returns = evaluate(act_fn, env, args.final_eval_episodes, eval_seed)

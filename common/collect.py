@@ -420,7 +420,7 @@ def ensure_dataset(data_dir: str | Path, env: str, agent_conf: str | None, quali
     if path.exists():
         return path
     if not generate:
-        raise FileNotFoundError(missing_dataset_message(path, env, quality))
+        raise FileNotFoundError(missing_dataset_message(path))
     print(f"dataset {path} not found: generating it from the committed behaviour policies (once)")
     return generate_dataset(env, quality, data_dir, agent_conf=agent_conf)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,14 +48,24 @@ def dataset_path(data_dir: str | Path, env: str, agent_conf: str | None, quality
     return Path(data_dir) / dataset_filename(env, agent_conf, quality)
 
 
-def missing_dataset_message(path: Path, env: str, quality: str) -> str:
+def remake_commands(path: Path) -> str:
+    """How to make the file at `path` again: generate it, or import OMIGA's file. The env, partition and quality come
+    from the file's name when it follows the native naming, as ENV and QUALITY placeholders otherwise."""
+    match = re.fullmatch(r"([A-Za-z]+)-([^-]+)-(.+)\.hdf5", path.name)
+    named = match is not None and match[1] in ENV_SPECS and match[3] in QUALITIES
+    env, conf, quality = match.groups() if named else ("ENV", None, "QUALITY")
+    conf_arg = f" --agent-conf {conf}" if named and conf != ENV_SPECS[env].default_agent_conf else ""
     return (
-        f"dataset file not found: {path}\n"
         f"  generate it from the committed behaviour policies:\n"
-        f"    python -m common.collect dataset --env {env} --quality {quality} --data-dir {path.parent}\n"
+        f"    python -m common.collect dataset --env {env} --quality {quality} --data-dir {path.parent}{conf_arg}\n"
         f"  or import OMIGA's published file ({{Scenario}}-v2-{{conf}}-{{quality}}.hdf5):\n"
         f"    python -m common.datasets import-omiga FILE --env {env} --quality {quality} --data-dir {path.parent}"
+        f"{conf_arg}"
     )
+
+
+def missing_dataset_message(path: Path) -> str:
+    return f"dataset file not found: {path}\n{remake_commands(path)}"
 
 
 def write_dataset(path: str | Path, arrays: dict[str, np.ndarray], attrs: dict) -> Path:
@@ -104,16 +115,28 @@ def validate_arrays(arrays: dict[str, np.ndarray], path: Path | str = "<arrays>"
 
 
 def read_dataset(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
+    """The arrays and attributes of a native dataset file; `DatasetError` (what is wrong, and how to make the file
+    again) for a file that is missing, not HDF5, truncated, or lacks a key or has one of the wrong dtype."""
     path = Path(path)
     if not path.exists():
-        raise DatasetError(f"dataset file not found: {path}")
-    with h5py.File(path, "r") as f:
-        missing = [k for k in ARRAY_KEYS if k not in f]
-        if missing:
-            raise DatasetError(f"{path}: missing keys {missing}; is this an OMIGA file? import it with "
-                               f"`python -m common.datasets import-omiga {path}`")
-        arrays = {k: f[k][()] for k in ARRAY_KEYS}
-        attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}
+        raise DatasetError(missing_dataset_message(path))
+    try:
+        with h5py.File(path, "r") as f:
+            missing = [k for k in ARRAY_KEYS if k not in f]
+            if missing:
+                raise DatasetError(f"{path}: missing keys {missing}; a native dataset needs {list(ARRAY_KEYS)}; "
+                                   f"if it is OMIGA's file, import it instead\n{remake_commands(path)}")
+            for key in ARRAY_KEYS:
+                expected = np.dtype(bool if key in ("terminals", "timeouts") else np.float32)
+                stored = getattr(f[key], "dtype", None)  # None: a group, not an array
+                if stored is None or stored.kind != expected.kind:  # other float widths are converted on loading
+                    raise DatasetError(f"{path}: {key} is stored as {'a group' if stored is None else stored}, "
+                                       f"expected {expected}\n{remake_commands(path)}")
+            arrays = {k: f[k][()] for k in ARRAY_KEYS}
+            attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}
+    except OSError as error:  # h5py's error for a file that is not HDF5, truncated, or corrupt inside
+        raise DatasetError(f"{path}: not a readable HDF5 file ({error}); delete it and make it again\n"
+                           f"{remake_commands(path)}") from None
     validate_arrays(arrays, path)
     return arrays, attrs
 
@@ -143,8 +166,10 @@ class Batch:
 class Dataset:
     """Every array as a tensor on `device`; `sample` draws indices there, so training never copies from the host."""
 
-    def __init__(self, arrays: dict[str, np.ndarray], attrs: dict, obs_mode: str, device: torch.device | str):
+    def __init__(self, arrays: dict[str, np.ndarray], attrs: dict, obs_mode: str, device: torch.device | str,
+                 path: Path | None = None):
         check_obs_mode(obs_mode)
+        self.path = path  # the file it was read from, named in errors
         recorded_mode = attrs.get("obs_mode", "local")
         if recorded_mode == "omiga" and obs_mode != "omiga":
             raise DatasetError(f"this dataset was imported from OMIGA's files and holds only OMIGA's agent inputs; "
@@ -196,15 +221,18 @@ class Dataset:
         mine = (self.n_agents, self.obs_dim, self.act_dim, self.state_dim)
         theirs = (env.n_agents, env.obs_dim, env.act_dim, env.state_dim)
         if mine != theirs:
+            recorded = f"{self.attrs.get('env', '?')} {self.attrs.get('agent_conf', '?')}"
             raise DatasetError(
-                f"dataset does not match env {env.name} {env.agent_conf} (obs_mode={env.obs_mode}): dataset has "
-                f"(n_agents, obs_dim, act_dim, state_dim) = {mine}, env has {theirs}"
+                f"{self.path or 'dataset'}: dataset does not match env {env.name} {env.agent_conf} "
+                f"(obs_mode={env.obs_mode}): dataset has (n_agents, obs_dim, act_dim, state_dim) = {mine}, env has "
+                f"{theirs}; the file says it holds {recorded} data"
+                + (f"\n{remake_commands(self.path)}" if self.path else "")
             )
 
 
 def load_dataset(path: str | Path, device: torch.device | str = "cpu", obs_mode: str = "state") -> Dataset:
     arrays, attrs = read_dataset(path)
-    return Dataset(arrays, attrs, obs_mode, device)
+    return Dataset(arrays, attrs, obs_mode, device, Path(path))
 
 
 def dataset_card(path: str | Path) -> dict:

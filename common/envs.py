@@ -55,15 +55,19 @@ ENV_SPECS = {
 ENV_NAMES = tuple(ENV_SPECS)
 
 
+class EnvConfigError(ValueError):
+    """An env name, agent partition or observation mode that does not exist."""
+
+
 def check_env_name(env: str) -> EnvSpec:
     if env not in ENV_SPECS:
-        raise ValueError(f"unknown env {env!r}; valid names: {', '.join(ENV_NAMES)}")
+        raise EnvConfigError(f"unknown env {env!r}; valid names: {', '.join(ENV_NAMES)}")
     return ENV_SPECS[env]
 
 
 def check_obs_mode(obs_mode: str) -> None:
     if obs_mode not in OBS_MODES:
-        raise ValueError(f"unknown obs_mode {obs_mode!r}; valid modes: {', '.join(OBS_MODES)}")
+        raise EnvConfigError(f"unknown obs_mode {obs_mode!r}; valid modes: {', '.join(OBS_MODES)}")
 
 
 def omiga_normalise(states: np.ndarray, padded_dim: int) -> np.ndarray:
@@ -111,7 +115,7 @@ class MultiAgentMujocoEnv:
                 warnings.simplefilter("ignore")
                 self.ma_env = mamujoco_v1.parallel_env(env, self.agent_conf, agent_obsk=1, **kwargs)
         except Exception as error:
-            raise ValueError(f"cannot build {env} with agent_conf={self.agent_conf!r}: {error}") from error
+            raise EnvConfigError(f"cannot build {env} with agent_conf={self.agent_conf!r}: {error}") from error
         self.base_env = self.ma_env.single_agent_env
         agents = self.ma_env.possible_agents
         self.n_agents = len(agents)

@@ -1,0 +1,119 @@
+"""Command-line plumbing every algorithm script shares: argument checks, user errors without a traceback, and
+stopping on Ctrl-C with a checkpoint.
+
+    args = tyro.cli(Args)
+    with exit_on_user_error():
+        check_args(args, {"beta": POSITIVE})       # the common ranges plus the script's own
+        ... load the environment and the dataset ...
+    stop = StopOnSignal()
+    for step in ...:
+        ...
+        if stop.requested:
+            break
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sys
+from contextlib import contextmanager
+from dataclasses import fields
+from typing import Any, Callable, Iterator, NoReturn
+
+from common.datasets import DatasetError
+from common.envs import EnvConfigError
+
+Rule = tuple[Callable[[Any], bool], str]  # (is the value valid, the valid range in words)
+
+
+class ArgumentError(ValueError):
+    """A command-line argument outside its valid range."""
+
+
+def at_least(low: int) -> Rule:
+    return (lambda value: value >= low, f">= {low}")
+
+
+def interval(low: float, high: float, low_open: bool = False, high_open: bool = False) -> Rule:
+    def valid(value: float) -> bool:
+        return (low < value if low_open else low <= value) and (value < high if high_open else value <= high)
+
+    return valid, f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+
+
+POSITIVE: Rule = (lambda value: 0 < value < math.inf, "> 0 and finite")
+
+# The arguments every script has, and those that mean the same in every script that has them. NaN fails every
+# comparison, so it is rejected too.
+COMMON_RULES: dict[str, Rule] = {
+    "total_steps": (lambda value: value >= 1, ">= 1 (there is no evaluate-only mode)"),
+    "batch_size": at_least(1),
+    "eval_every": at_least(1),
+    "eval_episodes": at_least(1),
+    "final_eval_episodes": at_least(1),
+    "log_every": at_least(1),
+    "gamma": interval(0, 1, high_open=True),
+    "tau": interval(0, 1, low_open=True),
+    "grad_clip": POSITIVE,
+    "alpha": POSITIVE,  # a temperature or regularisation strength that divides the values
+}
+SUFFIX_RULES: dict[str, Rule] = {"_lr": POSITIVE, "_dim": at_least(1)}  # learning rates, network sizes
+
+
+def check_args(args: Any, rules: dict[str, Rule] | None = None) -> None:
+    """Raise `ArgumentError` naming the first argument of the dataclass `args` outside its valid range: the common
+    rules by name (and `*_lr`, `*_dim` by suffix), then the script's own `rules`, which may override them."""
+    for field in fields(args):
+        name = field.name
+        rule = (rules or {}).get(name) or COMMON_RULES.get(name)
+        rule = rule or next((r for suffix, r in SUFFIX_RULES.items() if name.endswith(suffix)), None)
+        value = getattr(args, name)
+        if rule is not None and not rule[0](value):
+            raise ArgumentError(f"--{name.replace('_', '-')} {value}: must be {rule[1]}")
+
+
+@contextmanager
+def exit_on_user_error() -> Iterator[None]:
+    """Turn an expected user error (an argument out of range, an unknown env partition, a dataset file that is missing
+    or unreadable, Ctrl-C while loading) into one line on stderr and exit status 2, as argparse and tyro do for
+    their own errors. Any other exception keeps its traceback."""
+    prog = os.path.basename(sys.argv[0])
+    try:
+        yield
+    except (ArgumentError, EnvConfigError, DatasetError, FileNotFoundError) as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted before training started", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGINT) from None
+
+
+class StopOnSignal:
+    """Turns the first SIGINT (Ctrl-C) or SIGTERM into `requested`, which the training loop reads between updates so
+    it can save a checkpoint and then `exit`. The previous handlers are restored at once, so a second signal stops
+    the process immediately."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.received: signal.Signals | None = None
+        self._previous = {signum: signal.signal(signum, self._request) for signum in self.SIGNALS}
+
+    def _request(self, signum: int, frame) -> None:
+        self.received = signal.Signals(signum)
+        self.restore()
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    @property
+    def requested(self) -> bool:
+        return self.received is not None
+
+    def exit(self, message: str) -> NoReturn:
+        """Print `message` and exit with the shell's status for the signal (130 for SIGINT, 143 for SIGTERM)."""
+        print(f"{os.path.basename(sys.argv[0])}: {self.received.name}: {message}", file=sys.stderr)
+        raise SystemExit(128 + self.received)

@@ -1,0 +1,305 @@
+"""Bad input: every script rejects it with one line naming what is wrong and exit status 2, without a traceback;
+dataset files that cannot be read say how to make them again; Ctrl-C or SIGTERM during training saves the
+checkpoint; an interrupted dataset write leaves no file that looks valid."""
+
+import os
+import re
+import runpy
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from common.cli import POSITIVE, ArgumentError, check_args, exit_on_user_error, interval
+from common.datasets import ARRAY_KEYS, DatasetError, dataset_path, read_dataset, write_dataset
+from conftest import REPO, run_script
+
+SCRIPTS = ["omiga.py", "omcda.py", "icq.py", "comadice.py", "bc.py", "cql_ma.py"]
+TINY_RUN = ["--no-generate", "--batch-size", "8", "--hidden-dim", "16", "--eval-episodes", "1"]
+SCRIPT_TINY_RUN = {"omcda.py": ["--bc-steps", "10"]}
+TRACEBACK = "Traceback (most recent call last)"
+
+
+class ForkedRun:
+    """`python script args` run in a child forked from this test process, which has already imported torch, MuJoCo
+    and the scripts' other dependencies: the child runs the script as __main__, with its own exit status, output
+    files and signal handlers, in a fraction of the seconds a fresh interpreter spends importing torch."""
+
+    def __init__(self, script: str, *args: str, cwd: Path):
+        self.stdout_path, self.stderr_path = cwd / f"{script}.stdout", cwd / f"{script}.stderr"
+        self.stdout_path.touch()
+        self.stderr_path.touch()
+        self.returncode: int | None = None
+        self.pid = os.fork()
+        if self.pid == 0:
+            self._run_child(str(REPO / script), args, cwd)
+
+    def _run_child(self, script: str, args: tuple[str, ...], cwd: Path) -> None:
+        status = 1
+        try:
+            os.chdir(cwd)
+            for fd, path in ((1, self.stdout_path), (2, self.stderr_path)):
+                os.dup2(os.open(path, os.O_WRONLY), fd)
+            sys.stdout, sys.stderr = open(1, "w", buffering=1, closefd=False), open(2, "w", buffering=1, closefd=False)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            sys.argv = [script, *args]
+            runpy.run_path(script, run_name="__main__")
+            status = 0
+        except SystemExit as exit_request:  # as the interpreter treats it
+            code = exit_request.code
+            if code is None or isinstance(code, int):
+                status = code or 0
+            else:  # a message: printed, status 1
+                print(code, file=sys.stderr)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(status)
+
+    def stdout(self) -> str:
+        return self.stdout_path.read_text()
+
+    def wait(self) -> subprocess.CompletedProcess:
+        _, status = os.waitpid(self.pid, 0)
+        self.returncode = os.waitstatus_to_exitcode(status)
+        return subprocess.CompletedProcess([], self.returncode, self.stdout(), self.stderr_path.read_text())
+
+    def __enter__(self) -> "ForkedRun":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self.returncode is None:  # a failed test must not leave the child training
+            os.kill(self.pid, signal.SIGKILL)
+            self.wait()
+
+
+def run_forked(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    with ForkedRun(script, *args, cwd=cwd) as run:
+        return run.wait()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def forked_runs_share_imports() -> None:
+    """Import once, before the forks, what every forked run would otherwise import itself: tyro, TensorBoard's
+    writer, and torch._dynamo (which Adam's first construction imports, about 2 s)."""
+    import torch._dynamo  # noqa: F401
+    import tyro  # noqa: F401
+    from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+
+
+@pytest.fixture(scope="module")
+def bad_data_dir(tmp_path_factory, tiny_hopper_dir) -> Path:
+    """The tiny Hopper medium-replay file, its first 5000 bytes as Hopper's expert file, and a copy saved under
+    HalfCheetah's name."""
+    data_dir = tmp_path_factory.mktemp("bad_data")
+    good = dataset_path(tiny_hopper_dir, "Hopper", "3x1", "medium-replay")
+    shutil.copy(good, dataset_path(data_dir, "Hopper", "3x1", "medium-replay"))
+    shutil.copy(good, dataset_path(data_dir, "HalfCheetah", "6x1", "medium-replay"))
+    dataset_path(data_dir, "Hopper", "3x1", "expert").write_bytes(good.read_bytes()[:5000])
+    return data_dir
+
+
+# (arguments, the message's regular expression after "<script>: error: ")
+CASES = {
+    "truncated dataset file": (
+        ["--dataset", "expert"],
+        r"\S*Hopper-3x1-expert\.hdf5: not a readable HDF5 file \(.*truncated file: eof = 5000.*\); delete it and make "
+        r"it again\n.*\n +python -m common.collect dataset --env Hopper --quality expert --data-dir \S+\n.*OMIGA"),
+    "batch size 0": (["--batch-size", "0"], r"--batch-size 0: must be >= 1$"),
+    "eval every 0": (["--eval-every", "0"], r"--eval-every 0: must be >= 1$"),
+    "total steps 0": (["--total-steps", "0"], r"--total-steps 0: must be >= 1 \(there is no evaluate-only mode\)$"),
+    "eval episodes 0": (["--final-eval-episodes", "0"], r"--final-eval-episodes 0: must be >= 1$"),
+    "gamma 1": (["--gamma", "1"], r"--gamma 1.0: must be in \[0, 1\)$"),
+    "negative learning rate": (["--policy-lr", "-1e-4"], r"--policy-lr -0.0001: must be > 0 and finite$"),
+    "Hopper file under HalfCheetah's name": (
+        ["--env", "HalfCheetah"],
+        r"\S*HalfCheetah-6x1-medium-replay\.hdf5: dataset does not match env HalfCheetah 6x1 .*; the file says it "
+        r"holds Hopper 3x1 data\n.*\n +python -m common.collect dataset --env HalfCheetah --quality medium-replay"),
+    "unknown agent partition": (["--agent-conf", "9x9"], r"cannot build Hopper with agent_conf='9x9'"),
+    "missing dataset": (["--dataset", "medium"],
+                        r"dataset file not found: \S*Hopper-3x1-medium\.hdf5\n.*\n +python -m common.collect dataset"),
+}
+
+
+@pytest.mark.parametrize("script, case", [(script, case) for script in SCRIPTS for case in CASES
+                                          if (script, case) != ("bc.py", "gamma 1")])  # BC has no discount
+def test_bad_input_is_one_message_and_exit_status_2(script, case, bad_data_dir, tmp_path):
+    args, message = CASES[case]
+    result = run_forked(script, "--data-dir", str(bad_data_dir), *TINY_RUN, *SCRIPT_TINY_RUN.get(script, []), *args,
+                        cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert TRACEBACK not in result.stderr
+    assert re.search(rf"^{re.escape(script)}: error: {message}", result.stderr, re.M), result.stderr
+    assert not (tmp_path / "runs").exists()  # rejected before a run directory is made
+
+
+@pytest.mark.parametrize("args, valid", [(["--dataset", "foo"], "medium-replay"), (["--env", "Hoper"], "HalfCheetah")])
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_unknown_choice_lists_the_valid_values(script, args, valid, bad_data_dir, tmp_path):
+    result = run_forked(script, "--data-dir", str(bad_data_dir), *args, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert valid in result.stderr and TRACEBACK not in result.stderr
+
+
+@pytest.mark.parametrize("script, args, message", [
+    ("omiga.py", ["--alpha", "0"], "--alpha 0.0: must be > 0 and finite"),  # a common rule, by name
+    ("omcda.py", ["--alpha-init", "1000"], r"--alpha-init 1000.0: must be in \[0.1, 100.0\]"),
+    ("omcda.py", ["--d-tot", "nan"], "--d-tot nan: must be > 0 and finite"),
+    ("icq.py", ["--beta", "-1"], "--beta -1.0: must be > 0 and finite"),
+    ("comadice.py", ["--alpha", "inf"], "--alpha inf: must be > 0 and finite"),
+])
+def test_script_specific_ranges(script, args, message, bad_data_dir, tmp_path):
+    result = run_forked(script, "--data-dir", str(bad_data_dir), *args, cwd=tmp_path)
+    assert result.returncode == 2
+    assert re.fullmatch(rf"{re.escape(script)}: error: {message}\n", result.stderr), result.stderr
+
+
+def test_forked_run_reports_what_a_fresh_interpreter_does(bad_data_dir, tmp_path):
+    args = ("--data-dir", str(bad_data_dir), "--batch-size", "0")
+    forked, fresh = run_forked("omiga.py", *args, cwd=tmp_path), run_script("omiga.py", *args, cwd=tmp_path)
+    assert (forked.returncode, forked.stdout, forked.stderr) == (fresh.returncode, fresh.stdout, fresh.stderr)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=lambda signum: signum.name)
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_signal_during_training_saves_the_checkpoint(script, signum, bad_data_dir, tmp_path):
+    with ForkedRun(script, "--data-dir", str(bad_data_dir), *TINY_RUN, *SCRIPT_TINY_RUN.get(script, []),
+                   "--total-steps", "1000000", "--eval-every", "5", "--exp-name", "stopped", cwd=tmp_path) as run:
+        deadline = time.monotonic() + 60
+        while "step 5: eval return" not in run.stdout():  # the training loop has started
+            assert time.monotonic() < deadline, run.stderr_path.read_text()
+            time.sleep(0.05)
+        os.kill(run.pid, signum)
+        result = run.wait()
+    assert result.returncode == 128 + signum, result.stderr
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    stopped = re.search(rf"^{re.escape(script)}: {signum.name}: stopped after update (\d+) of 1000000; checkpoint "
+                        rf"saved to {re.escape(str(Path('runs') / run_dir.name / 'model.pt'))}$", result.stderr, re.M)
+    assert stopped, result.stderr
+    checkpoint = torch.load(run_dir / "model.pt", weights_only=False)  # saved although --save-model was not given
+    assert checkpoint["step"] == int(stopped[1]) >= 5
+    assert {"agents", "optimizers", "args"} <= checkpoint.keys()
+    assert not list(run_dir.glob("*.tmp")) and "final return" not in result.stdout
+
+
+# --- the shared pieces, in process ---------------------------------------------------------------------------------
+
+def test_check_args_applies_common_suffix_and_script_rules():
+    from omiga import Args
+
+    check_args(Args(), {"alpha": POSITIVE})  # the defaults are valid
+    with pytest.raises(ArgumentError, match=r"^--log-every 0: must be >= 1$"):
+        check_args(Args(log_every=0))
+    with pytest.raises(ArgumentError, match=r"^--tau 0.0: must be in \(0, 1\]$"):
+        check_args(Args(tau=0.0))
+    with pytest.raises(ArgumentError, match=r"^--v-lr nan: must be > 0 and finite$"):  # by its suffix _lr
+        check_args(Args(v_lr=float("nan")))
+    with pytest.raises(ArgumentError, match=r"^--hidden-dim 0: must be >= 1$"):  # by its suffix _dim
+        check_args(Args(hidden_dim=0))
+    with pytest.raises(ArgumentError, match=r"^--batch-size 4: must be in \[8, 16\]$"):  # a script's rule wins
+        check_args(Args(batch_size=4), {"batch_size": interval(8, 16)})
+
+
+def test_exit_on_user_error_prints_one_line_and_other_errors_propagate(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["omiga.py"])
+    with pytest.raises(SystemExit) as exit_request, exit_on_user_error():
+        raise DatasetError("data/x.hdf5: missing keys ['rewards']")
+    assert exit_request.value.code == 2
+    assert capsys.readouterr().err == "omiga.py: error: data/x.hdf5: missing keys ['rewards']\n"
+    with pytest.raises(SystemExit) as exit_request, exit_on_user_error():
+        raise KeyboardInterrupt  # Ctrl-C while the dataset loads or generates
+    assert exit_request.value.code == 130
+    assert capsys.readouterr().err == "omiga.py: interrupted before training started\n"
+    with pytest.raises(ZeroDivisionError), exit_on_user_error():
+        raise ZeroDivisionError("a bug, not bad input: its traceback is kept")
+
+
+def native_arrays(n: int = 6) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    arrays = {key: rng.normal(size=(n, 2, 3)).astype(np.float32) for key in ("observations", "next_observations",
+                                                                              "actions")}
+    arrays.update(states=np.zeros((n, 4), np.float32), next_states=np.zeros((n, 4), np.float32),
+                  rewards=np.ones(n, np.float32), terminals=np.zeros(n, bool), timeouts=np.eye(1, n, n - 1, bool)[0])
+    return arrays
+
+
+def write_raw(path: Path, arrays: dict) -> None:
+    with h5py.File(path, "w") as f:
+        for key, value in arrays.items():
+            f[key] = value
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda path: path.write_text("not HDF5"), r"not a readable HDF5 file \(.*file signature not found"),
+    (lambda path: path.write_bytes(path.read_bytes()[: path.stat().st_size // 2]),
+     r"not a readable HDF5 file \(.*truncated file"),
+    (lambda path: write_raw(path, {k: v for k, v in native_arrays().items() if k != "rewards"}),
+     r"missing keys \['rewards'\]"),
+    (lambda path: write_raw(path, dict(native_arrays(), terminals=np.zeros(6, np.int64))),
+     "terminals is stored as int64, expected bool"),
+    (lambda path: write_raw(path, dict(native_arrays(), states=np.zeros((6, 4), "S4"))),
+     r"states is stored as \|S4, expected float32"),
+])
+def test_unreadable_file_names_itself_the_problem_and_the_command(tmp_path, damage, message):
+    path = write_dataset(dataset_path(tmp_path, "Ant", "4x2", "medium"), native_arrays(), {})
+    damage(path)
+    with pytest.raises(DatasetError) as error:
+        read_dataset(path)
+    assert re.match(rf"{re.escape(str(path))}: {message}", str(error.value)), error.value
+    assert (f"python -m common.collect dataset --env Ant --quality medium --data-dir {tmp_path} --agent-conf 4x2"
+            in str(error.value))
+
+
+def test_ctrl_c_while_writing_a_dataset_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = write_dataset(tmp_path / "Hopper-3x1-expert.hdf5", native_arrays(), {"source": "the previous file"})
+    written = []
+
+    def interrupted_after_two_arrays(group, name, **kwargs):
+        if len(written) == 2:
+            raise KeyboardInterrupt
+        written.append(name)
+        return create_dataset(group, name, **kwargs)
+
+    create_dataset = h5py.Group.create_dataset
+    monkeypatch.setattr(h5py.Group, "create_dataset", interrupted_after_two_arrays)
+    with pytest.raises(KeyboardInterrupt):
+        write_dataset(path, native_arrays(9), {"source": "the new file"})
+    assert written == list(ARRAY_KEYS[:2])
+    arrays, attrs = read_dataset(path)
+    assert attrs["source"] == "the previous file" and len(arrays["rewards"]) == 6
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_killed_dataset_write_leaves_no_file_under_the_dataset_name(tmp_path):
+    """SIGKILL half-way through the write: no cleanup runs, only a hidden temporary file can be left behind."""
+    path = tmp_path / "Hopper-3x1-expert.hdf5"
+    pid = os.fork()
+    if pid == 0:
+        create_dataset = h5py.Group.create_dataset
+
+        def killed_after_the_first_array(group, name, **kwargs):
+            create_dataset(group, name, **kwargs)
+            group.file.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        h5py.Group.create_dataset = killed_after_the_first_array
+        try:
+            write_dataset(path, native_arrays(), {})
+        finally:
+            os._exit(1)  # not reached when the kill worked
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    assert not path.exists()
+    (leftover,) = tmp_path.iterdir()
+    assert leftover.name.startswith(f".{path.name}.") and leftover.suffix == ".tmp"
