@@ -23,7 +23,7 @@ through its Lagrangian, the return of r_t - sum_i alpha_i KL(pi_i || pi_b,i), pi
       L_Qr = E_D[ (r + gamma (1 - done) V̄^r_tot(s') - Q^r_tot(s, a))^2 ],          V^r_tot = sum_i w^r_i V^r_i + b^r
       L_Qc = sum_i E_D[ (gamma (1 - done) V̄^{c,i}_tot(s') - Q^{c,i}_tot(s, a))^2 ],   V^{c,i}_tot = V^c_i + b^c_i
  5. KL_i [ours: in-sample, of the policy the values define]: KL(pi*_i || pi_b,i) = E_{pi*}[z_i] = E_D[exp(z_i) z_i],
-    no policy action needed. The KL of the extracted Gaussian pi_i to pi_b,i is logged beside it as a diagnostic.
+    no policy action needed (estimated self-normalised, see below). The KL of the extracted Gaussian pi_i to pi_b,i is logged beside it as a diagnostic.
  6. Influence [seed 001, key design 2: m_i = dV^r_tot / dKL(pi_i || pi_b,i), by the chain rule through pi_i].
     [ours] The family pi_i moves on is pi_i(alpha_i) ∝ pi_b,i exp(z_i(alpha_i)); with the critics held fixed,
       dV^r_tot / dalpha_i = -Var_{pi*}(x_i),   dKL_i / dalpha_i = -Cov_{pi*}(x_i, z_i) / alpha_i,
@@ -51,8 +51,12 @@ Choices the seeds leave open (OMIGA's published values where they apply; otherwi
   gradient by exp(-max_B z), smallest when the batch says "raise V", and moves SGD's fixed point to
   E[exp(z)] = 1.3 / 2.9 at std(z) = 2 / 3 (batch 128). Adam is biased too once std(z) nears 3 (heavy-tailed
   gradients): alpha_min keeps std(z), which grows like 1/alpha, in range; agents/normaliser_i = E_D[exp(z_i)] is logged.
-- KL_i, the influence moments and the allocation are smoothed by an exponential moving average (--estimate-ema), so
-  the dual step sees a 1/0.05 = 20-update average rather than one minibatch; estimates use clamp(z) as the policy does.
+- KL_i and the influence moments are expectations under pi*, estimated self-normalised over the minibatch
+  (sum_B exp(z) f / sum_B exp(z), consistent because E_D[exp(z)] = 1) and smoothed by an exponential moving average
+  (--estimate-ema, a 20-update window at 0.05); they use clamp(z) as the policy weights do. The plain mean
+  E_B[exp(z) z] is unbiased but heavy-tailed: one sample at the clamp adds e^10 * 10 / 128 = 1,700 to it, and Adam's
+  dual step turned such spikes into an upward drift of alpha_i while the average KL_i stayed under budget (Hopper
+  medium-replay, 12k updates). The self-normalised estimate is bounded by z_clip.
 - alpha_i starts at --alpha-init and lives in [--alpha-min, --alpha-max], log-alpha Adam lr --alpha-lr.
 """
 
@@ -361,15 +365,16 @@ def policy_loss(log_prob: torch.Tensor, z: torch.Tensor, z_clip: float) -> torch
 
 
 def in_sample_kl(z: torch.Tensor) -> torch.Tensor:
-    """KL(pi*_i || pi_b,i) = E_D[exp(z_i) z_i] [n] of pi*_i ∝ pi_b,i exp(z_i), z [n, B] normalised by V^c."""
-    return (torch.exp(z) * z).mean(1)
+    """KL(pi*_i || pi_b,i) = E_{pi*}[z_i] = E_D[exp(z_i) z_i] [n] of pi*_i ∝ pi_b,i exp(z_i), z [n, B] normalised by
+    V^c; estimated self-normalised, sum_B exp(z) z / sum_B exp(z)."""
+    return (torch.softmax(z, 1) * z).sum(1)
 
 
 def influence_moments(reward_part: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """(E_D[exp(z_i) x_i^2], E_D[exp(z_i) x_i z_i]) [2, n] of the reward part x [n, B] of z [n, B]: Var_{pi*}(x_i) and
-    Cov_{pi*}(x_i, z_i), with E_{pi*}[x_i | o_i] = 0 because V^r_i = E_{pi*}[Q^r_i]."""
-    weight = torch.exp(z)
-    return torch.stack([(weight * reward_part.pow(2)).mean(1), (weight * reward_part * z).mean(1)])
+    """(E_{pi*}[x_i^2], E_{pi*}[x_i z_i]) [2, n] of the reward part x [n, B] of z [n, B], self-normalised like
+    in_sample_kl: Var_{pi*}(x_i) and Cov_{pi*}(x_i, z_i), as E_{pi*}[x_i | o_i] = 0 because V^r_i = E_{pi*}[Q^r_i]."""
+    weight = torch.softmax(z, 1)
+    return torch.stack([(weight * reward_part.pow(2)).sum(1), (weight * reward_part * z).sum(1)])
 
 
 def influence(alpha: torch.Tensor, moments: torch.Tensor) -> torch.Tensor:
