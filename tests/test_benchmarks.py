@@ -148,7 +148,7 @@ def test_a_failed_run_is_reported_and_exits_non_zero(tmp_path, tiny_hopper_dir):
                         *TINY_RUN, "--agent-conf", "9x9", cwd=tmp_path)
     assert result.returncode == 1
     assert "finished 0, skipped 0 (already finished), failed 1" in result.stdout
-    assert re.search(r"failed Hopper__medium-replay__omiga__0: exit code 1, log .*log.txt ends:\n(    .*\n)*.*9x9",
+    assert re.search(r"failed Hopper__medium-replay__omiga__0: exit code 2, log .*log.txt ends:\n(    .*\n)*.*9x9",
                      result.stdout)
     assert not list((tmp_path / "grid").rglob("result.json"))
 
