@@ -97,11 +97,12 @@ def test_td_fixed_point_of_a_multi_step_chain():
     """gamma = 0.9, rewards independent of actions: Q_tot(A) = 1 / (1 - 0.9) = 10, Q_tot(C) = 0.5 + 0.9 * 10 = 9.5 and
     Q_tot(B) = 2 for every joint action. The penalty is off: this checks the backup, targets, discount and dones."""
     torch.manual_seed(0)
-    args = cql_ma.Args(gamma=0.9, tau=0.05, cql_alpha=0.0, hidden_dim=32, mixer_hidden_dim=8, q_lr=3e-3, policy_lr=1e-3)
+    args = cql_ma.Args(gamma=0.9, tau=0.1, cql_alpha=0.0, cql_samples=2, hidden_dim=32, mixer_hidden_dim=8, q_lr=3e-3,
+                       policy_lr=1e-3)
     agents = cql_ma.Agents(2, 3, 1, 3, args)
     optimizers = cql_ma.make_optimizers(agents, args)
     generator = torch.Generator().manual_seed(0)
-    for _ in range(1500):
+    for _ in range(800):
         cql_ma.update(agents, optimizers, chain_batch(64, generator), args)
     actions = torch.rand(2, 300, 1, generator=generator) * 2.0 - 1.0
     values = [mixed_q(agents, torch.eye(3)[state].expand(300, -1), actions).mean() for state in range(3)]
