@@ -1,0 +1,499 @@
+"""CFCQL: counterfactual conservative Q-learning (Shao, Qu, Chen, Zhang, Ji, NeurIPS 2023, "Counterfactual
+Conservative Q Learning for Offline Multi-agent Reinforcement Learning"), written as a diff of cql_ma.py.
+
+Per agent i: Q_i(o_i, a_i) and a tanh-Gaussian policy pi_i(a_i | o_i); a mixer hypernetwork on the global state s gives
+w(s) = |.| >= 0 and b(s), as in omiga.py. Targets (bar) are Polyak copies of Q and the mixer. Where MA-CQL penalises
+the joint action as one (a log-integral over the n d-dimensional box, whose penalty grows with n), CFCQL penalises each
+agent's own action with the other agents held at the dataset's actions, and averages the n penalties with weights
+lambda_i(s) that sum to one:
+
+    Q_tot(s, a) = sum_i w_i(s) Q_i(o_i, a_i) + b(s)                                     (omiga.py's mixer, its Eq. 8)
+    y = r + gamma (1 - done) Q̄_tot(s', a'),   a'_i ~ pi_i(. | o'_i)                        (as cql_ma.py)
+    R_i(s) = log int exp(Q_tot(s, a_i, a^D_-i)) da_i - Q_tot(s, a^D)                      (counterfactual CQL(H) term)
+    log int exp(Q_tot(s, a_i, a^D_-i)) da_i ~ log( 1/(2N) sum_k exp(Q_tot(s, a_ik, a^D_-i)) / p(a_ik) ),
+          a_i1..a_iN ~ U([-1, 1]^d),  a_iN+1..a_i2N ~ pi_i(. | o_i)                        (CQL's estimator, per agent)
+    lambda_i(s) = softmax_i( tau KL(mu_i(. | s) || beta_i(. | o_i)) ),   mu_i ∝ exp(Q_tot(s, a_i, a^D_-i))
+                                                                                (tau = 0: lambda_i = 1/n)
+    L_Q  = E_D[ (y - Q_tot(s, a))^2 ] + cql_alpha E_D[ sum_i sg(lambda_i(s)) R_i(s) ]     over Q_i, w, b
+    L_pi, L_alpha as in cql_ma.py (SAC's policy and temperature steps)
+With tau = 0 (lambda_i = 1/n) and Q_tot a weighted sum, sum_i R_i is MA-CQL's joint R exactly, so CFCQL's penalty is
+MA-CQL's divided by n: conservatism that does not grow with the number of agents, the paper's central argument.
+mu_i is the distribution the log-integral pushes Q_tot down on (the maximiser in CQL(H)); its KL to agent i's
+behaviour policy measures how far agent i's counterfactual actions leave the data, so with tau > 0 the agent that
+strays furthest carries most of the penalty (tau -> infinity: all of it).
+
+Agent inputs follow --obs-mode as in omiga.py: "state" (default, global state + one-hot id) or "local".
+
+Choices the paper leaves open (ours unless marked otherwise):
+- No equation numbers are cited: the paper's full text was not at hand when this was written. The forms above follow
+  the paper's abstract and its published code (thu-rllab/CFCQL: the counterfactual log-sum-exp per agent averaged with
+  weights, as in its continuous learner; weights softmax_i(temperature x KL(mu_i || beta_i)), as in its discrete
+  learner). Check them against the paper before quoting numbers.
+- tau = 0 by default (lambda_i = 1/n), the first command of the published code's continuous README (tau > 0 there needs
+  a pretrained VAE). With tau > 0 the behaviour policies beta_i are omiga.py's tanh-Gaussian class fitted by maximum
+  likelihood alongside (bc.py's loss), and KL(mu_i || beta_i) is estimated from the same 2N importance samples,
+  self-normalised: sum_k rho_k (log mu_i(a_ik) - log beta_i(a_ik)), rho_k ∝ exp(Q_tot(s, a_ik, a^D_-i)) / p(a_ik).
+- Everything else is cql_ma.py's: cql_alpha 5, N = 10 per proposal and agent, the backup, the SAC actor and
+  temperature, the learning rates, one mixed critic per agent.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn as nn
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from common.collect import ensure_dataset
+from common.datasets import Batch, load_dataset
+from common.envs import make_env
+from common.evaluation import evaluate
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, cuda will be used when available"""
+    track: bool = False
+    """if toggled, log to Weights & Biases (needs `pip install wandb`)"""
+    wandb_project_name: str = "offline-marl"
+    """the wandb project name"""
+    env: Literal["Hopper", "Ant", "HalfCheetah"] = "Hopper"
+    """the Multi-Agent MuJoCo task: Hopper, Ant or HalfCheetah"""
+    agent_conf: str | None = None
+    """agent partition (default per env: Hopper 3x1, Ant 2x4, HalfCheetah 6x1)"""
+    obs_mode: Literal["state", "local", "omiga"] = "state"
+    """agent inputs: state (global state + id, the seeds' setting), local (local observation + id), omiga"""
+    dataset: Literal["expert", "medium", "medium-replay", "medium-expert"] = "medium-replay"
+    """dataset quality: expert, medium, medium-replay, medium-expert"""
+    data_dir: str = "data"
+    """folder of the dataset files"""
+    no_generate: bool = False
+    """if toggled, a missing dataset is an error instead of being generated from the committed behaviour policies"""
+    total_steps: int = 1_000_000
+    """number of gradient updates"""
+    batch_size: int = 128
+    """minibatch size"""
+    eval_every: int = 5000
+    """evaluate every this many updates"""
+    eval_episodes: int = 10
+    """episodes per evaluation during training"""
+    final_eval_episodes: int = 32
+    """episodes of the final evaluation"""
+    log_every: int = 1000
+    """log losses every this many updates"""
+    save_model: bool = False
+    """if toggled, save all networks, optimizers and the step to `model.pt` in the run directory"""
+
+    # Algorithm specific arguments
+    gamma: float = 0.99
+    """discount factor"""
+    tau: float = 0.005
+    """target network update rate"""
+    cql_alpha: float = 5.0
+    """weight of the counterfactual penalty sum_i lambda_i R_i (cql_ma.py's cql_alpha; CQL's Gym setting 5)"""
+    cql_samples: int = 10
+    """actions drawn per agent from each proposal (uniform, current policy) for the log-integrals' estimates"""
+    cf_tau: float = 0.0
+    """temperature of the agent weights lambda_i = softmax_i(tau KL(mu_i || beta_i)); 0 gives lambda_i = 1/n"""
+    q_lr: float = 3e-4
+    """learning rate of the local Q networks and the mixer"""
+    policy_lr: float = 1e-4
+    """learning rate of the policies, of the entropy temperature and (cf_tau > 0) of the behaviour policies"""
+    hidden_dim: int = 256
+    """hidden units of the two hidden layers of Q and pi"""
+    mixer_hidden_dim: int = 64
+    """hidden units of the mixer hypernetwork"""
+    grad_clip: float = 1.0
+    """gradient-norm clip of every optimizer"""
+
+
+# TRY NOT TO MODIFY: batched per-agent networks and the mixer
+class BatchedLinear(nn.Module):
+    """One linear layer per agent, all agents in one matmul: x [n_agents, B, in] -> [n_agents, B, out]."""
+
+    def __init__(self, n_agents: int, in_dim: int, out_dim: int):
+        super().__init__()
+        bound = 1.0 / math.sqrt(in_dim)  # nn.Linear's default initialisation, per agent
+        self.weight = nn.Parameter(torch.empty(n_agents, in_dim, out_dim).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(n_agents, 1, out_dim).uniform_(-bound, bound))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+def batched_mlp(n_agents: int, in_dim: int, out_dim: int, hidden_dim: int) -> nn.Sequential:
+    return nn.Sequential(
+        BatchedLinear(n_agents, in_dim, hidden_dim), nn.ReLU(),
+        BatchedLinear(n_agents, hidden_dim, hidden_dim), nn.ReLU(),
+        BatchedLinear(n_agents, hidden_dim, out_dim),
+    )
+
+
+class AgentValue(nn.Module):
+    """V_i(o_i) for every agent: obs [n, B, obs_dim] -> [n, B]."""
+
+    def __init__(self, n_agents: int, obs_dim: int, hidden_dim: int):
+        super().__init__()
+        self.net = batched_mlp(n_agents, obs_dim, 1, hidden_dim)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.net(obs).squeeze(-1)
+
+
+class AgentQ(nn.Module):
+    """Q_i(o_i, a_i) for every agent: obs [n, B, obs_dim], actions [n, B, act_dim] -> [n, B]."""
+
+    def __init__(self, n_agents: int, obs_dim: int, act_dim: int, hidden_dim: int):
+        super().__init__()
+        self.net = batched_mlp(n_agents, obs_dim + act_dim, 1, hidden_dim)
+
+    def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([obs, actions], -1)).squeeze(-1)
+
+
+def tanh_gaussian_log_prob(mean: torch.Tensor, log_std: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """log-density of actions in (-1, 1) under tanh(N(mean, exp(log_std)^2)), summed over action dims: [n, B]."""
+    actions = actions.clamp(-1.0 + 1e-6, 1.0 - 1e-6)
+    # Written out rather than torch.distributions.Normal, whose argument validation syncs with the GPU.
+    standardised = (torch.atanh(actions) - mean) * torch.exp(-log_std)
+    gaussian = -0.5 * standardised.pow(2) - log_std - 0.5 * math.log(2 * math.pi)
+    return (gaussian - torch.log1p(-actions.pow(2))).sum(-1)
+
+
+class AgentPolicy(nn.Module):
+    """Tanh-Gaussian pi_i(a_i | o_i) with state-dependent log-std, all agents batched."""
+
+    def __init__(self, n_agents: int, obs_dim: int, act_dim: int, hidden_dim: int):
+        super().__init__()
+        self.net = batched_mlp(n_agents, obs_dim, 2 * act_dim, hidden_dim)
+
+    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, log_std = self.net(obs).chunk(2, -1)
+        return mean, log_std.clamp(-5.0, 2.0)
+
+    def log_prob(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """log pi_i(a_i | o_i) of actions in (-1, 1): [n, B]."""
+        return tanh_gaussian_log_prob(*self(obs), actions)
+
+    def act(self, obs: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self(obs)[0])
+
+
+class Mixer(nn.Module):
+    """Hypernetwork on the global state: w(s) = |f(s)| >= 0 per agent and a free bias b(s)."""
+
+    def __init__(self, state_dim: int, n_agents: int, hidden_dim: int):
+        super().__init__()
+        self.hyper_w = nn.Sequential(nn.Linear(state_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, n_agents))
+        self.hyper_b = nn.Sequential(nn.Linear(state_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, 1))
+
+    def forward(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """states [B, state_dim] -> w [n, B], b [B]."""
+        return self.hyper_w(states).abs().T, self.hyper_b(states).squeeze(-1)
+
+
+def mix(w: torch.Tensor, values: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum_i w_i values_i + b: w, values [n, B], b [B] -> [B]   (Eq. 8)."""
+    return (w * values).sum(0) + b
+
+
+# ALGO LOGIC: networks, losses and the update
+class Agents(nn.Module):
+    """Every network of CFCQL and the entropy temperature; targets are Polyak copies. The behaviour policies exist only
+    where the agent weights use them (cf_tau > 0)."""
+
+    def __init__(self, n_agents: int, obs_dim: int, act_dim: int, state_dim: int, args: Args):
+        super().__init__()
+        self.q = AgentQ(n_agents, obs_dim, act_dim, args.hidden_dim)
+        self.mixer = Mixer(state_dim, n_agents, args.mixer_hidden_dim)
+        self.policy = AgentPolicy(n_agents, obs_dim, act_dim, args.hidden_dim)
+        self.q_target, self.mixer_target = (copy.deepcopy(m).requires_grad_(False) for m in (self.q, self.mixer))
+        self.log_entropy_alpha = nn.Parameter(torch.zeros(()))
+        self.behaviour = AgentPolicy(n_agents, obs_dim, act_dim, args.hidden_dim) if args.cf_tau > 0 else None
+
+
+def make_optimizers(agents: Agents, args: Args) -> dict[str, torch.optim.Optimizer]:
+    return {
+        "q": torch.optim.Adam([*agents.q.parameters(), *agents.mixer.parameters()], lr=args.q_lr),
+        "policy": torch.optim.Adam(agents.policy.parameters(), lr=args.policy_lr),
+        "entropy": torch.optim.Adam([agents.log_entropy_alpha], lr=args.policy_lr),
+    } | ({} if agents.behaviour is None else
+         {"behaviour": torch.optim.Adam(agents.behaviour.parameters(), lr=args.policy_lr)})
+
+
+def sample_actions(mean: torch.Tensor, log_std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reparameterised a = tanh(mean + std eps) and log pi(a) summed over action dims, from the pre-tanh draw u:
+    log N(u) - sum log(1 - tanh(u)^2), the Jacobian written as 2 (log 2 - u - softplus(-2u)) to stay finite."""
+    noise = torch.randn_like(mean)
+    pre_tanh = mean + log_std.exp() * noise
+    gaussian = -0.5 * noise.pow(2) - log_std - 0.5 * math.log(2 * math.pi)
+    log_jacobian = 2.0 * (math.log(2.0) - pre_tanh - nn.functional.softplus(-2.0 * pre_tanh))
+    return torch.tanh(pre_tanh), (gaussian - log_jacobian).sum(-1)
+
+
+def log_integral_exp(values: torch.Tensor, log_density: torch.Tensor) -> torch.Tensor:
+    """Importance-sampled log int exp(Q) da from samples along dim 0: log mean_k exp(Q_k) / p(a_k) (CQL, Appendix F).
+    With the samples split evenly between proposals, each half is an unbiased estimate of the integral."""
+    return torch.logsumexp(values - log_density, 0) - math.log(values.shape[0])
+
+
+def counterfactual_penalty(cf_q_tot: torch.Tensor, log_density: torch.Tensor, data_q_tot: torch.Tensor,
+                           weights: torch.Tensor) -> torch.Tensor:
+    """sum_i lambda_i R_i, batch mean: cf_q_tot, log_density [S, n, B] (agent i's action sampled, the others' from the
+    data), data_q_tot [B], weights lambda [n, B] (summing to one over agents; no gradient flows into them)."""
+    per_agent = log_integral_exp(cf_q_tot, log_density) - data_q_tot
+    return (weights.detach() * per_agent).sum(0).mean()
+
+
+@torch.no_grad()
+def agent_weights(cf_q_tot: torch.Tensor, log_density: torch.Tensor, behaviour_log_prob: torch.Tensor | None,
+                  tau: float) -> torch.Tensor:
+    """lambda [n, B] = softmax over agents of tau KL(mu_i || beta_i), mu_i ∝ exp(cf_q_tot), the KL estimated from the
+    samples [S, n, B] with self-normalised importance weights; behaviour_log_prob is log beta_i there (None: 1/n)."""
+    if behaviour_log_prob is None:
+        return torch.full(cf_q_tot.shape[1:], 1.0 / cf_q_tot.shape[1], device=cf_q_tot.device)
+    log_mu = cf_q_tot - log_integral_exp(cf_q_tot, log_density)
+    kl = (torch.softmax(cf_q_tot - log_density, 0) * (log_mu - behaviour_log_prob)).sum(0)
+    return torch.softmax(tau * kl, 0)
+
+
+def counterfactual_q_tot(q: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q_tot at the dataset action [B] and with agent i's action swapped for sample k, the others' kept [S, n, B], from
+    the local values q [n, 1 + S, B] (index 0: the dataset action). Swapping one agent moves the weighted sum by
+    w_i (Q_i(sample) - Q_i(data))."""
+    q_tot = mix(w, q[:, 0], b)
+    return q_tot, (q_tot + w[:, None] * (q[:, 1:] - q[:, :1])).transpose(0, 1)
+
+
+def q_loss(q_tot: torch.Tensor, rewards: torch.Tensor, dones: torch.Tensor, next_q_tot: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Squared TD error of the mixed Q against r + gamma (1 - done) Q̄_tot(s', a' ~ pi)."""
+    target = rewards + gamma * (1.0 - dones) * next_q_tot
+    return (q_tot - target.detach()).pow(2).mean()
+
+
+def policy_loss(log_prob: torch.Tensor, q_tot: torch.Tensor, entropy_alpha: torch.Tensor) -> torch.Tensor:
+    """L_pi: SAC's policy loss on the joint action; log_prob [n, B] per agent, q_tot [B] at the policy's actions."""
+    return (entropy_alpha * log_prob.sum(0) - q_tot).mean()
+
+
+def entropy_alpha_loss(log_entropy_alpha: torch.Tensor, log_prob: torch.Tensor, target_entropy: float) -> torch.Tensor:
+    """SAC's temperature loss: alpha rises while the joint entropy -sum_i log pi_i is below the target."""
+    return -(log_entropy_alpha * (log_prob.detach().sum(0) + target_entropy)).mean()
+
+
+def clipped_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, clip: float) -> torch.Tensor:
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    grad_norm = nn.utils.clip_grad_norm_(params, clip)
+    optimizer.step()
+    return grad_norm
+
+
+@torch.no_grad()
+def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
+    torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), tau)
+
+
+def update(agents: Agents, optimizers: dict, batch: Batch, args: Args) -> dict[str, torch.Tensor]:
+    """One CFCQL update: Q and mixer on TD + the weighted counterfactual penalty, then the policy and temperature (and,
+    with cf_tau > 0, the behaviour policies)."""
+    n_agents, batch_size, act_dim = batch.actions.shape
+    samples = args.cql_samples
+    mean, log_std = agents.policy(batch.obs)
+    with torch.no_grad():
+        next_actions, _ = sample_actions(*agents.policy(batch.next_obs))
+        next_w, next_b = agents.mixer_target(batch.next_states)
+        next_q_tot = mix(next_w, agents.q_target(batch.next_obs, next_actions), next_b)
+        # Each agent's own proposals, [n, samples, B, act_dim]: uniform on its box, then its current policy.
+        uniform_actions = torch.rand(n_agents, samples, batch_size, act_dim, device=mean.device) * 2.0 - 1.0
+        uniform_log_density = torch.full((n_agents, samples, batch_size), -act_dim * math.log(2.0), device=mean.device)
+        policy_actions, policy_log_prob = sample_actions(mean.detach()[:, None].expand(-1, samples, -1, -1),
+                                                         log_std.detach()[:, None].expand(-1, samples, -1, -1))
+        log_density = torch.cat([uniform_log_density, policy_log_prob], 1).transpose(0, 1)
+
+    # One critic pass scores the dataset action (index 0) and the 2N proposals at every sampled state.
+    actions = torch.cat([batch.actions[:, None], uniform_actions, policy_actions], 1)
+    q = agents.q(batch.obs.repeat(1, actions.shape[1], 1), actions.flatten(1, 2)).unflatten(1, (actions.shape[1], -1))
+    w, b = agents.mixer(batch.states)
+    q_tot, cf_q_tot = counterfactual_q_tot(q, w, b)
+    behaviour_log_prob = None
+    if agents.behaviour is not None:
+        with torch.no_grad():
+            behaviour_mean, behaviour_log_std = agents.behaviour(batch.obs)
+            behaviour_log_prob = tanh_gaussian_log_prob(behaviour_mean[:, None], behaviour_log_std[:, None],
+                                                        actions[:, 1:]).transpose(0, 1)
+    weights = agent_weights(cf_q_tot.detach(), log_density, behaviour_log_prob, args.cf_tau)
+    loss_td = q_loss(q_tot, batch.rewards, batch.dones, next_q_tot, args.gamma)
+    loss_cql = counterfactual_penalty(cf_q_tot, log_density, q_tot, weights)
+    clipped_step(optimizers["q"], loss_td + args.cql_alpha * loss_cql, args.grad_clip)
+
+    entropy_alpha = agents.log_entropy_alpha.detach().exp()
+    new_actions, log_prob = sample_actions(mean, log_std)
+    with torch.no_grad():
+        w_new, b_new = agents.mixer(batch.states)
+    loss_pi = policy_loss(log_prob, mix(w_new, agents.q(batch.obs, new_actions), b_new), entropy_alpha)
+    clipped_step(optimizers["policy"], loss_pi, args.grad_clip)
+    loss_alpha = entropy_alpha_loss(agents.log_entropy_alpha, log_prob, -float(n_agents * act_dim))
+    clipped_step(optimizers["entropy"], loss_alpha, args.grad_clip)
+    if agents.behaviour is not None:
+        loss_behaviour = -agents.behaviour.log_prob(batch.obs, batch.actions).mean(1).sum()
+        clipped_step(optimizers["behaviour"], loss_behaviour, args.grad_clip)
+
+    soft_update(agents.q_target, agents.q, args.tau)
+    soft_update(agents.mixer_target, agents.mixer, args.tau)
+    return {"losses/q": loss_td.detach(), "losses/cql_penalty": loss_cql.detach(), "losses/policy": loss_pi.detach(),
+            "values/q_tot": q_tot.detach().mean(), "values/entropy_alpha": entropy_alpha,
+            "values/policy_entropy": -log_prob.detach().sum(0).mean(), "agents/cf_weight": weights.mean(1)}
+
+
+# TRY NOT TO MODIFY: running, logging, evaluation, checkpoints
+def make_act_fn(policy: AgentPolicy, device: torch.device):
+    @torch.no_grad()
+    def act(obs: np.ndarray) -> np.ndarray:
+        obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device).transpose(0, 1)
+        return policy.act(obs_t).transpose(0, 1).cpu().numpy()
+
+    return act
+
+
+def save_checkpoint(path: Path, agents: nn.Module, optimizers: dict, step: int, args: Args) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save({"agents": agents.state_dict(), "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+                "step": step, "args": asdict(args)}, tmp)
+    os.replace(tmp, path)
+
+
+def scalar_metrics(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Host copies of the metrics (log intervals only); a per-agent vector `name` becomes `name_0`, `name_1`, ..."""
+    values = {}
+    for name, value in metrics.items():
+        if value.ndim == 0:
+            values[name] = value.item()
+        else:
+            values.update({f"{name}_{i}": x for i, x in enumerate(value.tolist())})
+    return values
+
+
+def check_finite(metrics: dict[str, float], step: int, last_checked: int) -> None:
+    for name, value in metrics.items():
+        if not math.isfinite(value):
+            raise FloatingPointError(f"training diverged: {name} = {value} at the log of update {step} "
+                                     f"(finite at update {last_checked}); try a smaller learning rate or larger alpha")
+
+
+def unique_dir(base: Path) -> Path:
+    """Create and return `base`, or `base_2`, `base_3`, ... when a run of the same name started in the same second."""
+    for attempt in range(1, 1000):
+        run_dir = base if attempt == 1 else base.with_name(f"{base.name}_{attempt}")
+        try:
+            run_dir.mkdir(parents=True)
+            return run_dir
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a fresh run directory next to {base}")
+
+
+def make_run(args: Args) -> tuple[Path, SummaryWriter]:
+    run_dir = unique_dir(Path("runs") / f"{args.env}__{args.dataset}__{args.exp_name}__{args.seed}__{int(time.time())}")
+    (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=2))
+    writer = SummaryWriter(str(run_dir))
+    table = "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items())
+    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, config=asdict(args), name=run_dir.name, sync_tensorboard=True,
+                   dir=str(run_dir))
+    return run_dir, writer
+
+
+def seed_everything(seed: int, torch_deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.deterministic = torch_deterministic
+
+
+if __name__ == "__main__":
+    from common.cli import StopOnSignal, check_args, exit_on_user_error
+
+    args = tyro.cli(Args)
+    with exit_on_user_error():
+        check_args(args)
+        seed_everything(args.seed, args.torch_deterministic)
+        device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+        env = make_env(args.env, args.agent_conf, args.obs_mode)
+        dataset_file = ensure_dataset(args.data_dir, args.env, env.agent_conf, args.dataset,
+                                      generate=not args.no_generate)
+        dataset = load_dataset(dataset_file, device, args.obs_mode)
+        dataset.check_env(env)
+    run_dir, writer = make_run(args)
+    print(f"{run_dir}: {len(dataset):,} transitions from {dataset_file} on {device}")
+
+    agents = Agents(env.n_agents, env.obs_dim, env.act_dim, env.state_dim, args).to(device)
+    optimizers = make_optimizers(agents, args)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    act_fn = make_act_fn(agents.policy, device)
+    eval_seed = 1_000_000 * (args.seed + 1)
+
+    last_eval, last_checked, tick, tick_step = float("nan"), 0, time.perf_counter(), 0
+    stop = StopOnSignal()
+    progress = tqdm(range(1, args.total_steps + 1), mininterval=2.0, desc=args.exp_name)
+    for step in progress:
+        metrics = update(agents, optimizers, dataset.sample(args.batch_size, generator), args)
+        if step % args.log_every == 0 or step == args.total_steps:
+            values = scalar_metrics(metrics)
+            check_finite(values, step, last_checked)
+            last_checked = step
+            updates_per_sec = (step - tick_step) / (time.perf_counter() - tick)
+            tick, tick_step = time.perf_counter(), step
+            for name, value in values.items():
+                writer.add_scalar(name, value, step)
+            writer.add_scalar("charts/updates_per_sec", updates_per_sec, step)
+            progress.set_postfix(ups=f"{updates_per_sec:.0f}", eval=f"{last_eval:.0f}")
+        if step % args.eval_every == 0 and step < args.total_steps:
+            agents.eval()
+            returns = evaluate(act_fn, env, args.eval_episodes, eval_seed)
+            agents.train()
+            last_eval = float(returns.mean())
+            writer.add_scalar("eval/return_mean", last_eval, step)
+            writer.add_scalar("eval/return_std", float(returns.std()), step)
+            tqdm.write(f"step {step}: eval return {last_eval:.1f} ± {returns.std():.1f}")
+            if args.save_model:
+                save_checkpoint(run_dir / "model.pt", agents, optimizers, step, args)
+            tick = time.perf_counter()
+        if stop.requested:
+            progress.close()
+            save_checkpoint(run_dir / "model.pt", agents, optimizers, step, args)
+            writer.close()
+            stop.exit(f"stopped after update {step} of {args.total_steps}; checkpoint saved to {run_dir / 'model.pt'}")
+    stop.restore()
+
+    agents.eval()
+    returns = evaluate(act_fn, env, args.final_eval_episodes, eval_seed)
+    writer.add_scalar("eval/return_mean", float(returns.mean()), args.total_steps)
+    writer.add_scalar("eval/return_std", float(returns.std()), args.total_steps)
+    if args.save_model:
+        save_checkpoint(run_dir / "model.pt", agents, optimizers, args.total_steps, args)
+    writer.close()
+    print(f"final return: {returns.mean():.2f} ± {returns.std():.2f} over {len(returns)} episodes")
