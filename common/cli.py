@@ -57,14 +57,15 @@ COMMON_RULES: dict[str, Rule] = {
     "gamma": interval(0, 1, high_open=True),
     "tau": interval(0, 1, low_open=True),
     "grad_clip": POSITIVE,
-    "alpha": POSITIVE,  # a temperature or regularisation strength that divides the values
+    "alpha": POSITIVE,  # OMIGA's, ICQ's and ComaDICE's regularisation strength or temperature: each divides by it
 }
 SUFFIX_RULES: dict[str, Rule] = {"_lr": POSITIVE, "_dim": at_least(1)}  # learning rates, network sizes
 
 
 def check_args(args: Any, rules: dict[str, Rule] | None = None) -> None:
-    """Raise `ArgumentError` naming the first argument of the dataclass `args` outside its valid range: the common
-    rules by name (and `*_lr`, `*_dim` by suffix), then the script's own `rules`, which may override them."""
+    """Raise `ArgumentError` naming the first argument of the dataclass `args` outside its valid range. A field's rule
+    is the script's own in `rules` if there is one, else the common rule of its name or of its suffix (`*_lr`,
+    `*_dim`); fields without a rule are not checked."""
     for field in fields(args):
         name = field.name
         rule = (rules or {}).get(name) or COMMON_RULES.get(name)
@@ -76,9 +77,9 @@ def check_args(args: Any, rules: dict[str, Rule] | None = None) -> None:
 
 @contextmanager
 def exit_on_user_error() -> Iterator[None]:
-    """Turn an expected user error (an argument out of range, an unknown env partition, a dataset file that is missing
-    or unreadable, Ctrl-C while loading) into one line on stderr and exit status 2, as argparse and tyro do for
-    their own errors. Any other exception keeps its traceback."""
+    """Print an expected user error (an argument out of range, an unknown env partition, a dataset file that is missing
+    or unreadable) as its message alone, without a traceback, and exit with status 2, as argparse and tyro do for
+    their own errors; Ctrl-C while loading exits with 130. Any other exception keeps its traceback."""
     prog = os.path.basename(sys.argv[0])
     try:
         yield
