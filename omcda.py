@@ -23,7 +23,8 @@ through its Lagrangian, the return of r_t - sum_i alpha_i KL(pi_i || pi_b,i), pi
       L_Qr = E_D[ (r + gamma (1 - done) V̄^r_tot(s') - Q^r_tot(s, a))^2 ],          V^r_tot = sum_i w^r_i V^r_i + b^r
       L_Qc = sum_i E_D[ (gamma (1 - done) V̄^{c,i}_tot(s') - Q^{c,i}_tot(s, a))^2 ],   V^{c,i}_tot = V^c_i + b^c_i
  5. KL_i [ours: in-sample, of the policy the values define]: KL(pi*_i || pi_b,i) = E_{pi*}[z_i] = E_D[exp(z_i) z_i],
-    no policy action needed (estimated self-normalised, see below). The KL of the extracted Gaussian pi_i to pi_b,i is logged beside it as a diagnostic.
+    no policy action needed (estimated self-normalised, see below). The KL of the extracted Gaussian pi_i to pi_b,i
+    is logged beside it as a diagnostic.
  6. Influence [seed 001, key design 2: m_i = dV^r_tot / dKL(pi_i || pi_b,i), by the chain rule through pi_i].
     [ours] The family pi_i moves on is pi_i(alpha_i) ∝ pi_b,i exp(z_i(alpha_i)); with the critics held fixed,
       dV^r_tot / dalpha_i = -Var_{pi*}(x_i),   dKL_i / dalpha_i = -Cov_{pi*}(x_i, z_i) / alpha_i,
