@@ -54,10 +54,11 @@ Choices the seeds leave open (OMIGA's published values where they apply; otherwi
   gradients): alpha_min keeps std(z), which grows like 1/alpha, in range; agents/normaliser_i = E_D[exp(z_i)] is logged.
 - KL_i and the influence moments are expectations under pi*, estimated self-normalised over the minibatch
   (sum_B exp(z) f / sum_B exp(z), consistent because E_D[exp(z)] = 1) and smoothed by an exponential moving average
-  (--estimate-ema, a 20-update window at 0.05); they use clamp(z) as the policy weights do. The plain mean
-  E_B[exp(z) z] is unbiased but heavy-tailed: one sample at the clamp adds e^10 * 10 / 128 = 1,700 to it, and Adam's
-  dual step turned such spikes into an upward drift of alpha_i while the average KL_i stayed under budget (Hopper
-  medium-replay, 12k updates). The self-normalised estimate is bounded by z_clip.
+  (--estimate-ema, a 20-update window at 0.05); they use clamp(z) as the policy weights do. KL_i is the KL of the
+  minibatch tilt softmax_B(z) to the minibatch, so an offset in V^c cannot make it small or negative. Measured on
+  Hopper medium-replay: the plain mean E_B[exp(z) z] is heavy-tailed (one sample at the clamp adds
+  e^10 * 10 / 128 = 1,700), and Adam's dual step turned its spikes into an upward drift of alpha_i; the self-normalised
+  mean without the log term went negative once V^c lagged (d_tot 3: alpha_i fell to the floor, then Q^r diverged).
 - alpha_i starts at --alpha-init and lives in [--alpha-min, --alpha-max], log-alpha Adam lr --alpha-lr.
 """
 
@@ -367,8 +368,10 @@ def policy_loss(log_prob: torch.Tensor, z: torch.Tensor, z_clip: float) -> torch
 
 def in_sample_kl(z: torch.Tensor) -> torch.Tensor:
     """KL(pi*_i || pi_b,i) = E_{pi*}[z_i] = E_D[exp(z_i) z_i] [n] of pi*_i ∝ pi_b,i exp(z_i), z [n, B] normalised by
-    V^c; estimated self-normalised, sum_B exp(z) z / sum_B exp(z)."""
-    return (torch.softmax(z, 1) * z).sum(1)
+    V^c, estimated as the KL of the minibatch's own tilt p = softmax_B(z) to the minibatch:
+    sum_B p z - log mean_B exp(z). Equal to the above when E_D[exp(z)] = 1; never negative, bounded by log B, and
+    unchanged by a constant error in V^c."""
+    return (torch.softmax(z, 1) * z).sum(1) - (torch.logsumexp(z, 1) - math.log(z.shape[1]))
 
 
 def influence_moments(reward_part: torch.Tensor, z: torch.Tensor) -> torch.Tensor:

@@ -124,6 +124,9 @@ def test_influence_and_kl_estimators_match_exact_enumeration(with_conservative):
     torch.testing.assert_close(measured, finite_difference, rtol=1e-5, atol=0)
     _, exact_kl = exact_reward_value_and_kl(alpha, *toy[:-1])
     torch.testing.assert_close(omcda.in_sample_kl(z), exact_kl, rtol=1e-9, atol=1e-12)
+    # An offset in V^c (z shifted by a constant) does not move the estimate, and it is never negative.
+    torch.testing.assert_close(omcda.in_sample_kl(z + 3.0), exact_kl, rtol=1e-9, atol=1e-12)
+    assert (omcda.in_sample_kl(z - 3.0) >= 0).all()
     if with_conservative:  # the conservative part really moves the measurement away from the price alpha_i
         assert ((measured - alpha).abs() > 0.05 * alpha).all(), measured
     else:
