@@ -59,7 +59,10 @@ Choices the seeds leave open (OMIGA's published values where they apply; otherwi
   Hopper medium-replay: the plain mean E_B[exp(z) z] is heavy-tailed (one sample at the clamp adds
   e^10 * 10 / 128 = 1,700), and Adam's dual step turned its spikes into an upward drift of alpha_i; the self-normalised
   mean without the log term went negative once V^c lagged (d_tot 3: alpha_i fell to the floor, then Q^r diverged).
-- alpha_i starts at --alpha-init and lives in [--alpha-min, --alpha-max], log-alpha Adam lr --alpha-lr.
+- alpha_i starts at 10 (OMIGA's MuJoCo alpha) and lives in [0.1, 100], log-alpha Adam lr 1e-3. The budget, not the
+  floor, is the regulariser: on Hopper medium-replay (30k updates, d_tot 0.3 / 1.2 / 3) alpha_i fell to about 0.3
+  within 5k updates, then rose with the scale of Q^r, and no logged step had every alpha_i on the floor. A floor of 1
+  did not rescue d_tot 3, which is too loose for that dataset either way.
 """
 
 from __future__ import annotations
