@@ -10,7 +10,7 @@ import torch
 import cfcql
 import cql_ma
 from conftest import REPO, smoke_run
-from test_cql_ma import mixed_q, narrow_data_batch
+from test_cql_ma import q_on_and_off_data
 from test_omiga import behaviour_cloning_return, toy_dataset, toy_return
 
 GRID = torch.linspace(-1.0, 1.0, 20_001)  # for numerical integrals over a 1-D action in [-1, 1]
@@ -80,24 +80,9 @@ def test_agent_weights_follow_the_kl_of_each_agents_counterfactual_distribution(
     torch.testing.assert_close(uniform, torch.full((2,), 0.5))
 
 
-def q_on_and_off_data(cql_alpha: float) -> tuple[float, float]:
-    """Q_tot at the data (both agents at 0) and off it (both at -0.9 or 0.9) after training on narrow_data_batch."""
-    torch.manual_seed(0)
-    args = cfcql.Args(cql_alpha=cql_alpha, hidden_dim=32, mixer_hidden_dim=8, q_lr=3e-3, policy_lr=1e-3)
-    agents = cfcql.Agents(2, 1, 1, 1, args)
-    optimizers = cfcql.make_optimizers(agents, args)
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(300):
-        cfcql.update(agents, optimizers, narrow_data_batch(128, generator), args)
-    state = torch.ones(1, 1)
-    on_data = mixed_q(agents, state, torch.zeros(2, 1, 1))
-    off_data = torch.stack([mixed_q(agents, state, torch.full((2, 1, 1), a)) for a in (-0.9, 0.9)]).mean()
-    return on_data.item(), off_data.item()
-
-
 def test_counterfactual_penalty_lowers_q_on_unseen_actions_and_keeps_it_on_dataset_actions():
-    plain_on, plain_off = q_on_and_off_data(cql_alpha=0.0)
-    conservative_on, conservative_off = q_on_and_off_data(cql_alpha=1.0)
+    plain_on, plain_off = q_on_and_off_data(cql_alpha=0.0, script=cfcql)
+    conservative_on, conservative_off = q_on_and_off_data(cql_alpha=1.0, script=cfcql)
     assert abs(plain_on) < 0.2 and conservative_on > -0.2  # the TD target is 0 on the data either way
     assert conservative_off < plain_off - 1.0, (conservative_off, plain_off)
     assert conservative_off < conservative_on - 1.0

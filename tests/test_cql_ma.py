@@ -117,14 +117,16 @@ def narrow_data_batch(batch_size: int, generator: torch.Generator) -> Batch:
                  dones=torch.ones(batch_size), states=ones, next_states=ones)
 
 
-def q_on_and_off_data(cql_alpha: float) -> tuple[float, float]:
+def q_on_and_off_data(cql_alpha: float, script=cql_ma) -> tuple[float, float]:
+    """Q_tot at the data (both agents at 0) and off it (both at -0.9 or 0.9) after `script` trained on
+    narrow_data_batch (cql_ma or a diff of it with the same Args, Agents and update)."""
     torch.manual_seed(0)
-    args = cql_ma.Args(cql_alpha=cql_alpha, hidden_dim=32, mixer_hidden_dim=8, q_lr=3e-3, policy_lr=1e-3)
-    agents = cql_ma.Agents(2, 1, 1, 1, args)
-    optimizers = cql_ma.make_optimizers(agents, args)
+    args = script.Args(cql_alpha=cql_alpha, hidden_dim=32, mixer_hidden_dim=8, q_lr=3e-3, policy_lr=1e-3)
+    agents = script.Agents(2, 1, 1, 1, args)
+    optimizers = script.make_optimizers(agents, args)
     generator = torch.Generator().manual_seed(0)
     for _ in range(300):
-        cql_ma.update(agents, optimizers, narrow_data_batch(128, generator), args)
+        script.update(agents, optimizers, narrow_data_batch(128, generator), args)
     state = torch.ones(1, 1)
     on_data = mixed_q(agents, state, torch.zeros(2, 1, 1))
     off_data = torch.stack([mixed_q(agents, state, torch.full((2, 1, 1), a)) for a in (-0.9, 0.9)]).mean()
