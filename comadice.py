@@ -26,25 +26,36 @@ f-divergences (--f-divergence), y = A_tot / alpha:
 Agent inputs follow --obs-mode: "state" (default) gives every agent the global state plus a one-hot id, the setting
 of the seeds' MuJoCo experiments; "local" gives each agent its local observation (agent_obsk=1) plus the id.
 
-Choices the paper leaves open (published code's, unless marked "ours"):
-- alpha 10, gamma 0.99, tau 0.005, Adam lr 1e-4, batch 128, 2x256 ReLU networks, mixer hypernetworks with one hidden
-  layer of 64, gradient-norm clip 1.0, soft-chi2 by default. Dataset actions are not rescaled (the published code
-  scales MuJoCo actions by 1/4 for ComaDICE only); every script uses actions in [-1, 1].
-- Ours: Eq. 10 as printed has the signs of its last two terms swapped relative to the sentence before it and Eq. 5,
+The losses above follow the paper. Its published trainer (vietbt/ComaDICE, runner/madice/continuous.py) differs
+from the paper in ways this script does not copy:
+- its advantage is per agent, e_i = w_i(s) (q_i - nu_i), without the mixer's bias, and two Lagrange multipliers
+  (for nu and for the policy weights) are learned alongside to push E[w] to 1; here A_tot is mixed with its bias and
+  there are no multipliers (Eq. 11 as printed);
+- its initial-state term is (1 - gamma) E[nu_i(o0)] on the local, unmixed nu; here M_s0[nu(o0)] (Eq. 11);
+- its policy weight is sum_i w_i from the target q and target mixer; here one w* of the online networks (Eq. 12);
+- an update that raises (its NaN assertions) is caught and the parameters reloaded; here a non-finite loss stops the
+  run with an error;
+- its MuJoCo loader, shared by every algorithm in that repository, divides dataset actions by 4; here actions stay
+  in [-1, 1] for every script.
+Taken from the published code where the paper gives no value: alpha 10, gamma 0.99, tau 0.005, Adam lr 1e-4 (its
+command-line default), batch 128, 2x256 ReLU networks, mixer hypernetworks with one hidden layer of 64, gradient-norm
+clip 1.0, soft-chi2 by default; L_q trains q and the mixer, L_nu trains nu only (split the same way there: Eq. 11
+names the mixer's parameters too, but with q held fixed its derivative in the free bias b(s) is
+(1 - gamma) p0(s) + rho_D(s) E[w* | s], never negative, so minimising it over the mixer only pushes b down without
+bound while q and nu drift to compensate). The bootstrap M̄_s'[nū(o')] uses Polyak copies of nu and the mixer; a
+terminal transition does not bootstrap.
+
+Ours, where neither settles it:
+- Eq. 10 as printed has the signs of its last two terms swapped relative to the sentence before it and Eq. 5,
   and Sec. 5's w* has M[nu] - M[q]; we use A_tot = r + gamma nu_tot(s') - nu_tot(s) and w* from M[q - nu] (Sec. 4.3).
-- L_q trains q and the mixer, L_nu trains nu only (the published code splits them the same way). Eq. 11 names the
-  mixer's parameters too, but with q held fixed its derivative in the free bias b(s) is (1 - gamma) p0(s) +
-  rho_D(s) E[w* | s], never negative, so minimising it over the mixer only pushes b down (without bound) while q
-  and nu drift to compensate.
-- The bootstrap M̄_s'[nū(o')] uses Polyak copies of nu and the mixer; a terminal transition does not bootstrap.
-- Ours: in L_nu, A_tot keeps q's value but gets Eq. 5's derivative +gamma w* in nu_tot(s') (online nu, detached
+- In L_nu, A_tot keeps q's value but gets Eq. 5's derivative +gamma w* in nu_tot(s') (online nu, detached
   mixer). q is a fit of r + gamma nu_tot(s'), so holding it fixed drops that term, and the minimiser over nu becomes
   E_D[w*] = (1 - gamma) p0-mass, driving w* to 0 and nu_tot up without bound: on Hopper expert, 3k updates took
   nu_tot from 500 to 6,750 and L_q to 8e5 (return 11). With the term, the minimiser is the flow balance of a
   stationary distribution (a test checks the gradient against the DICE objective's).
-- Ours: the three losses are computed from one forward pass on the same minibatch, each seeing the others' networks
+- The three losses are computed from one forward pass on the same minibatch, each seeing the others' networks
   before this update (the paper updates them "simultaneously"); w* is detached and not clipped.
-- Ours: every update draws batch_size initial states uniformly from D0, independent of the transition minibatch.
+- Every update draws batch_size initial states uniformly from D0, independent of the transition minibatch.
 - Policy: state-dependent log-std clamped to [-5, 2]; dataset actions clamped to +-(1 - 1e-6) before atanh;
   evaluation action tanh(mean). Not offered: the 2-layer mixer of the seed's ablation.
 """

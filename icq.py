@@ -18,9 +18,11 @@ r + gamma max_B Q̄_tot(s', a'), the best next value seen in the batch.
 
 Agent inputs follow --obs-mode as in omiga.py: "state" (default, global state + one-hot id) or "local".
 
-Choices the paper leaves open (published code's, i.e. OMIGA's ICQ baseline, unless marked "ours"):
-- alpha 10 (seed 002, Table 5, "Lagrangian coefficient"), beta 100, gamma 0.99, tau 0.005, Adam lr 5e-4, batch 128,
-  2x256 ReLU networks, mixer with one hidden layer of 64, gradient-norm clip 1.0. Both temperatures are in units of Q:
+Choices the paper leaves open ("published code" is the continuous multi-agent ICQ that seed 004 runs as a baseline,
+vietbt/ComaDICE agents/continuous/icq.py; OMIGA's repository has no ICQ; "ours" marks the rest):
+- alpha 10 (seed 002, Table 5, "Lagrangian coefficient"; also the published code's), beta 100, gamma 0.99, tau 0.005,
+  Adam lr 1e-4 (the published code's command-line default), batch 128, 2x256 ReLU networks, mixer with one hidden
+  layer of 64, gradient-norm clip 1.0. Both temperatures are in units of Q:
   with MuJoCo rewards of a few per step, Q spans about 10^2 over a batch, so beta 100 gives policy weights within a few
   e-folds of each other and no single sample owns the batch; rescale beta with the reward scale (the toy test: 0.2).
 - Twin critics, min per agent before mixing, for the target and the policy weights. Ours: each twin is mixed and
@@ -114,9 +116,9 @@ class Args:
     """temperature of the critic's implicit constraint, in units of Q (ICQ's Lagrangian coefficient; seed 002: 10)"""
     beta: float = 100.0
     """temperature of the policy weights softmax(w_i Q_i / beta), in units of Q (published code: 100)"""
-    q_lr: float = 5e-4
+    q_lr: float = 1e-4
     """learning rate of the local critics and the mixer"""
-    policy_lr: float = 5e-4
+    policy_lr: float = 1e-4
     """learning rate of the policies"""
     hidden_dim: int = 256
     """hidden units of the two hidden layers of Q and pi"""

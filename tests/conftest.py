@@ -1,3 +1,4 @@
+import itertools
 import json
 import os
 import re
@@ -6,6 +7,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -92,3 +94,49 @@ def exp_loss_fixed_point(loss, track_shift, std: float = 3.0, steps: int = 10_00
         if step >= steps // 2:
             averaged += v.detach().squeeze() / (steps - steps // 2)
     return torch.exp(pool - averaged).mean().item()
+
+
+# A two-agent chain with known regularised optima: the multi-step, never-terminal toy of the value tests.
+CHAIN_GAMMA = 0.8
+CHAIN_ACTIONS = np.array([-0.5, 0.5], np.float32)  # the two discrete actions as continuous inputs
+CHAIN_BEHAVIOUR = np.array([[[0.8, 0.2], [0.3, 0.7]], [[0.5, 0.5], [0.9, 0.1]]])  # pi_b,i(a_i | s_i)
+CHAIN_REWARD = np.array([[[0.0, 1.0], [0.6, 0.0]], [[0.2, 0.0], [0.0, 0.8]]])  # r_i(s_i, a_i); r = r_0 + r_1
+CHAIN_JOINT = [(k // 8, (k // 4) % 2, (k // 2) % 2, k % 2) for k in range(16)]  # row k: (s_0, s_1, a_0, a_1)
+
+
+def chain_soft_optimum(agent: int, alpha: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each agent's local state s_i in {0, 1} moves to s_i' = a_i, forever, so the KL-regularised problem separates
+    per agent: soft value iteration of r_i - alpha KL(pi_i || pi_b,i) gives Q_i [s, a], V_i [s] and pi*_i [s, a]."""
+    behaviour, reward = CHAIN_BEHAVIOUR[agent], CHAIN_REWARD[agent]
+    v = np.zeros(2)
+    for _ in range(500):
+        q = reward + CHAIN_GAMMA * v[None, :]
+        v = alpha * np.log((behaviour * np.exp(q / alpha)).sum(1))
+    return q, v, behaviour * np.exp((q - v[:, None]) / alpha)
+
+
+def chain_dataset(episode_length: int | None = None):
+    """Every joint (s, a) of the two-agent chain, repeated in proportion to the behaviour policies; never terminal.
+    Both agents observe the global state (one-hot of (s_0, s_1)). With episode_length the rows are shuffled and every
+    episode_length-th is a timeout, so that the rows after them (and row 0) are episode starts."""
+    from common.datasets import Dataset
+
+    rows = np.array([(s0, s1, a0, a1) for s0, s1, a0, a1 in itertools.product(range(2), repeat=4)
+                     for _ in range(round(200 * CHAIN_BEHAVIOUR[0, s0, a0] * CHAIN_BEHAVIOUR[1, s1, a1]))])
+    timeouts = np.zeros(len(rows), bool)
+    if episode_length is not None:
+        rows = rows[np.random.default_rng(0).permutation(len(rows))]
+        timeouts[episode_length - 1 :: episode_length] = True
+    one_hot = np.eye(4, dtype=np.float32)
+    states, next_states = one_hot[rows[:, 0] * 2 + rows[:, 1]], one_hot[rows[:, 2] * 2 + rows[:, 3]]
+    rewards = CHAIN_REWARD[0, rows[:, 0], rows[:, 2]] + CHAIN_REWARD[1, rows[:, 1], rows[:, 3]]
+    arrays = dict(observations=np.repeat(states[:, None], 2, 1), next_observations=np.repeat(next_states[:, None], 2, 1),
+                  states=states, next_states=next_states, actions=CHAIN_ACTIONS[rows[:, 2:]][..., None],
+                  rewards=rewards.astype(np.float32), terminals=np.zeros(len(rows), bool), timeouts=timeouts)
+    return Dataset(arrays, dict(obs_mode="local"), "local", "cpu")
+
+
+def chain_joint_batch(dataset):
+    """The 16 joint (s, a) of the chain as one batch, row k = CHAIN_JOINT[k]."""
+    keys = (dataset.states.argmax(1) * 4 + (dataset.actions[0, :, 0] > 0) * 2 + (dataset.actions[1, :, 0] > 0)).tolist()
+    return dataset.gather(torch.tensor([keys.index(k) for k in range(16)]))

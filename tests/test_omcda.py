@@ -2,7 +2,6 @@
 enumeration, the values of a multi-step chain against their closed form, allocation on a task where one agent matters,
 and smoke runs of the headline command and each ablation."""
 
-import itertools
 import math
 import re
 
@@ -12,7 +11,8 @@ import torch
 
 import omcda
 from common.datasets import Dataset
-from conftest import exp_loss_fixed_point, run_script, smoke_run
+from conftest import (CHAIN_BEHAVIOUR, CHAIN_GAMMA, CHAIN_JOINT, CHAIN_REWARD, chain_dataset, chain_joint_batch,
+                      chain_soft_optimum, exp_loss_fixed_point, run_script, smoke_run)
 
 
 def test_allocation_budgets_are_nonnegative_sum_to_d_tot_and_follow_influence():
@@ -133,45 +133,20 @@ def test_influence_and_kl_estimators_match_exact_enumeration(with_conservative):
         torch.testing.assert_close(measured, alpha)
 
 
-CHAIN_GAMMA = 0.8
-CHAIN_ACTIONS = np.array([-0.5, 0.5], np.float32)  # the two discrete actions as continuous inputs
-CHAIN_BEHAVIOUR = np.array([[[0.8, 0.2], [0.3, 0.7]], [[0.5, 0.5], [0.9, 0.1]]])  # pi_b,i(a_i | s_i)
-CHAIN_REWARD = np.array([[[0.0, 1.0], [0.6, 0.0]], [[0.2, 0.0], [0.0, 0.8]]])  # r_i(s_i, a_i); r = r_0 + r_1
 CHAIN_ALPHA = np.array([0.5, 2.0])
 
 
 def chain_exact_values() -> dict:
-    """Each agent's local state s_i in {0, 1} moves to s_i' = a_i, forever: the regularised problem separates per
-    agent. Soft value iteration of r_i - alpha_i KL gives pi*_i; Q^r, V^r, Q^c, V^c of pi*_i by linear solves."""
+    """pi*_i of r_i - alpha_i KL on the chain (conftest), then Q^r, V^r, Q^c, V^c of pi*_i by linear solves."""
     exact = {}
     for i in range(2):
-        behaviour, reward, alpha = CHAIN_BEHAVIOUR[i], CHAIN_REWARD[i], CHAIN_ALPHA[i]
-        v = np.zeros(2)
-        for _ in range(500):
-            q = reward + CHAIN_GAMMA * v[None, :]
-            v = alpha * np.log((behaviour * np.exp(q / alpha)).sum(1))
-        pi = behaviour * np.exp((q - v[:, None]) / alpha)
-        kl = (pi * np.log(pi / behaviour)).sum(1)
-        v_reward = np.linalg.solve(np.eye(2) - CHAIN_GAMMA * pi, (pi * reward).sum(1))
+        _, _, pi = chain_soft_optimum(i, CHAIN_ALPHA[i])
+        kl = (pi * np.log(pi / CHAIN_BEHAVIOUR[i])).sum(1)
+        v_reward = np.linalg.solve(np.eye(2) - CHAIN_GAMMA * pi, (pi * CHAIN_REWARD[i]).sum(1))
         v_conservative = np.linalg.solve(np.eye(2) - CHAIN_GAMMA * pi, -kl)
-        exact[i] = dict(v_reward=v_reward, q_reward=reward + CHAIN_GAMMA * v_reward[None, :],
+        exact[i] = dict(v_reward=v_reward, q_reward=CHAIN_REWARD[i] + CHAIN_GAMMA * v_reward[None, :],
                         v_conservative=v_conservative, q_conservative=np.tile(CHAIN_GAMMA * v_conservative, (2, 1)))
     return exact
-
-
-def chain_dataset() -> Dataset:
-    """Every joint (s, a) of the two-agent chain, repeated in proportion to the behaviour policies; never terminal."""
-    rows = [(s0, s1, a0, a1) for s0, s1, a0, a1 in itertools.product(range(2), repeat=4)
-            for _ in range(round(200 * CHAIN_BEHAVIOUR[0, s0, a0] * CHAIN_BEHAVIOUR[1, s1, a1]))]
-    rows = np.array(rows)
-    one_hot = np.eye(4, dtype=np.float32)
-    states, next_states = one_hot[rows[:, 0] * 2 + rows[:, 1]], one_hot[rows[:, 2] * 2 + rows[:, 3]]
-    rewards = CHAIN_REWARD[0, rows[:, 0], rows[:, 2]] + CHAIN_REWARD[1, rows[:, 1], rows[:, 3]]
-    arrays = dict(observations=np.repeat(states[:, None], 2, 1), next_observations=np.repeat(next_states[:, None], 2, 1),
-                  states=states, next_states=next_states, actions=CHAIN_ACTIONS[rows[:, 2:]][..., None],
-                  rewards=rewards.astype(np.float32), terminals=np.zeros(len(rows), bool),
-                  timeouts=np.zeros(len(rows), bool))
-    return Dataset(arrays, dict(obs_mode="local"), "local", "cpu")
 
 
 def test_values_match_the_closed_form_on_a_multi_step_chain():
@@ -190,9 +165,7 @@ def test_values_match_the_closed_form_on_a_multi_step_chain():
     for _ in range(1500):
         omcda.update(agents, optimizers, dataset.sample(128, generator), args)
 
-    # One row per joint (s, a_0, a_1), in the order s * 4 + a_0 * 2 + a_1.
-    keys = (dataset.states.argmax(1) * 4 + (dataset.actions[0, :, 0] > 0) * 2 + (dataset.actions[1, :, 0] > 0)).tolist()
-    batch = dataset.gather(torch.tensor([keys.index(k) for k in range(16)]))
+    batch = chain_joint_batch(dataset)
     with torch.no_grad():
         w, b = agents.mixer(batch.states)
         bias_conservative = agents.bias_conservative(batch.states)
@@ -201,7 +174,7 @@ def test_values_match_the_closed_form_on_a_multi_step_chain():
                        q_conservative=agents.q_conservative(batch.obs, batch.actions) + bias_conservative,
                        v_conservative=(agents.v_conservative(batch.obs) + bias_conservative)[:, ::4])
     exact = chain_exact_values()
-    local = [(s // 8, (s // 4) % 2, (s // 2) % 2, s % 2) for s in range(16)]  # (s_0, s_1, a_0, a_1)
+    local = CHAIN_JOINT
     expected = dict(
         q_reward=[exact[0]["q_reward"][s0, a0] + exact[1]["q_reward"][s1, a1] for s0, s1, a0, a1 in local],
         v_reward=[exact[0]["v_reward"][s0] + exact[1]["v_reward"][s1] for s0, s1, _, _ in local[::4]],

@@ -1,4 +1,5 @@
-"""OMIGA: the V loss's minimiser, the policy loss's direction, learning on a toy task, and a smoke run."""
+"""OMIGA: the V loss's minimiser, the policy loss's direction, the values of a multi-step chain against their closed
+form, learning on a toy task, and a smoke run."""
 
 
 import numpy as np
@@ -6,7 +7,8 @@ import torch
 
 import omiga
 from common.datasets import Dataset
-from conftest import exp_loss_fixed_point, run_script, smoke_run
+from conftest import (CHAIN_GAMMA, CHAIN_JOINT, chain_dataset, chain_joint_batch, chain_soft_optimum,
+                      exp_loss_fixed_point, run_script, smoke_run)
 
 
 def test_value_loss_minimiser_is_closed_form():
@@ -52,6 +54,29 @@ def test_policy_gradient_raises_high_advantage_action():
     after = policy.log_prob(obs, actions).detach()
     gap_before, gap_after = before[0, 1] - before[0, 0], after[0, 1] - after[0, 0]
     assert gap_after > gap_before + 1e-4
+
+
+def test_values_match_the_soft_optimum_on_a_multi_step_chain():
+    """gamma 0.8, no terminals, alpha 1: Q_tot and V_tot are the soft (KL-regularised) optimum's, which separates per
+    agent on the chain: Q_tot = Q_0 + Q_1, V_tot = V_0 + V_1. A Q target without gamma V_tot(s') misses by > 1."""
+    torch.manual_seed(0)
+    dataset = chain_dataset()
+    args = omiga.Args(alpha=1.0, gamma=CHAIN_GAMMA, tau=0.05, hidden_dim=64, mixer_hidden_dim=32, q_lr=2e-3, v_lr=2e-3)
+    agents = omiga.Agents(2, dataset.obs_dim, 1, 4, args)
+    optimizers = omiga.make_optimizers(agents, args)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(1500):
+        omiga.update(agents, optimizers, dataset.sample(128, generator), args)
+
+    batch = chain_joint_batch(dataset)
+    with torch.no_grad():
+        w, b = agents.mixer(batch.states)
+        q_tot, v_tot = omiga.mix(w, agents.q(batch.obs, batch.actions), b), omiga.mix(w, agents.v(batch.obs), b)[::4]
+    (q_0, v_0, _), (q_1, v_1, _) = chain_soft_optimum(0, args.alpha), chain_soft_optimum(1, args.alpha)
+    expected_q = [q_0[s0, a0] + q_1[s1, a1] for s0, s1, a0, a1 in CHAIN_JOINT]
+    expected_v = [v_0[s0] + v_1[s1] for s0, s1, _, _ in CHAIN_JOINT[::4]]
+    torch.testing.assert_close(q_tot, torch.tensor(expected_q, dtype=torch.float32), atol=0.08, rtol=0)
+    torch.testing.assert_close(v_tot, torch.tensor(expected_v, dtype=torch.float32), atol=0.08, rtol=0)
 
 
 def toy_dataset(n_samples: int = 4000, seed: int = 0) -> tuple[Dataset, np.ndarray]:
