@@ -14,7 +14,8 @@ Native format: one HDF5 file per (env, agent_conf, quality), e.g. `Hopper-3x1-me
 
 Transitions of an episode are contiguous; an episode ends where `terminals | timeouts`.
 Agent inputs for `--obs-mode state|omiga` are built from `states` (+ one-hot id) at load time, so one file serves
-every mode. Files imported from OMIGA (`obs_mode="omiga"`) already hold OMIGA's agent inputs and serve only that mode.
+every mode. Files imported from OMIGA (`obs_mode="omiga"`) hold what OMIGA's env recorded (per agent, [state, one-hot id]
+z-scored) and serve only that mode; the one-hot id is appended at load time, as OMIGA's networks do.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import h5py
 import numpy as np
 import torch
 
-from common.envs import ENV_SPECS, build_agent_obs, check_env_name, check_obs_mode
+from common.envs import ENV_SPECS, build_agent_obs, check_env_name, check_obs_mode, with_agent_id
 
 QUALITIES = ("expert", "medium", "medium-replay", "medium-expert")
 ARRAY_KEYS = ("observations", "next_observations", "states", "next_states", "actions", "rewards", "terminals", "timeouts")
@@ -175,8 +176,8 @@ class Dataset:
             raise DatasetError(f"this dataset was imported from OMIGA's files and holds only OMIGA's agent inputs; "
                                f"use --obs-mode omiga (got {obs_mode!r})")
         self.attrs, self.obs_mode, self.device = attrs, obs_mode, torch.device(device)
-        if recorded_mode == "omiga":
-            obs, next_obs = arrays["observations"], arrays["next_observations"]
+        if recorded_mode == "omiga":  # OMIGA's recorded inputs; its networks append the agent id
+            obs, next_obs = with_agent_id(arrays["observations"]), with_agent_id(arrays["next_observations"])
         else:
             spec = ENV_SPECS.get(attrs.get("env", ""))
             omiga_dim = spec.omiga_state_dim if spec else None
@@ -217,9 +218,11 @@ class Dataset:
         return cumulative[self._episode_ends] - cumulative[starts]
 
     def check_env(self, env) -> None:
-        """Fail clearly when the dataset does not fit the environment the script will evaluate in."""
-        mine = (self.n_agents, self.obs_dim, self.act_dim, self.state_dim)
-        theirs = (env.n_agents, env.obs_dim, env.act_dim, env.state_dim)
+        """Fail clearly when the dataset does not fit the environment the script will evaluate in. The state of a file
+        imported from OMIGA is its mixer's input (every agent's recorded vector), used in training only."""
+        imported = self.attrs.get("obs_mode") == "omiga"
+        mine = (self.n_agents, self.obs_dim, self.act_dim, None if imported else self.state_dim)
+        theirs = (env.n_agents, env.obs_dim, env.act_dim, None if imported else env.state_dim)
         if mine != theirs:
             recorded = f"{self.attrs.get('env', '?')} {self.attrs.get('agent_conf', '?')}"
             raise DatasetError(
@@ -250,7 +253,7 @@ def import_omiga(src: str | Path, dst: str | Path, env: str, agent_conf: str | N
     """Convert OMIGA's published `{Scenario}-v2-{conf}-{quality}.hdf5` (keys s, o, a, r, d) to the native format.
 
     OMIGA builds transitions as: keep t where d[t] == 0 and t < N-1; next step t+1; bootstrap mask 1 - d[t+1].
-    The global state is agent 0's `s`."""
+    The global state is every agent's `s` concatenated, the input of OMIGA's mixer."""
     spec = check_env_name(env)
     agent_conf = agent_conf or spec.default_agent_conf
     src = Path(src)
@@ -276,11 +279,13 @@ def import_omiga(src: str | Path, dst: str | Path, env: str, agent_conf: str | N
     nxt = keep + 1
     terminals = d[nxt]
     # OMIGA drops the step after a done, so a kept transition whose successor is a done ends an episode.
-    arrays = dict(observations=o[keep], next_observations=o[nxt], states=s[keep, 0], next_states=s[nxt, 0],
+    arrays = dict(observations=o[keep], next_observations=o[nxt], states=s[keep].reshape(len(keep), -1),
+                  next_states=s[nxt].reshape(len(nxt), -1),
                   actions=a[keep], rewards=r[keep], terminals=terminals,
                   timeouts=np.zeros_like(terminals))
     attrs = dict(env=env, agent_conf=agent_conf, obs_mode="omiga", n_agents=o.shape[1], obs_dims=[o.shape[2]] * o.shape[1],
-                 act_dims=[a.shape[2]] * a.shape[1], state_dim=s.shape[2], source=f"imported from OMIGA file {src.name}")
+                 act_dims=[a.shape[2]] * a.shape[1], state_dim=s.shape[1] * s.shape[2],
+                 source=f"imported from OMIGA file {src.name}")
     return write_dataset(dst, arrays, attrs)
 
 

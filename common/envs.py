@@ -9,8 +9,9 @@
 Agent inputs depend on `obs_mode` (see `build_agent_obs`):
     "state"  global state + one-hot agent id: the setting of the seeds' experiments (OMIGA, ComaDICE, OMCDA).
     "local"  local observation (agent_obsk=1), zero-padded to the largest agent, + one-hot id.
-    "omiga"  how OMIGA's published files were recorded: the state vector z-scored over its own entries
-             (Ant: first zero-padded to 111 entries, where Ant-v2 had its always-zero contact forces), + one-hot id.
+    "omiga"  OMIGA's published pipeline: its env records, per agent, [state, one-hot id] z-scored over its own
+             entries (Ant: the state first zero-padded to 111 entries, where Ant-v2 had its always-zero contact
+             forces), and its networks append the one-hot id again.
 
 The physics are MuJoCo 4 (Gymnasium `*-v5`), which differ slightly from the mujoco-py / MuJoCo 2.0 `*-v2`
 tasks that OMIGA's data was recorded in; returns are comparable in scale, not to the decimal.
@@ -70,13 +71,23 @@ def check_obs_mode(obs_mode: str) -> None:
         raise EnvConfigError(f"unknown obs_mode {obs_mode!r}; valid modes: {', '.join(OBS_MODES)}")
 
 
-def omiga_normalise(states: np.ndarray, padded_dim: int) -> np.ndarray:
-    """OMIGA's recorded input: the state zero-padded to `padded_dim`, then z-scored over its own entries."""
+def omiga_normalise(states: np.ndarray, n_agents: int, padded_dim: int) -> np.ndarray:
+    """What OMIGA's env records for each agent [..., n_agents, padded_dim + n_agents]: [state zero-padded to
+    `padded_dim`, one-hot id] z-scored over its own entries."""
     pad = padded_dim - states.shape[-1]
     padded = np.concatenate([states, np.zeros(states.shape[:-1] + (pad,), states.dtype)], -1) if pad > 0 else states
-    mean = padded.mean(-1, keepdims=True)
-    std = padded.std(-1, keepdims=True)
-    return (padded - mean) / np.maximum(std, 1e-8)
+    per_agent = np.broadcast_to(padded[..., None, :], padded.shape[:-1] + (n_agents, padded_dim))
+    recorded = with_agent_id(per_agent).astype(np.float64)
+    mean = recorded.mean(-1, keepdims=True)
+    std = recorded.std(-1, keepdims=True)
+    return ((recorded - mean) / np.maximum(std, 1e-8)).astype(np.float32)
+
+
+def with_agent_id(agent_inputs: np.ndarray) -> np.ndarray:
+    """[..., n_agents, d] -> [..., n_agents, d + n_agents]: the one-hot agent id appended."""
+    *batch_shape, n_agents, _ = agent_inputs.shape
+    agent_id = np.broadcast_to(np.eye(n_agents, dtype=np.float32), (*batch_shape, n_agents, n_agents))
+    return np.concatenate([agent_inputs, agent_id], -1).astype(np.float32)
 
 
 def build_agent_obs(obs_mode: str, local_obs: np.ndarray, states: np.ndarray, omiga_state_dim: int | None = None) -> np.ndarray:
@@ -88,12 +99,11 @@ def build_agent_obs(obs_mode: str, local_obs: np.ndarray, states: np.ndarray, om
     batch_shape = local_obs.shape[:-2]
     if obs_mode == "local":
         base = local_obs
+    elif obs_mode == "omiga":
+        base = omiga_normalise(states, n_agents, omiga_state_dim or states.shape[-1])
     else:
-        if obs_mode == "omiga":
-            states = omiga_normalise(states, omiga_state_dim or states.shape[-1])
         base = np.broadcast_to(states[..., None, :], batch_shape + (n_agents, states.shape[-1]))
-    agent_id = np.broadcast_to(np.eye(n_agents, dtype=np.float32), batch_shape + (n_agents, n_agents))
-    return np.concatenate([base, agent_id], -1).astype(np.float32)
+    return with_agent_id(base)
 
 
 class MultiAgentMujocoEnv:

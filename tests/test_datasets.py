@@ -8,7 +8,7 @@ import torch
 from common.collect import ensure_dataset
 from common.datasets import (ARRAY_KEYS, Dataset, DatasetError, dataset_path, import_omiga, load_dataset, read_dataset,
                              write_dataset)
-from common.envs import make_env
+from common.envs import build_agent_obs, make_env
 from conftest import run_module
 
 # Three hand-made episodes: lengths 3 (terminal), 4 (time-out), 2 (terminal).
@@ -173,15 +173,37 @@ def test_omiga_import_builds_next_step_and_mask_like_omiga(tmp_path, r_shape):
     np.testing.assert_array_equal(arrays["next_observations"], raw["o"][nxt])
     np.testing.assert_array_equal(arrays["actions"], raw["a"][keep])
     np.testing.assert_array_equal(arrays["rewards"], [100, 101, 103, 104])
-    np.testing.assert_array_equal(arrays["states"], raw["s"][keep, 0])  # agent 0's s
-    np.testing.assert_array_equal(arrays["next_states"], raw["s"][nxt, 0])
+    np.testing.assert_array_equal(arrays["states"], raw["s"][keep].reshape(4, 6))  # every agent's s, as OMIGA's mixer
+    np.testing.assert_array_equal(arrays["next_states"], raw["s"][nxt].reshape(4, 6))
     np.testing.assert_array_equal(arrays["terminals"], [False, True, False, True])  # d[t+1]: mask = 1 - d[t+1]
     assert not arrays["timeouts"].any()
     assert attrs["obs_mode"] == "omiga" and attrs["env"] == "Hopper" and attrs["n_agents"] == 2
     dataset = load_dataset(out, "cpu", obs_mode="omiga")
-    np.testing.assert_array_equal(dataset.obs.numpy(), raw["o"][keep].transpose(1, 0, 2))  # OMIGA's inputs as they are
+    # OMIGA's recorded inputs as they are, then the one-hot id its networks append
+    np.testing.assert_array_equal(dataset.obs[:, :, :4].numpy(), raw["o"][keep].transpose(1, 0, 2))
+    np.testing.assert_array_equal(dataset.obs[:, :, 4:].numpy(), np.broadcast_to(np.eye(2)[:, None], (2, 4, 2)))
     np.testing.assert_array_equal(dataset.dones.numpy(), [0, 1, 0, 1])
     np.testing.assert_allclose(dataset.episode_returns(), [201, 207])
+
+
+def test_omiga_import_trains_on_what_omiga_evaluation_feeds(tmp_path):
+    """A Hopper file built the way OMIGA's env records (o_i = s_i = z-score of [state, one-hot i]) trains on exactly the
+    inputs our env gives a policy in --obs-mode omiga for the same states, and passes the env check."""
+    from test_envs import omiga_recorded
+
+    env = make_env("Hopper", obs_mode="omiga")
+    raw_states = np.random.default_rng(0).normal(0.0, 2.0, (6, env.state_dim))
+    recorded = np.stack([[omiga_recorded(x, env.state_dim, i, env.n_agents) for i in range(env.n_agents)]
+                         for x in raw_states]).astype(np.float32)
+    d = np.zeros((6, 1))
+    write_raw(tmp_path / "raw.hdf5", dict(s=recorded, o=recorded, a=np.zeros((6, 3, 1), np.float32),
+                                          r=np.zeros(6, np.float32), d=d))
+    dataset = load_dataset(import_omiga(tmp_path / "raw.hdf5", tmp_path / "Hopper-3x1-expert.hdf5", "Hopper"), "cpu",
+                           obs_mode="omiga")
+    dataset.check_env(env)
+    env_inputs = build_agent_obs("omiga", np.zeros((5, 3, env.local_obs_dim)), raw_states[:5], env.omiga_state_dim)
+    np.testing.assert_allclose(dataset.obs.numpy(), env_inputs.transpose(1, 0, 2), atol=1e-5)
+    assert dataset.state_dim == 3 * 14  # OMIGA's mixer input: the three recorded vectors side by side
 
 
 @pytest.mark.parametrize("mode", ["state", "local"])

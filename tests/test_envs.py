@@ -15,14 +15,16 @@ SPECS = {
 
 def expected_obs_dim(name: str, obs_mode: str) -> int:
     _, n, _, state_dim, local_dim, omiga_dim = SPECS[name]
-    return {"state": state_dim, "local": local_dim, "omiga": omiga_dim}[obs_mode] + n
+    return {"state": state_dim, "local": local_dim, "omiga": omiga_dim + n}[obs_mode] + n
 
 
-def zscore_padded(state: np.ndarray, size: int) -> np.ndarray:
-    """OMIGA's recorded input, computed here independently: zero-pad to `size`, z-score over the entries."""
-    padded = np.zeros(size, np.float64)
-    padded[: len(state)] = state
-    return (padded - padded.mean()) / padded.std()
+def omiga_recorded(state: np.ndarray, size: int, agent: int, n_agents: int) -> np.ndarray:
+    """What OMIGA's env records for one agent, computed here independently: [state zero-padded to `size`, one-hot
+    id], z-scored over its entries (its MaMuJoCo get_obs)."""
+    recorded = np.zeros(size + n_agents, np.float64)
+    recorded[: len(state)] = state
+    recorded[size + agent] = 1.0
+    return (recorded - recorded.mean()) / recorded.std()
 
 
 @pytest.mark.parametrize("obs_mode", OBS_MODES)
@@ -64,13 +66,14 @@ def test_state_and_omiga_modes_are_built_from_the_state(name):
     np.testing.assert_array_equal(state, omiga_state)  # same seed and actions: same physics in both modes
     for i in range(n):
         np.testing.assert_array_equal(state_obs[i], np.concatenate([state, np.eye(n)[i]]).astype(np.float32))
-        z = zscore_padded(state, omiga_dim)
-        np.testing.assert_allclose(omiga_obs[i, :omiga_dim], z, rtol=1e-5, atol=1e-5)
-        np.testing.assert_array_equal(omiga_obs[i, omiga_dim:], np.eye(n)[i])
-    assert abs(omiga_obs[0, :omiga_dim].mean()) < 1e-5 and abs(omiga_obs[0, :omiga_dim].std() - 1) < 1e-4
+        recorded = omiga_recorded(state, omiga_dim, i, n)
+        np.testing.assert_allclose(omiga_obs[i, : omiga_dim + n], recorded, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(omiga_obs[i, omiga_dim + n :], np.eye(n)[i])  # appended again by the networks
+    assert abs(omiga_obs[0, : omiga_dim + n].mean()) < 1e-5 and abs(omiga_obs[0, : omiga_dim + n].std() - 1) < 1e-4
+    assert not np.allclose(omiga_obs[0, : omiga_dim + n], omiga_obs[1, : omiga_dim + n])  # the id is inside the z-score
     if name == "Ant":  # Ant-v2's always-zero contact forces: one constant value after the z-score
-        assert omiga_obs.shape[1] == 113
-        np.testing.assert_allclose(omiga_obs[0, state_dim:omiga_dim], z[state_dim], rtol=1e-6)
+        assert omiga_obs.shape[1] == 115
+        np.testing.assert_allclose(omiga_obs[0, state_dim:omiga_dim], recorded[state_dim], rtol=1e-6)
 
 
 @pytest.mark.parametrize("name", list(SPECS))
