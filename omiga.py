@@ -93,6 +93,9 @@ class Args:
     """log losses every this many updates"""
     save_model: bool = False
     """if toggled, save all networks, optimizers and the step to `model.pt` in the run directory"""
+    per_agent_networks: bool = False
+    """if toggled, every agent has its own network weights (default: one network of each kind shared by all agents,
+    told apart by the one-hot id in their inputs, as in the official OMIGA code)"""
 
     # Algorithm specific arguments
     gamma: float = 0.99
@@ -117,34 +120,42 @@ class Args:
     """z is clamped to [-z_clip, z_clip] in the policy weight exp(z)"""
 
 
-# TRY NOT TO MODIFY: batched per-agent networks and the mixer
+# TRY NOT TO MODIFY: agent networks (shared or per agent, all agents in one matmul) and the mixer
 class BatchedLinear(nn.Module):
-    """One linear layer per agent, all agents in one matmul: x [n_agents, B, in] -> [n_agents, B, out]."""
+    """A linear layer with G weight sets in one matmul: x [G * k, B, in] -> [G * k, B, out], each consecutive group
+    of k rows using one weight set. G = 1 shares the layer between all agents, told apart by the one-hot id in their
+    inputs (the official OMIGA code's networks); G = n_agents gives every agent its own."""
 
-    def __init__(self, n_agents: int, in_dim: int, out_dim: int):
+    def __init__(self, weight_sets: int, in_dim: int, out_dim: int):
         super().__init__()
-        bound = 1.0 / math.sqrt(in_dim)  # nn.Linear's default initialisation, per agent
-        self.weight = nn.Parameter(torch.empty(n_agents, in_dim, out_dim).uniform_(-bound, bound))
-        self.bias = nn.Parameter(torch.empty(n_agents, 1, out_dim).uniform_(-bound, bound))
+        bound = 1.0 / math.sqrt(in_dim)  # nn.Linear's default initialisation, per weight set
+        self.weight = nn.Parameter(torch.empty(weight_sets, in_dim, out_dim).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(weight_sets, 1, out_dim).uniform_(-bound, bound))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.baddbmm(self.bias, x, self.weight)
+        grouped = x.reshape(self.weight.shape[0], -1, x.shape[-1])
+        return torch.baddbmm(self.bias, grouped, self.weight).reshape(*x.shape[:-1], -1)
 
 
-def batched_mlp(n_agents: int, in_dim: int, out_dim: int, hidden_dim: int) -> nn.Sequential:
+def count_weight_sets(n_agents: int, per_agent_networks: bool) -> int:
+    """How many weight sets each agent network has: 1 (shared by the agents) or one per agent."""
+    return n_agents if per_agent_networks else 1
+
+
+def batched_mlp(weight_sets: int, in_dim: int, out_dim: int, hidden_dim: int) -> nn.Sequential:
     return nn.Sequential(
-        BatchedLinear(n_agents, in_dim, hidden_dim), nn.ReLU(),
-        BatchedLinear(n_agents, hidden_dim, hidden_dim), nn.ReLU(),
-        BatchedLinear(n_agents, hidden_dim, out_dim),
+        BatchedLinear(weight_sets, in_dim, hidden_dim), nn.ReLU(),
+        BatchedLinear(weight_sets, hidden_dim, hidden_dim), nn.ReLU(),
+        BatchedLinear(weight_sets, hidden_dim, out_dim),
     )
 
 
 class AgentValue(nn.Module):
     """V_i(o_i) for every agent: obs [n, B, obs_dim] -> [n, B]."""
 
-    def __init__(self, n_agents: int, obs_dim: int, hidden_dim: int):
+    def __init__(self, weight_sets: int, obs_dim: int, hidden_dim: int):
         super().__init__()
-        self.net = batched_mlp(n_agents, obs_dim, 1, hidden_dim)
+        self.net = batched_mlp(weight_sets, obs_dim, 1, hidden_dim)
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         return self.net(obs).squeeze(-1)
@@ -153,9 +164,9 @@ class AgentValue(nn.Module):
 class AgentQ(nn.Module):
     """Q_i(o_i, a_i) for every agent: obs [n, B, obs_dim], actions [n, B, act_dim] -> [n, B]."""
 
-    def __init__(self, n_agents: int, obs_dim: int, act_dim: int, hidden_dim: int):
+    def __init__(self, weight_sets: int, obs_dim: int, act_dim: int, hidden_dim: int):
         super().__init__()
-        self.net = batched_mlp(n_agents, obs_dim + act_dim, 1, hidden_dim)
+        self.net = batched_mlp(weight_sets, obs_dim + act_dim, 1, hidden_dim)
 
     def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         return self.net(torch.cat([obs, actions], -1)).squeeze(-1)
@@ -173,9 +184,9 @@ def tanh_gaussian_log_prob(mean: torch.Tensor, log_std: torch.Tensor, actions: t
 class AgentPolicy(nn.Module):
     """Tanh-Gaussian pi_i(a_i | o_i) with state-dependent log-std, all agents batched."""
 
-    def __init__(self, n_agents: int, obs_dim: int, act_dim: int, hidden_dim: int):
+    def __init__(self, weight_sets: int, obs_dim: int, act_dim: int, hidden_dim: int):
         super().__init__()
-        self.net = batched_mlp(n_agents, obs_dim, 2 * act_dim, hidden_dim)
+        self.net = batched_mlp(weight_sets, obs_dim, 2 * act_dim, hidden_dim)
 
     def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mean, log_std = self.net(obs).chunk(2, -1)
@@ -213,10 +224,11 @@ class Agents(nn.Module):
 
     def __init__(self, n_agents: int, obs_dim: int, act_dim: int, state_dim: int, args: Args):
         super().__init__()
-        self.v = AgentValue(n_agents, obs_dim, args.hidden_dim)
-        self.q = AgentQ(n_agents, obs_dim, act_dim, args.hidden_dim)
+        nets = count_weight_sets(n_agents, args.per_agent_networks)
+        self.v = AgentValue(nets, obs_dim, args.hidden_dim)
+        self.q = AgentQ(nets, obs_dim, act_dim, args.hidden_dim)
         self.mixer = Mixer(state_dim, n_agents, args.mixer_hidden_dim)
-        self.policy = AgentPolicy(n_agents, obs_dim, act_dim, args.hidden_dim)
+        self.policy = AgentPolicy(nets, obs_dim, act_dim, args.hidden_dim)
         self.v_target, self.q_target, self.mixer_target = (copy.deepcopy(m).requires_grad_(False) for m in (self.v, self.q, self.mixer))
         self.register_buffer("value_shift", torch.zeros(n_agents))
 

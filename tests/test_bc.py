@@ -3,6 +3,7 @@
 import re
 from pathlib import Path
 
+import pytest
 import torch
 
 import bc
@@ -21,9 +22,11 @@ def shared_sections(path: Path) -> list[str]:
 
 
 def two_context_batch(batch_size: int, generator: torch.Generator) -> Batch:
-    """Two agents, each seeing one of two contexts (a one-hot observation) and acting from the behaviour policy."""
+    """Two agents, each seeing one of two contexts (a one-hot observation, then its one-hot id as in every script's
+    inputs) and acting from the behaviour policy."""
     context = torch.randint(2, (2, batch_size), generator=generator)
-    obs = torch.nn.functional.one_hot(context, 2).float()
+    agent_id = torch.eye(2)[:, None].expand(2, batch_size, 2)
+    obs = torch.cat([torch.nn.functional.one_hot(context, 2).float(), agent_id], -1)
     noise = torch.randn(2, batch_size, generator=generator)
     pre_tanh = TRUE_MEAN.gather(1, context) + TRUE_STD.gather(1, context) * noise
     zeros = torch.zeros(batch_size)
@@ -31,16 +34,17 @@ def two_context_batch(batch_size: int, generator: torch.Generator) -> Batch:
                  states=zeros[:, None], next_states=zeros[:, None])
 
 
-def test_bc_recovers_the_behaviour_mean_and_std_of_every_agent():
+@pytest.mark.parametrize("per_agent_networks", [False, True])
+def test_bc_recovers_the_behaviour_mean_and_std_of_every_agent(per_agent_networks):
     torch.manual_seed(0)
-    args = bc.Args(hidden_dim=32, policy_lr=1e-3)
-    agents = bc.Agents(2, 2, 1, 1, args)
+    args = bc.Args(hidden_dim=32, policy_lr=1e-3, per_agent_networks=per_agent_networks)
+    agents = bc.Agents(2, 4, 1, 1, args)
     optimizers = bc.make_optimizers(agents, args)
     generator = torch.Generator().manual_seed(0)
     for _ in range(2000):
         bc.update(agents, optimizers, two_context_batch(512, generator), args)
     with torch.no_grad():
-        contexts = torch.eye(2).expand(2, 2, 2)  # [agent, context, one-hot]
+        contexts = torch.cat([torch.eye(2).expand(2, 2, 2), torch.eye(2)[:, None].expand(2, 2, 2)], -1)  # [agent, context, obs]
         mean, log_std = agents.policy(contexts)
     torch.testing.assert_close(mean.squeeze(-1), TRUE_MEAN, atol=0.05, rtol=0)
     torch.testing.assert_close(log_std.exp().squeeze(-1), TRUE_STD, atol=0.03, rtol=0)

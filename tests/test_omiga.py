@@ -153,3 +153,18 @@ def test_runs_started_in_the_same_second_get_separate_directories(tmp_path):
     base = tmp_path / "runs" / "Hopper__medium-replay__omiga__1__1700000000"
     first, second = omiga.unique_dir(base), omiga.unique_dir(base)
     assert first == base and second.name == base.name + "_2" and second.is_dir()
+
+
+def test_shared_and_per_agent_layers_are_one_matmul_equal_to_separate_linears():
+    """G = 1 applies one nn.Linear to every agent's rows; G = n one per agent; G = 2 over [2n, B] (ICQ's twins) one per
+    twin. The default networks are shared (one weight set), --per-agent-networks gives n."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 5, 4)
+    for weight_sets, group_of_row in ((1, [0] * 6), (6, range(6)), (2, [0, 0, 0, 1, 1, 1])):
+        layer = omiga.BatchedLinear(weight_sets, 4, 3)
+        expected = torch.stack([x[row] @ layer.weight[group] + layer.bias[group, 0]
+                                for row, group in enumerate(group_of_row)])
+        torch.testing.assert_close(layer(x), expected)
+    args = omiga.Args()
+    assert omiga.Agents(3, 7, 1, 5, args).v.net[0].weight.shape == (1, 7, 256)
+    assert omiga.Agents(3, 7, 1, 5, omiga.Args(per_agent_networks=True)).v.net[0].weight.shape == (3, 7, 256)
