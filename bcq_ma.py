@@ -1,0 +1,647 @@
+"""BCQ-MA: batch-constrained deep Q-learning per agent (BCQ: Fujimoto, Meger and Precup, ICML 2019, "Off-Policy Deep
+Reinforcement Learning without Exploration"), the BCQ-MA baseline of seed 000's Table 1, with the offline decentralized
+framework of seed 003 (Jiang and Lu, "Offline Decentralized Multi-Agent Reinforcement Learning": value deviation
+lambda_vd, transition normalization lambda_tn, MABCQ, its Algorithm 1) as two flags.
+
+Independent learners [ours]: every agent i learns from its own (o_i, a_i, r, o'_i, done) alone, with the team reward
+r; there is no mixer and no critic on the global state, with or without the flags. Seed 000 only names BCQ-MA; OMAR
+(Pan et al., ICML 2022), whose MuJoCo baselines seed 000 follows, builds its multi-agent baselines on decentralized
+critics, and seed 003's framework requires them (each agent sees only its own data). Agent inputs follow --obs-mode as
+in omiga.py: "state" (default: global state + one-hot id; seed 003's MuJoCo agents also get the robot's state) or
+"local". One dataset serves all agents, each reading only its own slice (seed 003 collects one dataset per agent).
+Per agent, all agents batched in one matmul:
+
+    G_i = {E_i(mu, sigma | o_i, a_i), D_i(a_i | o_i, z)}       conditional VAE, the behaviour model (BCQ Sec. 4)
+    xi_i(o_i, a_i; Phi) = Phi tanh(f_i(o_i, a_i)) in [-Phi, Phi],  acting a_i + xi_i clipped to [-1, 1]  (BCQ Sec. 4)
+    Q_i^1, Q_i^2 twin critics; targets (hat) of Q and xi are Polyak copies (rate tau); G_i has no target.
+
+BCQ's losses (BCQ Sec. 4 and its Algorithm 1; cited by section, as the equation numbers could not be checked here;
+seed 003's are its own):
+    L_G  = E_D[ |D_i(o_i, z) - a_i|^2 ] + beta KL(N(mu, sigma) || N(0, I)),   z = mu + sigma eps   (BCQ Sec. 4, App.)
+    candidates a^j = hat-xi_i(o', a~^j) + a~^j,  a~^j = D_i(o', z^j),  z^j ~ clip(N(0, I), -c, c),  j = 1..n
+    V*_i(o') = max_j [ lam min_k hat-Q_i^k(o', a^j) + (1 - lam) max_k hat-Q_i^k(o', a^j) ]  (soft clipped double Q)
+    y_i  = r + gamma (1 - done) V*_i(o')                                                      (BCQ Sec. 4)
+    L_Q  = E_D[ w_i sum_k (Q_i^k(o_i, a_i) - y_i)^2 ]                          (BCQ: w = 1; seed 003: its Eq. 1)
+    L_xi = -E_D[ w_i Q_i^1(o_i, a~ + xi_i(o_i, a~)) ],  a~ = D_i(o_i, z), z ~ clip(N(0, I), -c, c)  (seed 003 Eq. 2)
+    pi_i(o_i) = argmax over the n candidates a^j (made with xi_i, not its target) of Q_i^1(o_i, a^j)   (BCQ Sec. 4)
+
+Seed 003's weights w_i = lambda_vd_i lambda_tn_i (each 1 when its flag is off), detached, Sec. 3.3 and 3.4:
+    --value-deviation:          lambda_vd_i = clip(1 + (V*_i(o') - E V*_i) / |E V*_i|, 1 - eps, 1 + eps)   (Sec. 3.1)
+        V*_i(o') = (1 - done) times the BCQ target value above (the same candidates and soft clipped twin targets),
+        E V*_i = E_{s'~P_B(.|s, a_i)} V*_i(s') estimated from the sample, without visiting the other next states, by
+        inverting the Bellman equation on the target critic: E V*_i = (hat-Q_i(o_i, a_i) - r) / gamma        (Sec. 3.4)
+        with hat-Q_i the soft clipped combination of the twin targets at the dataset action [ours], and eps the
+        optimism level (seed 003: 0.80 HalfCheetah, 0.48 Walker, 0.80 Hopper, 0.64 Ant, 0.99 SMAC, 0.9 MPE).
+    --transition-normalization: lambda_tn_i = 1 / P_B(s' | s, a_i) ~ rho_N(0,I)(mu^1) / rho_N(0,I)(mu^2)
+                                            = exp((|mu^2|^2 - |mu^1|^2) / 2)                           (Sec. 3.2, 3.4)
+        with mu^1 = E^1_i's mean at (o_i, a_i) (G_i above is seed 003's G^1) and mu^2 the mean of a second VAE
+        G^2_i = {E^2_i(mu^2, sigma^2 | o_i, a_i, o'_i), D^2_i(a_i | o_i, o'_i, z^2)} trained with L_G on (o_i, o'_i).
+    The modified transition probability the weights stand for (Sec. 3.3), z_i a normaliser over next states:
+        hat-P_B(s' | s, a_i) = P_B(s' | s, a_i) lambda_tn_i lambda_vd_i / z_i,  z_i = sum_s' P_B lambda_tn_i lambda_vd_i
+    z_i does not depend on s' and only rescales p_B(s, a_i), so it leaves y_i's expectation unchanged and is not in
+    L_Q or L_xi (Sec. 3.3); `reweighted_transitions` computes hat-P_B for a tabular P_B (the matrix game of seed 003's
+    Tables 1-4, in the tests). Seed 003's ablation rows are the four flag settings: BCQ (neither flag),
+    BCQ w/ lambda_vd (--value-deviation), BCQ w/ lambda_tn (--transition-normalization), MABCQ (both).
+
+Choices the papers leave open (BCQ's published code unless marked otherwise):
+- Phi 0.05, lam 0.75, n 10 candidates for the target and for acting (the code acts with 100), latent dim 2 x act_dim,
+  beta 0.5 (KL_loss averaged over latent dims and the batch, as the code does), latent samples clipped to
+  [-0.5, 0.5], encoder log-std clamped to [-4, 15], decoder output tanh; Adam lr 1e-3 for Q, xi and G; gamma 0.99,
+  tau 0.005; the VAE trained alongside the critic every update; no gradient clipping. L_Q sums the twin critics'
+  squared errors (mean over the batch), as the code does. Seed 003 trains with lr 1e-3 for Q, 1e-4 for xi and G,
+  latent dim 10, (64, 64) units and batch 1024 on MuJoCo (its Table 12): pass those to reproduce its setting.
+- Ours: hidden layers of 256 units for Q and xi (BCQ: 400 and 300; batched_mlp has equal widths), 750 for the VAEs
+  (BCQ). Losses are means over the batch summed over agents (independent agents; one Adam over the stacked
+  parameters is n independent Adams).
+- Ours: seed 003's Algorithm 1 fits G^1 and G^2 before the Q-learning loop; here they are trained alongside it, as
+  BCQ does, and lambda_tn uses the means of this update's VAE forward pass (before its step). Eq. 2 writes xi's input
+  as the dataset action; xi is trained on VAE samples as BCQ does (they are what it perturbs when acting), each
+  weighted by its transition's w_i.
+- Ours: |E V*_i| is floored at 1e-6 (the value deviation is undefined at E V* = 0, e.g. at initialisation; the clip
+  then bounds it); lambda_tn is clipped to [1 / tn_max, tn_max] with tn_max 10 only to guard the exp (seed 003
+  reports [0.2, 1.4] for almost all samples and states no clip). Dividing by |E V*| keeps a higher V*(s') weighted
+  more for either sign of E V*; with E V* > 0 (positive rewards, as seed 003's Theorem 1 assumes; Hopper's while it
+  stands) both weights together give hat-P_B proportional to V*, the form of that theorem's proof.
+- Checked in tests/test_bcq_ma.py: on seed 003's matrix game (Table 1), independent tabular Q-learning on these
+  weighted objectives learns Table 2's (a1, a2), Table 3's (a2, a2) with lambda_vd and Table 4's optimum (a2, a1) with
+  both, with the tables' values; the sample estimator's E V* is the reweighted expectation at the fixed point, where
+  lambda_vd stays in [0.19, 1.5] (with E_{P_B} V* instead it would reach 3).
+- Acting samples latents from the global torch generator, so evaluation is not deterministic (BCQ's policy is the
+  argmax over sampled candidates).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn as nn
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from common.collect import ensure_dataset
+from common.datasets import Batch, load_dataset
+from common.envs import make_env
+from common.evaluation import evaluate
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, cuda will be used when available"""
+    track: bool = False
+    """if toggled, log to Weights & Biases (needs `pip install wandb`)"""
+    wandb_project_name: str = "offline-marl"
+    """the wandb project name"""
+    env: Literal["Hopper", "Ant", "HalfCheetah"] = "Hopper"
+    """the Multi-Agent MuJoCo task: Hopper, Ant or HalfCheetah"""
+    agent_conf: str | None = None
+    """agent partition (default per env: Hopper 3x1, Ant 2x4, HalfCheetah 6x1)"""
+    obs_mode: Literal["state", "local", "omiga"] = "state"
+    """agent inputs: state (global state + id, the seeds' setting), local (local observation + id), omiga"""
+    dataset: Literal["expert", "medium", "medium-replay", "medium-expert"] = "medium-replay"
+    """dataset quality: expert, medium, medium-replay, medium-expert"""
+    data_dir: str = "data"
+    """folder of the dataset files"""
+    no_generate: bool = False
+    """if toggled, a missing dataset is an error instead of being generated from the committed behaviour policies"""
+    total_steps: int = 1_000_000
+    """number of gradient updates"""
+    batch_size: int = 128
+    """minibatch size"""
+    eval_every: int = 5000
+    """evaluate every this many updates"""
+    eval_episodes: int = 10
+    """episodes per evaluation during training"""
+    final_eval_episodes: int = 32
+    """episodes of the final evaluation"""
+    log_every: int = 1000
+    """log losses every this many updates"""
+    save_model: bool = False
+    """if toggled, save all networks, optimizers and the step to `model.pt` in the run directory"""
+
+    # Algorithm specific arguments
+    gamma: float = 0.99
+    """discount factor"""
+    tau: float = 0.005
+    """target network update rate (critics and perturbation network)"""
+    phi: float = 0.05
+    """largest perturbation Phi: xi_i(o_i, a_i) is in [-phi, phi] per action dimension (BCQ: 0.05)"""
+    soft_clip: float = 0.75
+    """lambda of the soft clipped double-Q target: lambda min + (1 - lambda) max of the twin targets (BCQ: 0.75)"""
+    candidates: int = 10
+    """n: actions sampled from the VAE and perturbed, for the target's max and for acting (BCQ: 10)"""
+    latent_scale: int = 2
+    """latent dimension of the VAEs = latent_scale x act_dim (BCQ: 2)"""
+    latent_clip: float = 0.5
+    """latents sampled from the prior are clipped to [-latent_clip, latent_clip] (BCQ: 0.5)"""
+    kl_weight: float = 0.5
+    """weight of the KL term in the VAE loss (BCQ: 0.5)"""
+    q_lr: float = 1e-3
+    """learning rate of the twin critics (BCQ: 1e-3; seed 003: 1e-3)"""
+    perturbation_lr: float = 1e-3
+    """learning rate of the perturbation networks (BCQ: 1e-3; seed 003: 1e-4)"""
+    vae_lr: float = 1e-3
+    """learning rate of the VAEs (BCQ: 1e-3; seed 003: 1e-4)"""
+    hidden_dim: int = 256
+    """hidden units of the two hidden layers of Q and xi"""
+    vae_hidden_dim: int = 750
+    """hidden units of the two hidden layers of the VAEs' encoders and decoders (BCQ: 750)"""
+    value_deviation: bool = False
+    """if toggled, weight the TD and perturbation objectives by seed 003's value deviation lambda_vd (optimism)"""
+    transition_normalization: bool = False
+    """if toggled, weight them by seed 003's transition normalization lambda_tn (trains a second VAE on (o, a, o'))"""
+    optimism: float = 0.8
+    """optimism level epsilon: lambda_vd is clipped to [1 - epsilon, 1 + epsilon] (seed 003, Hopper: 0.8)"""
+    tn_max: float = 10.0
+    """lambda_tn is clipped to [1 / tn_max, tn_max] (ours: only guards the exp; seed 003 saw [0.2, 1.4])"""
+
+
+# TRY NOT TO MODIFY: batched per-agent networks and the mixer
+class BatchedLinear(nn.Module):
+    """One linear layer per agent, all agents in one matmul: x [n_agents, B, in] -> [n_agents, B, out]."""
+
+    def __init__(self, n_agents: int, in_dim: int, out_dim: int):
+        super().__init__()
+        bound = 1.0 / math.sqrt(in_dim)  # nn.Linear's default initialisation, per agent
+        self.weight = nn.Parameter(torch.empty(n_agents, in_dim, out_dim).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(n_agents, 1, out_dim).uniform_(-bound, bound))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+def batched_mlp(n_agents: int, in_dim: int, out_dim: int, hidden_dim: int) -> nn.Sequential:
+    return nn.Sequential(
+        BatchedLinear(n_agents, in_dim, hidden_dim), nn.ReLU(),
+        BatchedLinear(n_agents, hidden_dim, hidden_dim), nn.ReLU(),
+        BatchedLinear(n_agents, hidden_dim, out_dim),
+    )
+
+
+class AgentValue(nn.Module):
+    """V_i(o_i) for every agent: obs [n, B, obs_dim] -> [n, B]."""
+
+    def __init__(self, n_agents: int, obs_dim: int, hidden_dim: int):
+        super().__init__()
+        self.net = batched_mlp(n_agents, obs_dim, 1, hidden_dim)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.net(obs).squeeze(-1)
+
+
+class AgentQ(nn.Module):
+    """Q_i(o_i, a_i) for every agent: obs [n, B, obs_dim], actions [n, B, act_dim] -> [n, B]."""
+
+    def __init__(self, n_agents: int, obs_dim: int, act_dim: int, hidden_dim: int):
+        super().__init__()
+        self.net = batched_mlp(n_agents, obs_dim + act_dim, 1, hidden_dim)
+
+    def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([obs, actions], -1)).squeeze(-1)
+
+
+def tanh_gaussian_log_prob(mean: torch.Tensor, log_std: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """log-density of actions in (-1, 1) under tanh(N(mean, exp(log_std)^2)), summed over action dims: [n, B]."""
+    actions = actions.clamp(-1.0 + 1e-6, 1.0 - 1e-6)
+    # Written out rather than torch.distributions.Normal, whose argument validation syncs with the GPU.
+    standardised = (torch.atanh(actions) - mean) * torch.exp(-log_std)
+    gaussian = -0.5 * standardised.pow(2) - log_std - 0.5 * math.log(2 * math.pi)
+    return (gaussian - torch.log1p(-actions.pow(2))).sum(-1)
+
+
+class AgentPolicy(nn.Module):
+    """Tanh-Gaussian pi_i(a_i | o_i) with state-dependent log-std, all agents batched."""
+
+    def __init__(self, n_agents: int, obs_dim: int, act_dim: int, hidden_dim: int):
+        super().__init__()
+        self.net = batched_mlp(n_agents, obs_dim, 2 * act_dim, hidden_dim)
+
+    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, log_std = self.net(obs).chunk(2, -1)
+        return mean, log_std.clamp(-5.0, 2.0)
+
+    def log_prob(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """log pi_i(a_i | o_i) of actions in (-1, 1): [n, B]."""
+        return tanh_gaussian_log_prob(*self(obs), actions)
+
+    def act(self, obs: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self(obs)[0])
+
+
+class Mixer(nn.Module):
+    """Hypernetwork on the global state: w(s) = |f(s)| >= 0 per agent and a free bias b(s)."""
+
+    def __init__(self, state_dim: int, n_agents: int, hidden_dim: int):
+        super().__init__()
+        self.hyper_w = nn.Sequential(nn.Linear(state_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, n_agents))
+        self.hyper_b = nn.Sequential(nn.Linear(state_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, 1))
+
+    def forward(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """states [B, state_dim] -> w [n, B], b [B]."""
+        return self.hyper_w(states).abs().T, self.hyper_b(states).squeeze(-1)
+
+
+def mix(w: torch.Tensor, values: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum_i w_i values_i + b: w, values [n, B], b [B] -> [B]   (Eq. 8)."""
+    return (w * values).sum(0) + b
+
+
+# ALGO LOGIC: networks, losses and the update
+class BatchedVAE(nn.Module):
+    """Conditional VAE per agent, all agents batched: E(mu, sigma | c, a) and D(a | c, z), with the condition c = o_i
+    (G^1, the behaviour model) or c = [o_i, o'_i] (seed 003's G^2)."""
+
+    def __init__(self, n_agents: int, cond_dim: int, act_dim: int, latent_dim: int, hidden_dim: int,
+                 latent_clip: float):
+        super().__init__()
+        self.encoder = batched_mlp(n_agents, cond_dim + act_dim, 2 * latent_dim, hidden_dim)
+        self.decoder = batched_mlp(n_agents, cond_dim + latent_dim, act_dim, hidden_dim)
+        self.latent_dim, self.latent_clip = latent_dim, latent_clip
+
+    def encode(self, cond: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """mean and log-std [n, B, latent_dim] of E(. | c, a); log-std clamped to [-4, 15] as in BCQ's code."""
+        mean, log_std = self.encoder(torch.cat([cond, actions], -1)).chunk(2, -1)
+        return mean, log_std.clamp(-4.0, 15.0)
+
+    def decode(self, cond: torch.Tensor, latent: torch.Tensor | None = None) -> torch.Tensor:
+        """D(c, z) in [-1, 1]; without z, z ~ N(0, I) clipped to [-latent_clip, latent_clip] (BCQ's sampling)."""
+        if latent is None:
+            latent = torch.randn(*cond.shape[:-1], self.latent_dim, device=cond.device)
+            latent = latent.clamp(-self.latent_clip, self.latent_clip)
+        return torch.tanh(self.decoder(torch.cat([cond, latent], -1)))
+
+    def forward(self, cond: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Reconstruction D(c, mu + sigma eps), mean and log-std."""
+        mean, log_std = self.encode(cond, actions)
+        return self.decode(cond, mean + log_std.exp() * torch.randn_like(mean)), mean, log_std
+
+
+class Perturbation(nn.Module):
+    """xi_i(o_i, a_i; Phi) = Phi tanh(f_i(o_i, a_i)); forward returns the perturbed action clip(a + xi, -1, 1)."""
+
+    def __init__(self, n_agents: int, obs_dim: int, act_dim: int, hidden_dim: int, phi: float):
+        super().__init__()
+        self.net = batched_mlp(n_agents, obs_dim + act_dim, act_dim, hidden_dim)
+        self.phi = phi
+
+    def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        xi = self.phi * torch.tanh(self.net(torch.cat([obs, actions], -1)))
+        return (actions + xi).clamp(-1.0, 1.0)
+
+
+class TwinQ(nn.Module):
+    """Q_i^1 and Q_i^2 for every agent: obs [n, B, obs_dim], actions [n, B, act_dim] -> two [n, B]."""
+
+    def __init__(self, n_agents: int, obs_dim: int, act_dim: int, hidden_dim: int):
+        super().__init__()
+        self.q1 = AgentQ(n_agents, obs_dim, act_dim, hidden_dim)
+        self.q2 = AgentQ(n_agents, obs_dim, act_dim, hidden_dim)
+
+    def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.q1(obs, actions), self.q2(obs, actions)
+
+
+def soft_clipped_q(q1: torch.Tensor, q2: torch.Tensor, soft_clip: float) -> torch.Tensor:
+    """BCQ's soft clipped double Q: lambda min(q1, q2) + (1 - lambda) max(q1, q2)."""
+    return soft_clip * torch.minimum(q1, q2) + (1.0 - soft_clip) * torch.maximum(q1, q2)
+
+
+def sample_candidates(vae: BatchedVAE, perturbation: Perturbation, obs: torch.Tensor,
+                      candidates: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """n perturbed VAE samples per observation: obs [n, B, d] -> repeated obs and actions [n, B * candidates, .],
+    the candidates of one observation contiguous."""
+    repeated = obs.repeat_interleave(candidates, 1)
+    return repeated, perturbation(repeated, vae.decode(repeated))
+
+
+def candidate_value(critic: TwinQ, perturbation: Perturbation, vae: BatchedVAE, obs: torch.Tensor, candidates: int,
+                    soft_clip: float) -> torch.Tensor:
+    """V*_i(o) = max over the candidates of the soft clipped twin Q: [n, B] (BCQ's target value)."""
+    repeated, actions = sample_candidates(vae, perturbation, obs, candidates)
+    values = soft_clipped_q(*critic(repeated, actions), soft_clip)
+    return values.unflatten(1, (obs.shape[1], candidates)).max(-1).values
+
+
+class BCQPolicy(nn.Module):
+    """pi_i(o_i): the candidate with the highest Q_i^1 (BCQ Sec. 4), all agents batched. Holds the VAE, the
+    perturbation network and the critics (shared with Agents), so checkpoints and act() see one policy."""
+
+    def __init__(self, vae: BatchedVAE, perturbation: Perturbation, critic: TwinQ, candidates: int):
+        super().__init__()
+        self.vae, self.perturbation, self.critic, self.candidates = vae, perturbation, critic, candidates
+
+    def act(self, obs: torch.Tensor) -> torch.Tensor:
+        """obs [n, B, obs_dim] -> actions [n, B, act_dim]."""
+        repeated, actions = sample_candidates(self.vae, self.perturbation, obs, self.candidates)
+        values = self.critic.q1(repeated, actions).unflatten(1, (obs.shape[1], self.candidates))
+        best = values.argmax(-1)  # [n, B]
+        actions = actions.unflatten(1, (obs.shape[1], self.candidates))
+        return actions.gather(2, best[..., None, None].expand(-1, -1, 1, actions.shape[-1])).squeeze(2)
+
+
+class Agents(nn.Module):
+    """Every network of BCQ-MA, per agent and batched; targets are Polyak copies of the critics and xi."""
+
+    def __init__(self, n_agents: int, obs_dim: int, act_dim: int, state_dim: int, args: Args):
+        super().__init__()
+        latent_dim = args.latent_scale * act_dim
+        self.vae = BatchedVAE(n_agents, obs_dim, act_dim, latent_dim, args.vae_hidden_dim, args.latent_clip)
+        self.perturbation = Perturbation(n_agents, obs_dim, act_dim, args.hidden_dim, args.phi)
+        self.critic = TwinQ(n_agents, obs_dim, act_dim, args.hidden_dim)
+        self.policy = BCQPolicy(self.vae, self.perturbation, self.critic, args.candidates)
+        self.critic_target, self.perturbation_target = (copy.deepcopy(m).requires_grad_(False)
+                                                        for m in (self.critic, self.perturbation))
+        # seed 003's G^2 on (o, a, o'), only for transition normalization
+        self.transition_vae = (BatchedVAE(n_agents, 2 * obs_dim, act_dim, latent_dim, args.vae_hidden_dim,
+                                          args.latent_clip) if args.transition_normalization else None)
+
+
+def make_optimizers(agents: Agents, args: Args) -> dict[str, torch.optim.Optimizer]:
+    vaes = [*agents.vae.parameters(), *(agents.transition_vae.parameters() if agents.transition_vae else [])]
+    return {
+        "vae": torch.optim.Adam(vaes, lr=args.vae_lr),
+        "critic": torch.optim.Adam(agents.critic.parameters(), lr=args.q_lr),
+        "perturbation": torch.optim.Adam(agents.perturbation.parameters(), lr=args.perturbation_lr),
+    }
+
+
+def vae_loss(recon: torch.Tensor, actions: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor,
+             kl_weight: float) -> torch.Tensor:
+    """L_G per agent, summed over agents: squared reconstruction error plus kl_weight KL(N(mu, sigma) || N(0, I)),
+    each averaged over the batch and its dimensions (BCQ's code)."""
+    reconstruction = (recon - actions).pow(2).mean((1, 2))
+    kl = -0.5 * (1.0 + 2.0 * log_std - mean.pow(2) - (2.0 * log_std).exp()).mean((1, 2))
+    return (reconstruction + kl_weight * kl).sum()
+
+
+VALUE_FLOOR = 1e-6  # |E V*| below this is treated as this: the value deviation divides by it
+
+
+def value_deviation(next_value: torch.Tensor, expected_value: torch.Tensor, optimism: float) -> torch.Tensor:
+    """lambda_vd = clip(1 + (V*(s') - E V*) / |E V*|, 1 - epsilon, 1 + epsilon) (seed 003, Sec. 3.1 and 3.4)."""
+    deviation = 1.0 + (next_value - expected_value) / expected_value.abs().clamp_min(VALUE_FLOOR)
+    return deviation.clamp(1.0 - optimism, 1.0 + optimism)
+
+
+def value_deviation_weight(next_value: torch.Tensor, q_target: torch.Tensor, rewards: torch.Tensor,
+                           dones: torch.Tensor, gamma: float, optimism: float) -> torch.Tensor:
+    """lambda_vd from one sample (seed 003, Sec. 3.4): V*(s') = (1 - done) next_value and
+    E_{s'} V*(s') = (Q̂(s, a) - r) / gamma, the Bellman equation of the target critic solved for the expectation.
+    next_value, q_target [n, B]; rewards, dones [B]."""
+    expected = (q_target - rewards) / gamma
+    return value_deviation((1.0 - dones) * next_value, expected, optimism)
+
+
+def transition_normalization_weight(mean: torch.Tensor, transition_mean: torch.Tensor,
+                                    tn_max: float) -> torch.Tensor:
+    """lambda_tn = rho_N(0,I)(mu^1) / rho_N(0,I)(mu^2) = exp((|mu^2|^2 - |mu^1|^2) / 2) (seed 003, Sec. 3.4), mu^1 the
+    mean of G^1 at (o, a), mu^2 of G^2 at (o, a, o'), each [n, B, latent]; clipped to [1 / tn_max, tn_max]."""
+    log_ratio = 0.5 * (transition_mean.pow(2).sum(-1) - mean.pow(2).sum(-1))
+    return log_ratio.clamp(-math.log(tn_max), math.log(tn_max)).exp()
+
+
+def objective_weights(lambda_vd: torch.Tensor | None, lambda_tn: torch.Tensor | None) -> torch.Tensor | float:
+    """w = lambda_tn lambda_vd of seed 003's Eq. 1 and 2, a factor being 1 when its flag is off (None)."""
+    weight = 1.0
+    if lambda_vd is not None:
+        weight = weight * lambda_vd
+    if lambda_tn is not None:
+        weight = weight * lambda_tn
+    return weight
+
+
+def reweighted_transitions(probs: torch.Tensor, next_values: torch.Tensor, expected_value: torch.Tensor | None,
+                           value_dev: bool, transition_norm: bool, optimism: float) -> torch.Tensor:
+    """seed 003's hat-P_B(s' | s, a) = P_B lambda_tn lambda_vd / z (Sec. 3.3) for a tabular P_B: probs and next_values
+    [..., S'] over the next states of one (s, a) (probability 0 where s' is never reached), expected_value [...] the
+    E V* in lambda_vd (None: E_{P_B} V*, the exact expectation). z = sum_s' P_B lambda_tn lambda_vd; without either
+    flag this returns P_B."""
+    seen = probs > 0
+    if expected_value is None:
+        expected_value = (probs * next_values).sum(-1)
+    lambda_vd = value_deviation(next_values, expected_value[..., None], optimism) if value_dev else None
+    lambda_tn = torch.where(seen, 1.0 / probs.clamp_min(1e-12), 0.0) if transition_norm else None
+    unnormalised = probs * objective_weights(lambda_vd, lambda_tn)
+    return unnormalised / unnormalised.sum(-1, keepdim=True)
+
+
+def td_loss(q: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | float) -> torch.Tensor:
+    """Weighted squared TD error, mean over the batch, summed over agents: q, target, weight [n, B] (seed 003 Eq. 1)."""
+    return (weight * (q - target).pow(2)).mean(-1).sum()
+
+
+def perturbation_loss(perturbed_q: torch.Tensor, weight: torch.Tensor | float) -> torch.Tensor:
+    """L_xi: minus the weighted Q_i^1 of the perturbed VAE samples, mean over the batch, summed over agents (seed 003
+    Eq. 2 with BCQ's samples)."""
+    return -(weight * perturbed_q).mean(-1).sum()
+
+
+def gradient_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+@torch.no_grad()
+def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
+    torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), tau)
+
+
+def update(agents: Agents, optimizers: dict, batch: Batch, args: Args) -> dict[str, torch.Tensor]:
+    """One BCQ-MA update (BCQ Algorithm 1, seed 003 Algorithm 1 under the flags): the VAEs (L_G), the twin critics
+    (L_Q, seed 003 Eq. 1), the perturbation networks (L_xi, Eq. 2), then the targets."""
+    recon, mean, log_std = agents.vae(batch.obs, batch.actions)
+    loss_vae = vae_loss(recon, batch.actions, mean, log_std, args.kl_weight)
+    metrics = {}
+    lambda_vd = lambda_tn = None
+    if agents.transition_vae is not None:
+        transition_cond = torch.cat([batch.obs, batch.next_obs], -1)
+        recon_tn, mean_tn, log_std_tn = agents.transition_vae(transition_cond, batch.actions)
+        loss_transition_vae = vae_loss(recon_tn, batch.actions, mean_tn, log_std_tn, args.kl_weight)
+        lambda_tn = transition_normalization_weight(mean.detach(), mean_tn.detach(), args.tn_max)
+        loss_vae = loss_vae + loss_transition_vae
+        metrics["losses/transition_vae"] = loss_transition_vae.detach()
+    gradient_step(optimizers["vae"], loss_vae)
+
+    with torch.no_grad():
+        next_value = candidate_value(agents.critic_target, agents.perturbation_target, agents.vae, batch.next_obs,
+                                     args.candidates, args.soft_clip)
+        target = batch.rewards + args.gamma * (1.0 - batch.dones) * next_value
+        if args.value_deviation:
+            q_target = soft_clipped_q(*agents.critic_target(batch.obs, batch.actions), args.soft_clip)
+            lambda_vd = value_deviation_weight(next_value, q_target, batch.rewards, batch.dones, args.gamma,
+                                               args.optimism)
+        weight = objective_weights(lambda_vd, lambda_tn)
+
+    q1, q2 = agents.critic(batch.obs, batch.actions)
+    loss_critic = td_loss(q1, target, weight) + td_loss(q2, target, weight)
+    gradient_step(optimizers["critic"], loss_critic)
+
+    with torch.no_grad():
+        sampled = agents.vae.decode(batch.obs)
+    perturbed_q = agents.critic.q1(batch.obs, agents.perturbation(batch.obs, sampled))
+    loss_perturbation = perturbation_loss(perturbed_q, weight)
+    gradient_step(optimizers["perturbation"], loss_perturbation)
+
+    soft_update(agents.critic_target, agents.critic, args.tau)
+    soft_update(agents.perturbation_target, agents.perturbation, args.tau)
+    metrics.update({"losses/vae": loss_vae.detach(), "losses/critic": loss_critic.detach(),
+                    "losses/perturbation": loss_perturbation.detach(), "values/q": q1.detach().mean(),
+                    "values/target": target.mean(), "agents/q": q1.detach().mean(1)})
+    if lambda_vd is not None:
+        metrics["values/lambda_vd"] = lambda_vd.mean()
+        metrics["agents/lambda_vd"] = lambda_vd.mean(1)
+    if lambda_tn is not None:
+        metrics["values/lambda_tn"] = lambda_tn.mean()
+        metrics["agents/lambda_tn"] = lambda_tn.mean(1)
+    return metrics
+
+
+# TRY NOT TO MODIFY: running, logging, evaluation, checkpoints
+def make_act_fn(policy: AgentPolicy, device: torch.device):
+    @torch.no_grad()
+    def act(obs: np.ndarray) -> np.ndarray:
+        obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device).transpose(0, 1)
+        return policy.act(obs_t).transpose(0, 1).cpu().numpy()
+
+    return act
+
+
+def save_checkpoint(path: Path, agents: nn.Module, optimizers: dict, step: int, args: Args) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save({"agents": agents.state_dict(), "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+                "step": step, "args": asdict(args)}, tmp)
+    os.replace(tmp, path)
+
+
+def scalar_metrics(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Host copies of the metrics (log intervals only); a per-agent vector `name` becomes `name_0`, `name_1`, ..."""
+    values = {}
+    for name, value in metrics.items():
+        if value.ndim == 0:
+            values[name] = value.item()
+        else:
+            values.update({f"{name}_{i}": x for i, x in enumerate(value.tolist())})
+    return values
+
+
+def check_finite(metrics: dict[str, float], step: int, last_checked: int) -> None:
+    for name, value in metrics.items():
+        if not math.isfinite(value):
+            raise FloatingPointError(f"training diverged: {name} = {value} at the log of update {step} "
+                                     f"(finite at update {last_checked}); try a smaller learning rate or larger alpha")
+
+
+def unique_dir(base: Path) -> Path:
+    """Create and return `base`, or `base_2`, `base_3`, ... when a run of the same name started in the same second."""
+    for attempt in range(1, 1000):
+        run_dir = base if attempt == 1 else base.with_name(f"{base.name}_{attempt}")
+        try:
+            run_dir.mkdir(parents=True)
+            return run_dir
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a fresh run directory next to {base}")
+
+
+def make_run(args: Args) -> tuple[Path, SummaryWriter]:
+    run_dir = unique_dir(Path("runs") / f"{args.env}__{args.dataset}__{args.exp_name}__{args.seed}__{int(time.time())}")
+    (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=2))
+    writer = SummaryWriter(str(run_dir))
+    table = "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items())
+    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, config=asdict(args), name=run_dir.name, sync_tensorboard=True,
+                   dir=str(run_dir))
+    return run_dir, writer
+
+
+def seed_everything(seed: int, torch_deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.deterministic = torch_deterministic
+
+
+if __name__ == "__main__":
+    from common.cli import StopOnSignal, check_args, exit_on_user_error
+
+    args = tyro.cli(Args)
+    with exit_on_user_error():
+        check_args(args)
+        seed_everything(args.seed, args.torch_deterministic)
+        device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+        env = make_env(args.env, args.agent_conf, args.obs_mode)
+        dataset_file = ensure_dataset(args.data_dir, args.env, env.agent_conf, args.dataset,
+                                      generate=not args.no_generate)
+        dataset = load_dataset(dataset_file, device, args.obs_mode)
+        dataset.check_env(env)
+    run_dir, writer = make_run(args)
+    print(f"{run_dir}: {len(dataset):,} transitions from {dataset_file} on {device}")
+
+    agents = Agents(env.n_agents, env.obs_dim, env.act_dim, env.state_dim, args).to(device)
+    optimizers = make_optimizers(agents, args)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    act_fn = make_act_fn(agents.policy, device)
+    eval_seed = 1_000_000 * (args.seed + 1)
+
+    last_eval, last_checked, tick, tick_step = float("nan"), 0, time.perf_counter(), 0
+    stop = StopOnSignal()
+    progress = tqdm(range(1, args.total_steps + 1), mininterval=2.0, desc=args.exp_name)
+    for step in progress:
+        metrics = update(agents, optimizers, dataset.sample(args.batch_size, generator), args)
+        if step % args.log_every == 0 or step == args.total_steps:
+            values = scalar_metrics(metrics)
+            check_finite(values, step, last_checked)
+            last_checked = step
+            updates_per_sec = (step - tick_step) / (time.perf_counter() - tick)
+            tick, tick_step = time.perf_counter(), step
+            for name, value in values.items():
+                writer.add_scalar(name, value, step)
+            writer.add_scalar("charts/updates_per_sec", updates_per_sec, step)
+            progress.set_postfix(ups=f"{updates_per_sec:.0f}", eval=f"{last_eval:.0f}")
+        if step % args.eval_every == 0 and step < args.total_steps:
+            agents.eval()
+            returns = evaluate(act_fn, env, args.eval_episodes, eval_seed)
+            agents.train()
+            last_eval = float(returns.mean())
+            writer.add_scalar("eval/return_mean", last_eval, step)
+            writer.add_scalar("eval/return_std", float(returns.std()), step)
+            tqdm.write(f"step {step}: eval return {last_eval:.1f} ± {returns.std():.1f}")
+            if args.save_model:
+                save_checkpoint(run_dir / "model.pt", agents, optimizers, step, args)
+            tick = time.perf_counter()
+        if stop.requested:
+            progress.close()
+            save_checkpoint(run_dir / "model.pt", agents, optimizers, step, args)
+            writer.close()
+            stop.exit(f"stopped after update {step} of {args.total_steps}; checkpoint saved to {run_dir / 'model.pt'}")
+    stop.restore()
+
+    agents.eval()
+    returns = evaluate(act_fn, env, args.final_eval_episodes, eval_seed)
+    writer.add_scalar("eval/return_mean", float(returns.mean()), args.total_steps)
+    writer.add_scalar("eval/return_std", float(returns.std()), args.total_steps)
+    if args.save_model:
+        save_checkpoint(run_dir / "model.pt", agents, optimizers, args.total_steps, args)
+    writer.close()
+    print(f"final return: {returns.mean():.2f} ± {returns.std():.2f} over {len(returns)} episodes")
