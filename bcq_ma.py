@@ -9,6 +9,8 @@ r; there is no mixer and no critic on the global state, with or without the flag
 critics, and seed 003's framework requires them (each agent sees only its own data). Agent inputs follow --obs-mode as
 in omiga.py: "state" (default: global state + one-hot id; seed 003's MuJoCo agents also get the robot's state) or
 "local". One dataset serves all agents, each reading only its own slice (seed 003 collects one dataset per agent).
+Like every script here, the agents share one set of network weights by default (told apart by the one-hot id in their
+inputs); seed 003's fully decentralized learners, which share nothing, are --per-agent-networks.
 Per agent, all agents batched in one matmul:
 
     G_i = {E_i(mu, sigma | o_i, a_i), D_i(a_i | o_i, z)}       conditional VAE, the behaviour model (BCQ Sec. 4)
@@ -51,8 +53,8 @@ Choices the papers leave open (BCQ's published code unless marked otherwise):
   squared errors (mean over the batch), as the code does. Seed 003 trains with lr 1e-3 for Q, 1e-4 for xi and G,
   latent dim 10, (64, 64) units and batch 1024 on MuJoCo (its Table 12): pass those to reproduce its setting.
 - Ours: hidden layers of 256 units for Q and xi (BCQ: 400 and 300; batched_mlp has equal widths), 750 for the VAEs
-  (BCQ). Losses are means over the batch summed over agents (independent agents; one Adam over the stacked
-  parameters is n independent Adams).
+  (BCQ). Losses are means over the batch summed over agents (with --per-agent-networks the agents are independent:
+  one Adam over the stacked parameters is n independent Adams).
 - Ours: seed 003's Algorithm 1 fits G^1 and G^2 before the Q-learning loop; here they are trained alongside it, as
   BCQ does, and lambda_tn uses the means of this update's VAE forward pass (before its step). Eq. 2 writes xi's input
   as the dataset action; xi is trained on VAE samples as BCQ does (they are what it perturbs when acting), each
@@ -135,6 +137,9 @@ class Args:
     """log losses every this many updates"""
     save_model: bool = False
     """if toggled, save all networks, optimizers and the step to `model.pt` in the run directory"""
+    per_agent_networks: bool = False
+    """if toggled, every agent has its own network weights (default: one network of each kind shared by all agents,
+    told apart by the one-hot id in their inputs, as in the official OMIGA code)"""
 
     # Algorithm specific arguments
     gamma: float = 0.99
@@ -173,34 +178,42 @@ class Args:
     """lambda_tn is clipped to [1 / tn_max, tn_max] (ours: only guards the exp; seed 003 saw [0.2, 1.4])"""
 
 
-# TRY NOT TO MODIFY: batched per-agent networks and the mixer
+# TRY NOT TO MODIFY: agent networks (shared or per agent, all agents in one matmul) and the mixer
 class BatchedLinear(nn.Module):
-    """One linear layer per agent, all agents in one matmul: x [n_agents, B, in] -> [n_agents, B, out]."""
+    """A linear layer with G weight sets in one matmul: x [G * k, B, in] -> [G * k, B, out], each consecutive group
+    of k rows using one weight set. G = 1 shares the layer between all agents, told apart by the one-hot id in their
+    inputs (the official OMIGA code's networks); G = n_agents gives every agent its own."""
 
-    def __init__(self, n_agents: int, in_dim: int, out_dim: int):
+    def __init__(self, weight_sets: int, in_dim: int, out_dim: int):
         super().__init__()
-        bound = 1.0 / math.sqrt(in_dim)  # nn.Linear's default initialisation, per agent
-        self.weight = nn.Parameter(torch.empty(n_agents, in_dim, out_dim).uniform_(-bound, bound))
-        self.bias = nn.Parameter(torch.empty(n_agents, 1, out_dim).uniform_(-bound, bound))
+        bound = 1.0 / math.sqrt(in_dim)  # nn.Linear's default initialisation, per weight set
+        self.weight = nn.Parameter(torch.empty(weight_sets, in_dim, out_dim).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(weight_sets, 1, out_dim).uniform_(-bound, bound))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.baddbmm(self.bias, x, self.weight)
+        grouped = x.reshape(self.weight.shape[0], -1, x.shape[-1])
+        return torch.baddbmm(self.bias, grouped, self.weight).reshape(*x.shape[:-1], -1)
 
 
-def batched_mlp(n_agents: int, in_dim: int, out_dim: int, hidden_dim: int) -> nn.Sequential:
+def count_weight_sets(n_agents: int, per_agent_networks: bool) -> int:
+    """How many weight sets each agent network has: 1 (shared by the agents) or one per agent."""
+    return n_agents if per_agent_networks else 1
+
+
+def batched_mlp(weight_sets: int, in_dim: int, out_dim: int, hidden_dim: int) -> nn.Sequential:
     return nn.Sequential(
-        BatchedLinear(n_agents, in_dim, hidden_dim), nn.ReLU(),
-        BatchedLinear(n_agents, hidden_dim, hidden_dim), nn.ReLU(),
-        BatchedLinear(n_agents, hidden_dim, out_dim),
+        BatchedLinear(weight_sets, in_dim, hidden_dim), nn.ReLU(),
+        BatchedLinear(weight_sets, hidden_dim, hidden_dim), nn.ReLU(),
+        BatchedLinear(weight_sets, hidden_dim, out_dim),
     )
 
 
 class AgentValue(nn.Module):
     """V_i(o_i) for every agent: obs [n, B, obs_dim] -> [n, B]."""
 
-    def __init__(self, n_agents: int, obs_dim: int, hidden_dim: int):
+    def __init__(self, weight_sets: int, obs_dim: int, hidden_dim: int):
         super().__init__()
-        self.net = batched_mlp(n_agents, obs_dim, 1, hidden_dim)
+        self.net = batched_mlp(weight_sets, obs_dim, 1, hidden_dim)
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         return self.net(obs).squeeze(-1)
@@ -209,9 +222,9 @@ class AgentValue(nn.Module):
 class AgentQ(nn.Module):
     """Q_i(o_i, a_i) for every agent: obs [n, B, obs_dim], actions [n, B, act_dim] -> [n, B]."""
 
-    def __init__(self, n_agents: int, obs_dim: int, act_dim: int, hidden_dim: int):
+    def __init__(self, weight_sets: int, obs_dim: int, act_dim: int, hidden_dim: int):
         super().__init__()
-        self.net = batched_mlp(n_agents, obs_dim + act_dim, 1, hidden_dim)
+        self.net = batched_mlp(weight_sets, obs_dim + act_dim, 1, hidden_dim)
 
     def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         return self.net(torch.cat([obs, actions], -1)).squeeze(-1)
@@ -229,9 +242,9 @@ def tanh_gaussian_log_prob(mean: torch.Tensor, log_std: torch.Tensor, actions: t
 class AgentPolicy(nn.Module):
     """Tanh-Gaussian pi_i(a_i | o_i) with state-dependent log-std, all agents batched."""
 
-    def __init__(self, n_agents: int, obs_dim: int, act_dim: int, hidden_dim: int):
+    def __init__(self, weight_sets: int, obs_dim: int, act_dim: int, hidden_dim: int):
         super().__init__()
-        self.net = batched_mlp(n_agents, obs_dim, 2 * act_dim, hidden_dim)
+        self.net = batched_mlp(weight_sets, obs_dim, 2 * act_dim, hidden_dim)
 
     def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mean, log_std = self.net(obs).chunk(2, -1)
@@ -268,11 +281,11 @@ class BatchedVAE(nn.Module):
     """Conditional VAE per agent, all agents batched: E(mu, sigma | c, a) and D(a | c, z), with the condition c = o_i
     (G^1, the behaviour model) or c = [o_i, o'_i] (seed 003's G^2)."""
 
-    def __init__(self, n_agents: int, cond_dim: int, act_dim: int, latent_dim: int, hidden_dim: int,
+    def __init__(self, weight_sets: int, cond_dim: int, act_dim: int, latent_dim: int, hidden_dim: int,
                  latent_clip: float):
         super().__init__()
-        self.encoder = batched_mlp(n_agents, cond_dim + act_dim, 2 * latent_dim, hidden_dim)
-        self.decoder = batched_mlp(n_agents, cond_dim + latent_dim, act_dim, hidden_dim)
+        self.encoder = batched_mlp(weight_sets, cond_dim + act_dim, 2 * latent_dim, hidden_dim)
+        self.decoder = batched_mlp(weight_sets, cond_dim + latent_dim, act_dim, hidden_dim)
         self.latent_dim, self.latent_clip = latent_dim, latent_clip
 
     def encode(self, cond: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -296,9 +309,9 @@ class BatchedVAE(nn.Module):
 class Perturbation(nn.Module):
     """xi_i(o_i, a_i; Phi) = Phi tanh(f_i(o_i, a_i)); forward returns the perturbed action clip(a + xi, -1, 1)."""
 
-    def __init__(self, n_agents: int, obs_dim: int, act_dim: int, hidden_dim: int, phi: float):
+    def __init__(self, weight_sets: int, obs_dim: int, act_dim: int, hidden_dim: int, phi: float):
         super().__init__()
-        self.net = batched_mlp(n_agents, obs_dim + act_dim, act_dim, hidden_dim)
+        self.net = batched_mlp(weight_sets, obs_dim + act_dim, act_dim, hidden_dim)
         self.phi = phi
 
     def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
@@ -309,10 +322,10 @@ class Perturbation(nn.Module):
 class TwinQ(nn.Module):
     """Q_i^1 and Q_i^2 for every agent: obs [n, B, obs_dim], actions [n, B, act_dim] -> two [n, B]."""
 
-    def __init__(self, n_agents: int, obs_dim: int, act_dim: int, hidden_dim: int):
+    def __init__(self, weight_sets: int, obs_dim: int, act_dim: int, hidden_dim: int):
         super().__init__()
-        self.q1 = AgentQ(n_agents, obs_dim, act_dim, hidden_dim)
-        self.q2 = AgentQ(n_agents, obs_dim, act_dim, hidden_dim)
+        self.q1 = AgentQ(weight_sets, obs_dim, act_dim, hidden_dim)
+        self.q2 = AgentQ(weight_sets, obs_dim, act_dim, hidden_dim)
 
     def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.q1(obs, actions), self.q2(obs, actions)
@@ -361,15 +374,16 @@ class Agents(nn.Module):
 
     def __init__(self, n_agents: int, obs_dim: int, act_dim: int, state_dim: int, args: Args):
         super().__init__()
+        nets = count_weight_sets(n_agents, args.per_agent_networks)
         latent_dim = args.latent_scale * act_dim
-        self.vae = BatchedVAE(n_agents, obs_dim, act_dim, latent_dim, args.vae_hidden_dim, args.latent_clip)
-        self.perturbation = Perturbation(n_agents, obs_dim, act_dim, args.hidden_dim, args.phi)
-        self.critic = TwinQ(n_agents, obs_dim, act_dim, args.hidden_dim)
+        self.vae = BatchedVAE(nets, obs_dim, act_dim, latent_dim, args.vae_hidden_dim, args.latent_clip)
+        self.perturbation = Perturbation(nets, obs_dim, act_dim, args.hidden_dim, args.phi)
+        self.critic = TwinQ(nets, obs_dim, act_dim, args.hidden_dim)
         self.policy = BCQPolicy(self.vae, self.perturbation, self.critic, args.candidates)
         self.critic_target, self.perturbation_target = (copy.deepcopy(m).requires_grad_(False)
                                                         for m in (self.critic, self.perturbation))
         # seed 003's G^2 on (o, a, o'), only for transition normalization
-        self.transition_vae = (BatchedVAE(n_agents, 2 * obs_dim, act_dim, latent_dim, args.vae_hidden_dim,
+        self.transition_vae = (BatchedVAE(nets, 2 * obs_dim, act_dim, latent_dim, args.vae_hidden_dim,
                                           args.latent_clip) if args.transition_normalization else None)
 
 

@@ -22,7 +22,7 @@ from common.cli import POSITIVE, ArgumentError, check_args, exit_on_user_error, 
 from common.datasets import ARRAY_KEYS, DatasetError, dataset_path, read_dataset, write_dataset
 from conftest import REPO, run_script
 
-SCRIPTS = ["omiga.py", "omcda.py", "icq.py", "comadice.py", "bc.py", "cql_ma.py", "cfcql.py"]
+SCRIPTS = ["omiga.py", "omcda.py", "icq.py", "comadice.py", "bc.py", "cql_ma.py", "cfcql.py", "bcq_ma.py"]
 TINY_RUN = ["--no-generate", "--batch-size", "8", "--hidden-dim", "16", "--eval-episodes", "1"]
 SCRIPT_TINY_RUN = {"omcda.py": ["--bc-steps", "10"]}
 TRACEBACK = "Traceback (most recent call last)"
@@ -133,7 +133,8 @@ CASES = {
 
 
 @pytest.mark.parametrize("script, case", [(script, case) for script in SCRIPTS for case in CASES
-                                          if (script, case) != ("bc.py", "gamma 1")])  # BC has no discount
+                                          if (script, case) not in (("bc.py", "gamma 1"),  # BC has no discount
+                                                                    ("bcq_ma.py", "negative learning rate"))])
 def test_bad_input_is_one_message_and_exit_status_2(script, case, bad_data_dir, tmp_path):
     args, message = CASES[case]
     result = run_forked(script, "--data-dir", str(bad_data_dir), *TINY_RUN, *SCRIPT_TINY_RUN.get(script, []), *args,
@@ -157,6 +158,7 @@ def test_unknown_choice_lists_the_valid_values(script, args, valid, bad_data_dir
     ("omcda.py", ["--alpha-init", "1000"], r"--alpha-init 1000.0: must be in \[0.1, 100.0\]"),
     ("omcda.py", ["--d-tot", "nan"], "--d-tot nan: must be > 0 and finite"),
     ("icq.py", ["--beta", "-1"], "--beta -1.0: must be > 0 and finite"),
+    ("bcq_ma.py", ["--vae-lr", "-1e-4"], "--vae-lr -0.0001: must be > 0 and finite"),  # no policy network
     ("comadice.py", ["--alpha", "inf"], "--alpha inf: must be > 0 and finite"),
 ])
 def test_script_specific_ranges(script, args, message, bad_data_dir, tmp_path):
