@@ -131,7 +131,8 @@ def card_cells(records: list[RunRecord]) -> list[str]:
     if len(cards) != 1:
         return ["(differs between runs)"] * 3
     card = records[0].result["dataset"]
-    return [f"{card['episodes']:,}", f"{card['transitions']:,}", f"{card['return_mean']:.1f} ± {card['return_std']:.1f}"]
+    return [f"{card['episodes']:,}", f"{card['transitions']:,}",
+            f"{card['return_mean']:.1f} ± {card['return_std']:.1f}"]
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:

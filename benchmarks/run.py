@@ -100,10 +100,12 @@ def make_executor(args: argparse.Namespace) -> submitit.Executor:
     return executor
 
 
-def make_job(run: Run, cell: Path, arguments: list[str], env_vars: dict) -> submitit.helpers.CommandFunction:
-    """The script as a submitit job in its cell's folder (a class of submitit's, so any job process can unpickle it)."""
-    return submitit.helpers.CommandFunction([sys.executable, str(REPO / f"{run.algo}.py"), *arguments], cwd=cell,
-                                            env=env_vars)
+def make_job(run: Run, cell: Path, arguments: list[str], threads: str) -> submitit.helpers.CommandFunction:
+    """The script as a submitit job in its cell's folder (a class of submitit's, so any job process can unpickle it).
+    The job's own environment is kept (Slurm's and submitit's CUDA_VISIBLE_DEVICES among it), with `threads` CPU
+    threads and unbuffered output added."""
+    command = ["env", f"OMP_NUM_THREADS={threads}", "PYTHONUNBUFFERED=1", sys.executable, str(REPO / f"{run.algo}.py")]
+    return submitit.helpers.CommandFunction([*command, *arguments], cwd=cell)
 
 
 def outcome(cell: Path, job: submitit.Job) -> tuple[bool, str]:
@@ -189,7 +191,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // args.workers))
-    env_vars = dict(os.environ, OMP_NUM_THREADS=threads, PYTHONUNBUFFERED="1")
     jobs = {}
     for run in pending:
         cell = runs_dir / run.name
@@ -198,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(cell / "runs", ignore_errors=True)
         cell.mkdir(parents=True, exist_ok=True)
         resume = ["--resume", str(run_dir)] if action == "resume" else []
-        jobs[run] = cell, make_job(run, cell, [*run.script_arguments(data_dir, extra), *resume], env_vars)
+        jobs[run] = cell, make_job(run, cell, [*run.script_arguments(data_dir, extra), *resume], threads)
     if not jobs:
         print(f"nothing to run: all {skipped} runs finished")
         return 0

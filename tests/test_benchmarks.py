@@ -79,8 +79,8 @@ def test_report_averages_last_and_best_evaluation_over_seeds(tmp_path):
     assert "- device: Test CPU (2 cores); updates/s (median over runs, evaluations excluded): omiga 60, icq 50" in text
     assert "- device: Test GPU; updates/s (median over runs, evaluations excluded): omiga 50" in text
     assert "- commit: abc123" in text
-    assert re.search(r"Unfinished runs.*\n\n- `.*Hopper__medium-replay__icq__0__1700000000`: last evaluation at step 50 "
-                     r"of 50", text)
+    assert re.search(r"Unfinished runs.*\n\n- `.*Hopper__medium-replay__icq__0__1700000000`: last evaluation at "
+                     r"step 50 of 50", text)
 
 
 def test_collect_copies_finished_runs_into_the_results_layout(tmp_path):
@@ -88,7 +88,8 @@ def test_collect_copies_finished_runs_into_the_results_layout(tmp_path):
     write_result(runs / "a", "omiga", 0, [(100, 1.0)], written_at=1_000.0)
     write_result(runs / "b", "omiga", 0, [(100, 2.0)], written_at=2_000.0)  # the same cell, written later
     write_result(runs, "icq", 3, [(50, 3.0)], finished=False)
-    assert report.collect(runs, results) == [results / "Hopper-3x1" / "medium-replay" / "omiga" / "seed_0" / "result.json"]
+    cell = results / "Hopper-3x1" / "medium-replay" / "omiga" / "seed_0"
+    assert report.collect(runs, results) == [cell / "result.json"]
     (copied,) = results.rglob("result.json")
     assert json.loads(copied.read_text())["last"]["mean"] == 2.0
     assert report.collect(runs / "a", results) == []  # an older result does not replace a newer copy
@@ -174,7 +175,8 @@ def test_tiny_grid_through_submitit_resumes_skips_and_reports(tmp_path, tiny_hop
 def test_slurm_launcher_without_slurm_is_one_message(tmp_path, tiny_hopper_dir, monkeypatch, capsys):
     monkeypatch.setenv("PATH", str(tmp_path))  # no srun
     assert run.main(["--launcher", "slurm", "--algos", "omiga", "--datasets", "medium-replay", "--seeds", "0",
-                     "--runs-dir", str(tmp_path / "grid"), "--data-dir", str(tiny_hopper_dir), "--", "--no-generate"]) == 2
+                     "--runs-dir", str(tmp_path / "grid"), "--data-dir", str(tiny_hopper_dir),
+                     "--", "--no-generate"]) == 2
     assert 'run.py: error: --launcher slurm: Could not detect "srun"' in capsys.readouterr().err
 
 
@@ -183,8 +185,8 @@ def test_a_failed_run_is_reported_and_exits_non_zero(tmp_path, tiny_hopper_dir, 
                      str(tmp_path / "grid"), "--data-dir", str(tiny_hopper_dir), *TINY_RUN, "--agent-conf", "9x9"]) == 1
     stdout = capsys.readouterr().out
     assert "finished 0, skipped 0 (already finished), failed 1" in stdout
-    assert re.search(r"FAILED Hopper__medium-replay__omiga__0: job \d+ FINISHED, log .*_log\.err ends:\n(    .*\n)*.*9x9",
-                     stdout)
+    assert re.search(r"FAILED Hopper__medium-replay__omiga__0: job \d+ FINISHED, log .*_log\.err ends:\n"
+                     r"(    .*\n)*.*9x9", stdout)
     assert not list((tmp_path / "grid").rglob("result.json"))
 
 
