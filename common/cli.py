@@ -105,7 +105,10 @@ def parse_args(args_class: type[ArgsT]) -> tuple[ArgsT, dict | None]:
     if not path.is_file():
         raise ResumeError(f"--resume {args.resume}: no checkpoint {path} (runs write it at every evaluation with "
                           f"--save-model, and when Ctrl-C or SIGTERM stops them)")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # truncated, or not torch.save's: whatever torch raises, the file is unusable
+        raise ResumeError(f"--resume {args.resume}: {path} is not a readable checkpoint ({error})") from error
     if "rng" not in checkpoint:
         raise ResumeError(f"--resume {args.resume}: {path} holds no random number generator states (it was written "
                           f"before --resume existed), so the run cannot continue exactly")

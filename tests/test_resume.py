@@ -65,7 +65,7 @@ def test_resumed_run_ends_where_an_uninterrupted_run_ends(script, tiny_hopper_di
     assert results[0]["finished"] and results[0]["last"]["step"] == 2 * HALF
     assert [e["mean"] for e in results[0]["evaluations"][2:]] == [e["mean"] for e in results[1]["evaluations"][2:]]
     assert results[0]["evaluations"][:2] == first_half["evaluations"]
-    # TensorBoard continued at the checkpoint's step (and OMCDA's behaviour cloning loss, at step 0, is there once)
+    # TensorBoard continued at the checkpoint's step; OMCDA's behaviour cloning loss, at step 0, is there once
     assert logged_steps(split) == logged_steps(whole)
     assert json.loads((split / "args.json").read_text())["total_steps"] == 2 * HALF
 
@@ -102,6 +102,10 @@ def test_resume_refuses_what_it_cannot_continue_exactly(tiny_hopper_dir, tmp_pat
         assert result.returncode == 2, (case, result.stderr)
         assert re.search(rf"^omiga\.py: error: --resume \S+: {message}", result.stderr, re.M), (case, result.stderr)
         assert "Traceback" not in result.stderr
+    (tmp_path / "truncated").mkdir()
+    (tmp_path / "truncated" / "model.pt").write_bytes((run_dir / "model.pt").read_bytes()[:1000])
+    result = run_forked("omiga.py", "--resume", str(tmp_path / "truncated"), "--total-steps", "20", cwd=tmp_path)
+    assert result.returncode == 2 and re.search(r"model\.pt is not a readable checkpoint \(.+\)$", result.stderr, re.M)
     old = torch.load(run_dir / "model.pt", weights_only=False)
     del old["rng"]  # a checkpoint from before --resume existed
     torch.save(old, run_dir / "model.pt")
