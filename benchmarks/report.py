@@ -199,9 +199,9 @@ def plot_learning_curves(records: list[RunRecord], out_dir: Path) -> dict[tuple[
 def provenance(records: list[RunRecord], command: str) -> str:
     """Where the numbers come from: the devices, the code's commits, when, and the training speed."""
     written = [r.result["written_at"] for r in records]
-    lines = [f"Written {datetime.date.today().isoformat()} by `{command}` from {len(records)} finished runs "
-             f"(results written {datetime.date.fromtimestamp(min(written))} to "
-             f"{datetime.date.fromtimestamp(max(written))}).",
+    runs = f"{len(records)} finished run" + ("s" if len(records) > 1 else "")
+    lines = [f"Written {datetime.date.today().isoformat()} by `{command}` from {runs} (results written "
+             f"{datetime.date.fromtimestamp(min(written))} to {datetime.date.fromtimestamp(max(written))}).",
              f"- commit: {', '.join(sorted({r.result['commit'] or 'unknown' for r in records}))}"]
     for device in sorted({r.result["device"] for r in records}):
         mine = [r for r in records if r.result["device"] == device and r.result["updates_per_sec"]]

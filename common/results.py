@@ -33,7 +33,6 @@ def write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-@functools.cache
 def git_commit() -> str | None:
     """The repository's HEAD commit, or None outside a git checkout (e.g. an exported copy) or without git."""
     try:
@@ -73,6 +72,7 @@ class RunResult:
     device: torch.device
     dataset: dict
     evaluations: list[dict] = field(default_factory=list)  # a resumed run continues its checkpoint's list
+    commit: str | None = field(default_factory=git_commit)  # of the code this process started with
     timed_updates: int = 0
     timed_seconds: float = 0.0
 
@@ -84,7 +84,7 @@ class RunResult:
         self.evaluations.append(dict(step=step, mean=float(returns.mean()), std=float(returns.std()),
                                      episodes=len(returns)))
         write_json(self.run_dir / "result.json", dict(
-            args=self.args, commit=git_commit(), device=device_name(self.device), dataset=self.dataset,
+            args=self.args, commit=self.commit, device=device_name(self.device), dataset=self.dataset,
             evaluations=self.evaluations, last=self.evaluations[-1],
             best=max(self.evaluations, key=lambda evaluation: evaluation["mean"]),
             updates_per_sec=self.timed_updates / self.timed_seconds if self.timed_seconds > 0 else None,
