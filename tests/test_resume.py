@@ -1,6 +1,8 @@
 """--resume: N updates, then N more from the checkpoint, end where 2N uninterrupted updates end (networks, optimizers,
 evaluations, TensorBoard steps); a run that cannot continue exactly is refused with one message and exit status 2."""
 
+import dataclasses
+import importlib
 import json
 import re
 import shutil
@@ -9,7 +11,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from common.cli import RUN_LEVEL_ARGS
+from common.cli import RUN_LEVEL_ARGS, ResumeError, check_device
 from conftest import run_forked
 
 SCRIPTS = ["omiga.py", "omcda.py", "icq.py", "comadice.py", "bc.py", "cql_ma.py", "cfcql.py"]
@@ -113,7 +115,14 @@ def test_resume_refuses_what_it_cannot_continue_exactly(tiny_hopper_dir, tmp_pat
     assert result.returncode == 2 and "holds no random number generator states" in result.stderr
 
 
-def test_run_level_arguments_are_common_to_every_script():
-    import omiga
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_run_level_arguments_are_arguments_of_every_script(script):
+    module = importlib.import_module(script[: -len(".py")])
+    assert set(RUN_LEVEL_ARGS) <= {field.name for field in dataclasses.fields(module.Args)}
 
-    assert set(RUN_LEVEL_ARGS) <= set(omiga.Args.__dataclass_fields__)
+
+def test_a_checkpoint_continues_only_on_its_kind_of_device():
+    check_device(None, torch.device("cpu"))  # a fresh run
+    check_device({"device": "cpu"}, torch.device("cpu"))
+    with pytest.raises(ResumeError, match="trained on cuda, this run would train on cpu"):
+        check_device({"device": "cuda"}, torch.device("cpu"))
