@@ -40,7 +40,6 @@ Choices the paper leaves open (ours unless marked otherwise):
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import random
@@ -52,7 +51,6 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn as nn
-import tyro
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -60,6 +58,7 @@ from common.collect import ensure_dataset
 from common.datasets import Batch, load_dataset
 from common.envs import make_env
 from common.evaluation import evaluate
+from common.results import RunResult, write_json
 
 
 @dataclass
@@ -101,7 +100,11 @@ class Args:
     log_every: int = 1000
     """log losses every this many updates"""
     save_model: bool = False
-    """if toggled, save all networks, optimizers and the step to `model.pt` in the run directory"""
+    """if toggled, save everything `--resume` needs (networks, optimizers, step, RNG states, evaluations) to `model.pt`
+    in the run directory at every evaluation and at the end"""
+    resume: str | None = None
+    """continue the run in this run directory from its `model.pt`; arguments not given default to the checkpoint's,
+    and only run-level ones (--total-steps, --eval-every, logging, --data-dir, ...) may differ from it"""
     per_agent_networks: bool = False
     """if toggled, every agent has its own network weights (default: one network of each kind shared by all agents,
     told apart by the one-hot id in their inputs, as in the official OMIGA code)"""
@@ -388,11 +391,32 @@ def make_act_fn(policy: AgentPolicy, device: torch.device):
     return act
 
 
-def save_checkpoint(path: Path, agents: nn.Module, optimizers: dict, step: int, args: Args) -> None:
+def save_checkpoint(path: Path, agents: nn.Module, optimizers: dict, step: int, args: Args,
+                    generator: torch.Generator, evaluations: list[dict]) -> None:
+    """Everything `--resume` needs to continue the run as if it had not stopped, written atomically: networks,
+    optimizers, step, every random number generator (the sampling generator, Python's, NumPy's, torch's) and the
+    evaluations so far."""
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state_all(), "sampling": generator.get_state()}
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save({"agents": agents.state_dict(), "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
-                "step": step, "args": asdict(args)}, tmp)
+                "step": step, "args": asdict(args), "rng": rng, "device": generator.device.type,
+                "evaluations": evaluations}, tmp)
     os.replace(tmp, path)
+
+
+def restore_checkpoint(checkpoint: dict, agents: nn.Module, optimizers: dict, generator: torch.Generator) -> None:
+    """Load a `save_checkpoint` into the networks and optimizers and set every random number generator to its state;
+    called after everything that draws random numbers at start-up."""
+    agents.load_state_dict(checkpoint["agents"])
+    for name, optimizer in optimizers.items():
+        optimizer.load_state_dict(checkpoint["optimizers"][name])
+    rng = checkpoint["rng"]
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    torch.cuda.set_rng_state_all(rng["cuda"])
+    generator.set_state(rng["sampling"])
 
 
 def scalar_metrics(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -425,17 +449,21 @@ def unique_dir(base: Path) -> Path:
     raise FileExistsError(f"could not create a fresh run directory next to {base}")
 
 
-def make_run(args: Args) -> tuple[Path, SummaryWriter]:
-    run_dir = unique_dir(Path("runs") / f"{args.env}__{args.dataset}__{args.exp_name}__{args.seed}__{int(time.time())}")
-    (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=2))
-    writer = SummaryWriter(str(run_dir))
-    table = "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items())
-    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+def make_run(args: Args, start_step: int) -> tuple[Path, SummaryWriter]:
+    """A fresh run directory, or with --resume the run's own, where TensorBoard continues after `start_step` (what a
+    stopped run logged after its checkpoint is discarded)."""
+    name = f"{args.env}__{args.dataset}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = Path(args.resume) if args.resume else unique_dir(Path("runs") / name)
+    write_json(run_dir / "args.json", asdict(args))
+    writer = SummaryWriter(str(run_dir), purge_step=start_step + 1 if args.resume else None)
+    if not args.resume:
+        table = "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items())
+        writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
     if args.track:
         import wandb
 
         wandb.init(project=args.wandb_project_name, config=asdict(args), name=run_dir.name, sync_tensorboard=True,
-                   dir=str(run_dir))
+                   dir=str(run_dir), id=run_dir.name, resume="allow")
     return run_dir, writer
 
 
@@ -447,37 +475,47 @@ def seed_everything(seed: int, torch_deterministic: bool) -> None:
 
 
 if __name__ == "__main__":
-    from common.cli import StopOnSignal, check_args, exit_on_user_error
+    from common.cli import StopOnSignal, check_args, check_device, exit_on_user_error, parse_args
 
-    args = tyro.cli(Args)
     with exit_on_user_error():
+        args, checkpoint = parse_args(Args)
         check_args(args)
         seed_everything(args.seed, args.torch_deterministic)
         device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+        check_device(checkpoint, device)
         env = make_env(args.env, args.agent_conf, args.obs_mode)
         dataset_file = ensure_dataset(args.data_dir, args.env, env.agent_conf, args.dataset,
                                       generate=not args.no_generate)
         dataset = load_dataset(dataset_file, device, args.obs_mode)
         dataset.check_env(env)
-    run_dir, writer = make_run(args)
-    print(f"{run_dir}: {len(dataset):,} transitions from {dataset_file} on {device}")
+    start_step = checkpoint["step"] if checkpoint else 0
+    run_dir, writer = make_run(args, start_step)
+    print(f"{run_dir}: {len(dataset):,} transitions from {dataset_file} on {device}"
+          + (f", resumed at update {start_step}" if checkpoint else ""))
 
-    agents = Agents(env.n_agents, env.obs_dim, env.act_dim, env.state_dim, args).to(device)
+    agents = Agents(env.n_agents, env.obs_dim, env.act_dim, dataset.state_dim, args).to(device)
     optimizers = make_optimizers(agents, args)
     generator = torch.Generator(device=device).manual_seed(args.seed)
+    if checkpoint:
+        restore_checkpoint(checkpoint, agents, optimizers, generator)
     act_fn = make_act_fn(agents.policy, device)
     eval_seed = 1_000_000 * (args.seed + 1)
+    result = RunResult(run_dir, asdict(args), device, dataset.card(), checkpoint["evaluations"] if checkpoint else [])
 
-    last_eval, last_checked, tick, tick_step = float("nan"), 0, time.perf_counter(), 0
+    last_eval = result.evaluations[-1]["mean"] if result.evaluations else float("nan")
+    last_checked, tick, tick_step = start_step, time.perf_counter(), start_step
     stop = StopOnSignal()
-    progress = tqdm(range(1, args.total_steps + 1), mininterval=2.0, desc=args.exp_name)
+    progress = tqdm(range(start_step + 1, args.total_steps + 1), initial=start_step, total=args.total_steps,
+                    mininterval=2.0, desc=args.exp_name)
     for step in progress:
         metrics = update(agents, optimizers, dataset.sample(args.batch_size, generator), args)
         if step % args.log_every == 0 or step == args.total_steps:
             values = scalar_metrics(metrics)
             check_finite(values, step, last_checked)
             last_checked = step
-            updates_per_sec = (step - tick_step) / (time.perf_counter() - tick)
+            seconds = time.perf_counter() - tick
+            updates_per_sec = (step - tick_step) / seconds
+            result.time(step - tick_step, seconds)
             tick, tick_step = time.perf_counter(), step
             for name, value in values.items():
                 writer.add_scalar(name, value, step)
@@ -491,12 +529,13 @@ if __name__ == "__main__":
             writer.add_scalar("eval/return_mean", last_eval, step)
             writer.add_scalar("eval/return_std", float(returns.std()), step)
             tqdm.write(f"step {step}: eval return {last_eval:.1f} ± {returns.std():.1f}")
+            result.add_evaluation(step, returns)
             if args.save_model:
-                save_checkpoint(run_dir / "model.pt", agents, optimizers, step, args)
+                save_checkpoint(run_dir / "model.pt", agents, optimizers, step, args, generator, result.evaluations)
             tick = time.perf_counter()
         if stop.requested:
             progress.close()
-            save_checkpoint(run_dir / "model.pt", agents, optimizers, step, args)
+            save_checkpoint(run_dir / "model.pt", agents, optimizers, step, args, generator, result.evaluations)
             writer.close()
             stop.exit(f"stopped after update {step} of {args.total_steps}; checkpoint saved to {run_dir / 'model.pt'}")
     stop.restore()
@@ -505,7 +544,8 @@ if __name__ == "__main__":
     returns = evaluate(act_fn, env, args.final_eval_episodes, eval_seed)
     writer.add_scalar("eval/return_mean", float(returns.mean()), args.total_steps)
     writer.add_scalar("eval/return_std", float(returns.std()), args.total_steps)
+    result.add_evaluation(args.total_steps, returns, finished=True)
     if args.save_model:
-        save_checkpoint(run_dir / "model.pt", agents, optimizers, args.total_steps, args)
+        save_checkpoint(run_dir / "model.pt", agents, optimizers, args.total_steps, args, generator, result.evaluations)
     writer.close()
     print(f"final return: {returns.mean():.2f} ± {returns.std():.2f} over {len(returns)} episodes")

@@ -1,14 +1,17 @@
-"""Write the results tables of a benchmark grid: `python benchmarks/report.py RUNS_DIR [--out benchmarks/results.md]`.
+"""Tables and learning curves of benchmark results, built from result.json files alone.
 
-Every folder under RUNS_DIR that holds an args.json is a run, whether benchmarks/run.py or a person started it. A run
-is finished when its last `eval/return_mean` is at step `total_steps` (the final evaluation); unfinished runs are
-listed, not averaged. One table per env: rows are datasets, with the dataset card (from --data-dir) beside them;
-columns are exp_names (run.py names runs after the algorithm; give another configuration another exp_name); a cell is
+    python benchmarks/report.py [RESULTS_DIR] [--out FILE]       # default: benchmarks/results -> its README.md
+    python benchmarks/report.py --collect runs/benchmark         # copy finished runs in, then report
+
+Every result.json under RESULTS_DIR is a run (the scripts write one into every run directory). `--collect RUNS_DIR`
+copies the finished ones found under RUNS_DIR to RESULTS_DIR/{env}-{agent_conf}/{dataset}/{exp_name}/seed_{seed}/
+result.json, replacing an older copy of the same cell, so that the committed benchmarks/results/ alone rebuilds the
+report. One table per env: rows are datasets, with the dataset card the runs trained on beside them; columns are
+exp_names (run.py names runs after the algorithm; give another configuration another exp_name); a cell is
 mean ± std over seeds (population std; n = number of seeds) of each seed's last evaluation, the headline, and in a
-second table of each seed's best evaluation during training. If a seed was run more than once, its latest finished
-run counts. Hardware, grid command and time taken come from the
-result.json files that run.py writes. With matplotlib installed, a learning-curve PNG per (env, dataset) is written
-to `curves/` beside the output file.
+second table of each seed's best evaluation during training. If a seed has more than one finished result, the one
+written last counts; unfinished runs are listed, not averaged. With matplotlib installed, a learning-curve PNG per
+(env, dataset) is written to `curves/` beside the output file.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import argparse
 import datetime
 import json
 import shlex
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,63 +31,83 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
-
-from common.datasets import QUALITIES, dataset_card, dataset_path  # noqa: E402
+from common.datasets import QUALITIES  # noqa: E402
 from common.envs import check_env_name  # noqa: E402
 from run import ALGOS  # noqa: E402
 
-RETURN_TAG = "eval/return_mean"
+RESULTS_DIR = REPO / "benchmarks" / "results"
 
 
 @dataclass
 class RunRecord:
-    path: Path
-    env: str
-    agent_conf: str
-    dataset: str
-    algo: str
-    seed: int
-    total_steps: int
-    eval_steps: np.ndarray
-    eval_returns: np.ndarray
-    result: dict | None  # result.json written by benchmarks/run.py
+    path: Path  # its result.json
+    result: dict
+
+    @property
+    def args(self) -> dict:
+        return self.result["args"]
 
     @property
     def task(self) -> tuple[str, str]:
         """What one table covers: the env and its agent partition."""
-        return self.env, self.agent_conf
+        return self.args["env"], self.args["agent_conf"] or check_env_name(self.args["env"]).default_agent_conf
+
+    @property
+    def dataset(self) -> str:
+        return self.args["dataset"]
+
+    @property
+    def algo(self) -> str:
+        return self.args["exp_name"]
+
+    @property
+    def seed(self) -> int:
+        return self.args["seed"]
+
+    @property
+    def cell(self) -> tuple:
+        return self.task, self.dataset, self.algo, self.seed
 
     @property
     def finished(self) -> bool:
-        return len(self.eval_steps) > 0 and self.eval_steps[-1] == self.total_steps
+        return self.result["finished"]
+
+    @property
+    def eval_steps(self) -> np.ndarray:
+        return np.array([evaluation["step"] for evaluation in self.result["evaluations"]], dtype=int)
+
+    @property
+    def eval_returns(self) -> np.ndarray:
+        return np.array([evaluation["mean"] for evaluation in self.result["evaluations"]])
 
 
-def read_eval_returns(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    events.Reload()
-    if RETURN_TAG not in events.Tags()["scalars"]:
-        return np.zeros(0, dtype=int), np.zeros(0)
-    scalars = events.Scalars(RETURN_TAG)
-    return np.array([s.step for s in scalars]), np.array([s.value for s in scalars])
-
-
-def load_run(args_file: Path) -> RunRecord:
-    args = json.loads(args_file.read_text())
-    run_dir = args_file.parent
-    result_file = run_dir / "result.json"
-    agent_conf = args.get("agent_conf") or check_env_name(args["env"]).default_agent_conf
-    return RunRecord(run_dir, args["env"], agent_conf, args["dataset"], args["exp_name"], args["seed"],
-                     args["total_steps"], *read_eval_returns(run_dir),
-                     json.loads(result_file.read_text()) if result_file.exists() else None)
+def load_results(folder: Path) -> list[RunRecord]:
+    return [RunRecord(path, json.loads(path.read_text())) for path in sorted(folder.rglob("result.json"))]
 
 
 def latest_finished_per_seed(records: list[RunRecord]) -> list[RunRecord]:
     latest = {}
-    for record in sorted(records, key=lambda r: (r.path / "args.json").stat().st_mtime):
+    for record in sorted(records, key=lambda r: r.result["written_at"]):
         if record.finished:
-            latest[(record.task, record.dataset, record.algo, record.seed)] = record
+            latest[record.cell] = record
     return list(latest.values())
+
+
+def collect(runs_dir: Path, results_dir: Path) -> list[Path]:
+    """Copy the result.json of every finished run under `runs_dir` to its cell's place in `results_dir`, unless the
+    copy there was written later; returns the files written."""
+    written = []
+    for record in latest_finished_per_seed(load_results(runs_dir)):
+        task, dataset, algo, seed = record.cell
+        target = results_dir / "-".join(task) / dataset / algo / f"seed_{seed}" / "result.json"
+        if target.exists() and json.loads(target.read_text())["written_at"] >= record.result["written_at"]:
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp")
+        shutil.copyfile(record.path, tmp)
+        tmp.replace(target)
+        written.append(target)
+    return written
 
 
 def ordered(names: list[str], preferred: tuple[str, ...]) -> list[str]:
@@ -100,13 +124,15 @@ def mean_std_cell(values: list[float]) -> str:
     return f"{np.mean(values):.1f} ± {np.std(values):.1f} (n={len(values)})"
 
 
-def card_cells(data_dir: Path, task: tuple[str, str], dataset: str) -> list[str]:
-    path = dataset_path(data_dir, *task, dataset)
-    if not path.exists():
-        return ["—", "—", "—"]
-    card = dataset_card(path)
-    return_cell = f"{card['return_mean']:.1f} ± {card['return_std']:.1f}"
-    return [f"{card['episodes']:,}", f"{card['transitions']:,}", return_cell]
+def card_cells(records: list[RunRecord]) -> list[str]:
+    """The dataset card the runs trained on; runs on different files of one name (other sizes or seeds) are shown
+    as such instead of one of the cards."""
+    cards = {json.dumps(r.result["dataset"], sort_keys=True) for r in records}
+    if len(cards) != 1:
+        return ["(differs between runs)"] * 3
+    card = records[0].result["dataset"]
+    return [f"{card['episodes']:,}", f"{card['transitions']:,}",
+            f"{card['return_mean']:.1f} ± {card['return_std']:.1f}"]
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
@@ -114,7 +140,7 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join("| " + " | ".join(line) + " |" for line in lines)
 
 
-def task_tables(records: list[RunRecord], task: tuple[str, str], data_dir: Path) -> str:
+def task_tables(records: list[RunRecord], task: tuple[str, str]) -> str:
     mine = [r for r in records if r.task == task]
     algos = ordered([r.algo for r in mine], ALGOS)
     datasets = ordered([r.dataset for r in mine], QUALITIES)
@@ -129,15 +155,16 @@ def task_tables(records: list[RunRecord], task: tuple[str, str], data_dir: Path)
     return "\n\n".join([
         f"## {' '.join(task)}",
         "**Last evaluation** (the headline): the final evaluation of each seed, mean ± std over seeds.",
-        markdown_table(["dataset", *card_header, *algos],
-                       [[d, *card_cells(data_dir, task, d), *row] for d, row in zip(datasets, last)]),
+        markdown_table(["dataset", *card_header, *algos], [[d, *card_cells([r for r in mine if r.dataset == d]), *row]
+                                                           for d, row in zip(datasets, last)]),
         "**Best evaluation** during training (optimistic: the maximum over evaluations), mean ± std over seeds.",
         markdown_table(["dataset", *algos], [[d, *row] for d, row in zip(datasets, best)]),
     ])
 
 
 def plot_learning_curves(records: list[RunRecord], out_dir: Path) -> dict[tuple[tuple[str, str], str], Path]:
-    """One PNG per (env, dataset): mean ± std over seeds of eval/return_mean at the steps every seed evaluated."""
+    """One PNG per (env, dataset): mean ± std over seeds of the evaluation return at the steps every seed
+    evaluated."""
     try:
         import matplotlib
     except ImportError:
@@ -161,63 +188,74 @@ def plot_learning_curves(records: list[RunRecord], out_dir: Path) -> dict[tuple[
         axes.legend()
         path = out_dir / "curves" / f"{'-'.join(task)}-{dataset}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(path, dpi=100, bbox_inches="tight")
+        tmp = path.with_name(f".{path.name}.tmp")
+        figure.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+        tmp.replace(path)
         plt.close(figure)
         plots[(task, dataset)] = path
     return plots
 
 
 def provenance(records: list[RunRecord], command: str) -> str:
-    results = [r.result for r in records if r.result]
-    lines = [f"Written {datetime.date.today().isoformat()} by `{command}`."]
-    if results:
-        started = min(r["finished_at"] - r["seconds"] for r in results)
-        finished = max(r["finished_at"] for r in results)
-        lines += [
-            f"- hardware: {'; '.join(sorted({r['hardware'] for r in results}))}",
-            *(f"- grid command: `{c}`" for c in sorted({r["command"] for r in results})),
-            f"- {len(results)} runs took {sum(r['seconds'] for r in results) / 3600:.2f} h of run time, "
-            f"{(finished - started) / 3600:.2f} h of wall clock from {datetime.date.fromtimestamp(started)} "
-            f"to {datetime.date.fromtimestamp(finished)}",
-        ]
-    if len(results) < len(records):
-        lines.append(f"- {len(records) - len(results)} runs have no result.json (not run by benchmarks/run.py): "
-                     f"their hardware and time are not recorded")
+    """Where the numbers come from: the devices, the code's commits, when, and the training speed."""
+    written = [r.result["written_at"] for r in records]
+    runs = f"{len(records)} finished run" + ("s" if len(records) > 1 else "")
+    lines = [f"Written {datetime.date.today().isoformat()} by `{command}` from {runs} (results written "
+             f"{datetime.date.fromtimestamp(min(written))} to {datetime.date.fromtimestamp(max(written))}).",
+             f"- commit: {', '.join(sorted({r.result['commit'] or 'unknown' for r in records}))}"]
+    for device in sorted({r.result["device"] for r in records}):
+        mine = [r for r in records if r.result["device"] == device and r.result["updates_per_sec"]]
+        speeds = [f"{algo} {np.median([r.result['updates_per_sec'] for r in mine if r.algo == algo]):.0f}"
+                  for algo in ordered([r.algo for r in mine], ALGOS)]
+        lines.append(f"- device: {device}; updates/s (median over runs, evaluations excluded): "
+                     f"{', '.join(speeds) or 'not recorded'}")
     return "\n".join(lines)
 
 
-def write_report(runs_dir: Path, out: Path, data_dir: Path, command: str) -> str:
-    records = [load_run(path) for path in sorted(runs_dir.rglob("args.json"))]
+def write_report(results_dir: Path, out: Path, command: str) -> str:
+    records = load_results(results_dir)
     if not records:
-        raise SystemExit(f"no runs under {runs_dir}: a run is a folder holding args.json")
+        raise SystemExit(f"no runs under {results_dir}: a run is a result.json file")
     finished = latest_finished_per_seed(records)
     unfinished = [r for r in records if not r.finished]
-    plots = plot_learning_curves(finished, out.parent)
-    sections = ["# Results", provenance(finished, command)]
-    for task in sorted({r.task for r in finished}):
-        sections.append(task_tables(finished, task, data_dir))
-        sections += [f"![{' '.join(task)} {dataset}]({path.relative_to(out.parent).as_posix()})"
-                     for (plot_task, dataset), path in plots.items() if plot_task == task]
+    sections = ["# Results"]
+    if finished:
+        plots = plot_learning_curves(finished, out.parent)
+        sections.append(provenance(finished, command))
+        for task in sorted({r.task for r in finished}):
+            sections.append(task_tables(finished, task))
+            sections += [f"![{' '.join(task)} {dataset}]({path.relative_to(out.parent).as_posix()})"
+                         for (plot_task, dataset), path in plots.items() if plot_task == task]
     if unfinished:
         sections.append("## Unfinished runs (not in the tables)\n\n" + "\n".join(
-            f"- `{r.path}`: last evaluation at step {r.eval_steps[-1] if len(r.eval_steps) else 'none'} "
-            f"of {r.total_steps}" for r in unfinished))
+            f"- `{r.path.parent}`: last evaluation at step {r.eval_steps[-1] if len(r.eval_steps) else 'none'} "
+            f"of {r.args['total_steps']}" for r in unfinished))
     text = "\n\n".join(sections) + "\n"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(out)
     return text
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("runs_dir", type=Path, help="folder searched for runs (folders holding args.json)")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results.md"))
-    parser.add_argument("--data-dir", type=Path, default=Path("data"), help="dataset files, for the dataset cards")
+    parser.add_argument("results_dir", type=Path, nargs="?", default=RESULTS_DIR,
+                        help="folder searched for result.json files (default: benchmarks/results)")
+    parser.add_argument("--collect", type=Path, metavar="RUNS_DIR",
+                        help="first copy the finished runs under RUNS_DIR into RESULTS_DIR")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "README.md",
+                        help="the report; its curves go to curves/ beside it (default: benchmarks/results/README.md)")
     args = parser.parse_args(argv)
-    if not args.runs_dir.is_dir():
-        parser.error(f"{args.runs_dir} is not a folder")
-    write_report(args.runs_dir, args.out, args.data_dir, shlex.join(["python", "benchmarks/report.py", *argv]))
+    if args.collect:
+        if not args.collect.is_dir():
+            parser.error(f"--collect {args.collect}: not a folder")
+        copied = collect(args.collect, args.results_dir)
+        print(f"collected {len(copied)} finished runs from {args.collect} into {args.results_dir}")
+    if not args.results_dir.is_dir():
+        parser.error(f"{args.results_dir} is not a folder")
+    write_report(args.results_dir, args.out, shlex.join(["python", "benchmarks/report.py", *argv]))
     print(f"wrote {args.out}")
 
 

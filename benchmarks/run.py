@@ -1,17 +1,23 @@
-"""Run the benchmark grid: every (algo, env, dataset, seed) as one subprocess, several at once, resumable.
+"""Run the benchmark grid through submitit: every (algo, env, dataset, seed) as one job, here or on a Slurm cluster.
 
     python benchmarks/run.py --algos omcda omiga icq comadice --envs Hopper \\
         --datasets expert medium medium-replay medium-expert --seeds 0 1 2 3 4 [--workers N] [-- ARGS FOR EVERY SCRIPT]
+    python benchmarks/run.py --launcher slurm --partition gpu --time 1440 --gpus-per-job 1 --array-parallelism 20 ...
 
-Each run has a folder `{runs_dir}/{env}__{dataset}__{algo}__{seed}/`. The script runs with that folder as its working
-directory, so it writes its run directory (TensorBoard events, args.json) inside it, to
-`runs/{env}__{dataset}__{algo}__{seed}__{time}/`; its stdout and stderr go to `log.txt`. When the script exits 0,
-`result.json` is written into its run directory: the final return, the script's arguments, the time taken, the
-hardware and the grid command.
+Each cell has a folder `{runs_dir}/{env}__{dataset}__{algo}__{seed}/`. The script runs with that folder as its working
+directory, so its run directory (TensorBoard events, args.json, result.json, model.pt) is
+`runs/{env}__{dataset}__{algo}__{seed}__{time}/` inside it. Every script runs with --save-model, so it writes a
+checkpoint at every evaluation; the scripts' output goes to submitit's logs in `{runs_dir}/submitit/`.
 
-Resuming: a run whose result.json holds the same script arguments is finished and skipped; any other run folder is
-cleared and run again. Missing datasets are generated once, sequentially, before any run starts (unless the script
-arguments include --no-generate), so parallel runs never write the same file. `--exp-name` is the algorithm's name.
+Running the same command again continues the grid: a cell whose result.json says finished is skipped (whatever the
+arguments after --; extend a finished run by hand with the script's --resume RUN_DIR --total-steps N), an unfinished
+cell with a model.pt is resumed from it with --resume, and any other cell starts again from scratch.
+
+--launcher local (default): submitit's LocalExecutor on this machine, --workers jobs at once; waits for every job
+and prints a summary. --launcher slurm: one job array (--partition, --time, --gpus-per-job, --array-parallelism);
+run.py exits once it is submitted. Missing datasets are generated once, sequentially, before any job starts (unless
+the script arguments include --no-generate), so parallel jobs never write the same file. `--exp-name` is the
+algorithm's name.
 """
 
 from __future__ import annotations
@@ -19,20 +25,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import re
-import shlex
 import shutil
-import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+import submitit  # noqa: E402
 import torch  # noqa: E402
 
 from common.collect import ensure_dataset  # noqa: E402
@@ -40,9 +42,9 @@ from common.datasets import QUALITIES, dataset_path  # noqa: E402
 from common.envs import ENV_NAMES  # noqa: E402
 
 ALGOS = ("omcda", "omiga", "icq", "comadice", "bc", "cql_ma", "cfcql", "bcq_ma")
-GRID_FLAGS = ("--env", "--dataset", "--seed", "--exp-name", "--data-dir")
-LOG_TAIL_LINES = 5  # of a failed run's log, shown in the summary
-FINAL_LINE = re.compile(r"^final return: (\S+) ± (\S+) over (\d+) episodes$", re.M)
+GRID_FLAGS = ("--env", "--dataset", "--seed", "--exp-name", "--data-dir", "--resume")
+LOG_TAIL_LINES = 5  # of a failed job's error log, shown in the summary
+POLL_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -58,46 +60,22 @@ class Run:
 
     def script_arguments(self, data_dir: Path, extra: list[str]) -> list[str]:
         return ["--env", self.env, "--dataset", self.dataset, "--seed", str(self.seed), "--exp-name", self.algo,
-                "--data-dir", str(data_dir), *extra]
+                "--data-dir", str(data_dir), "--save-model", *extra]
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{cpu_name()} ({os.cpu_count()} cores)"
-
-
-def machine_name() -> str:
-    """This machine's CPU and, where there is one, GPU (the scripts train on the GPU when there is one)."""
-    names = [device_name(torch.device("cpu"))]
-    if torch.cuda.is_available():
-        names.append(device_name(torch.device("cuda")))
-    return ", ".join(names)
-
-
-def plan(run_folder: Path, arguments: list[str]) -> str:
-    """What to do with a run: skip it when it finished with these arguments, else run it, saying why."""
-    if not run_folder.exists():
-        return "run"
-    results = [json.loads(path.read_text()) for path in run_folder.glob("runs/*/result.json")]
-    if any(result["arguments"] == arguments for result in results):
-        return "skip"
-    return "rerun (arguments changed)" if results else "rerun (unfinished)"
+def plan(cell: Path) -> tuple[str, Path | None]:
+    """What to do with a grid cell: ("skip", None) when one of its runs finished, ("resume", run directory) when one
+    has a checkpoint (the latest), else ("run", None)."""
+    if any(json.loads(path.read_text())["finished"] for path in cell.glob("runs/*/result.json")):
+        return "skip", None
+    checkpoints = sorted(cell.glob("runs/*/model.pt"), key=lambda path: path.stat().st_mtime)
+    if checkpoints:
+        return "resume", checkpoints[-1].parent
+    return "run", None
 
 
 def prepare_datasets(runs: list[Run], data_dir: Path, generate: bool, dry_run: bool) -> None:
-    """Generate the missing datasets of `runs` one after the other, before any worker starts."""
+    """Generate the missing datasets of `runs` one after the other, before any job starts."""
     for env, quality in dict.fromkeys((run.env, run.dataset) for run in runs):
         path = dataset_path(data_dir, env, None, quality)
         if path.exists():
@@ -111,27 +89,54 @@ def prepare_datasets(runs: list[Run], data_dir: Path, generate: bool, dry_run: b
             raise SystemExit(str(error)) from error
 
 
-def execute(run: Run, run_folder: Path, arguments: list[str], env_vars: dict, record: dict) -> tuple[bool, str]:
-    """Run one script in a fresh `run_folder`; on success write result.json into its run directory."""
-    shutil.rmtree(run_folder, ignore_errors=True)
-    run_folder.mkdir(parents=True)
-    log = run_folder / "log.txt"
-    start = time.time()
-    with log.open("w") as out:
-        process = subprocess.run([sys.executable, str(REPO / f"{run.algo}.py"), *arguments], cwd=run_folder,
-                                 env=env_vars, stdout=out, stderr=subprocess.STDOUT)
-    seconds = time.time() - start
-    text = log.read_text(errors="replace")
-    final_lines = FINAL_LINE.findall(text)
-    run_dirs = [path.parent for path in run_folder.glob("runs/*/args.json")]
-    if process.returncode != 0 or not final_lines or len(run_dirs) != 1:
+def make_executor(args: argparse.Namespace) -> submitit.Executor:
+    executor = submitit.AutoExecutor(folder=args.runs_dir.resolve() / "submitit", cluster=args.launcher)
+    gpus = args.gpus_per_job
+    if gpus is None:  # all a local job sees of this machine's GPUs: one is what a script uses
+        gpus = min(1, torch.cuda.device_count()) if args.launcher == "local" else 1
+    executor.update_parameters(timeout_min=args.time, gpus_per_node=gpus, name="offline-marl")
+    if args.launcher == "slurm":
+        executor.update_parameters(slurm_partition=args.partition, slurm_array_parallelism=args.array_parallelism)
+    return executor
+
+
+def make_job(run: Run, cell: Path, arguments: list[str], threads: str) -> submitit.helpers.CommandFunction:
+    """The script as a submitit job in its cell's folder (a class of submitit's, so any job process can unpickle it).
+    The job's own environment is kept (Slurm's and submitit's CUDA_VISIBLE_DEVICES among it), with `threads` CPU
+    threads and unbuffered output added."""
+    command = ["env", f"OMP_NUM_THREADS={threads}", "PYTHONUNBUFFERED=1", sys.executable, str(REPO / f"{run.algo}.py")]
+    return submitit.helpers.CommandFunction([*command, *arguments], cwd=cell)
+
+
+def outcome(cell: Path, job: submitit.Job) -> tuple[bool, str]:
+    """Whether the cell's run finished, with its last evaluation, or the end of the job's error log."""
+    results = [json.loads(path.read_text()) for path in cell.glob("runs/*/result.json")]
+    finished = [result for result in results if result["finished"]]
+    if job.state != "FINISHED" or job.exception() is not None or not finished:
+        log = Path(job.paths.stderr)
+        text = log.read_text(errors="replace") if log.exists() else ""
         tail = [line for line in text.splitlines() if line.strip()][-LOG_TAIL_LINES:] or ["(no output)"]
-        return False, f"exit code {process.returncode}, log {log} ends:\n" + "\n".join(f"    {line}" for line in tail)
-    mean, std, episodes = final_lines[-1]
-    result = dict(return_mean=float(mean), return_std=float(std), episodes=int(episodes), seconds=round(seconds, 1),
-                  finished_at=time.time(), arguments=arguments, **record)
-    (run_dirs[0] / "result.json").write_text(json.dumps(result, indent=2))
-    return True, f"{mean} ± {std} over {episodes} episodes ({seconds:.0f} s)"
+        return False, f"job {job.job_id} {job.state}, log {log} ends:\n" + "\n".join(f"    {line}" for line in tail)
+    last = finished[0]["last"]
+    return True, f"{last['mean']:.2f} ± {last['std']:.2f} over {last['episodes']} episodes"
+
+
+def run_local(executor: submitit.Executor, jobs: dict[Run, tuple[Path, submitit.helpers.CommandFunction]],
+              workers: int) -> list[str]:
+    """Run the jobs, `workers` at a time; returns the failures."""
+    pending, running, failed = list(jobs), {}, []
+    while pending or running:
+        while pending and len(running) < workers:
+            run = pending.pop(0)
+            running[run] = executor.submit(jobs[run][1])
+        time.sleep(POLL_SECONDS)
+        for run in [run for run, submitted in running.items() if submitted.done()]:
+            ok, message = outcome(jobs[run][0], running.pop(run))
+            done = len(jobs) - len(pending) - len(running)
+            print(f"[{done}/{len(jobs)}] {'finished' if ok else 'FAILED'} {run.name}: {message}", flush=True)
+            if not ok:
+                failed.append(f"{run.name}: {message}")
+    return failed
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -143,18 +148,28 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--envs", nargs="+", choices=ENV_NAMES, default=["Hopper"])
     parser.add_argument("--datasets", nargs="+", choices=QUALITIES, default=list(QUALITIES))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
-    parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1) // 2),
-                        help="runs at once (default: half the CPU cores)")
     parser.add_argument("--runs-dir", type=Path, default=Path("runs/benchmark"))
     parser.add_argument("--data-dir", type=Path, default=Path("data"))
     parser.add_argument("--dry-run", action="store_true", help="list what would run and what is finished, run nothing")
+    parser.add_argument("--launcher", choices=("local", "slurm"), default="local",
+                        help="local: submitit's LocalExecutor on this machine; slurm: a Slurm job array")
+    parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1) // 2),
+                        help="local: jobs at once (default: half the CPU cores)")
+    parser.add_argument("--time", type=int, default=24 * 60, help="time limit of each job in minutes (default: 1440)")
+    parser.add_argument("--gpus-per-job", type=int,
+                        help="GPUs of each job (default: slurm 1; local 1 if this machine has a GPU, else 0)")
+    parser.add_argument("--partition", help="slurm: the partition to submit to (default: the cluster's)")
+    parser.add_argument("--array-parallelism", type=int, default=32, help="slurm: jobs of the array running at once")
     args = parser.parse_args(own)
-    if args.workers < 1:
-        parser.error("--workers must be at least 1")
+    for name in ("workers", "time", "array_parallelism"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.gpus_per_job is not None and args.gpus_per_job < 0:
+        parser.error("--gpus-per-job must be at least 0")
     clashes = [arg for arg in extra if arg.split("=")[0].replace("_", "-") in GRID_FLAGS]
     if clashes:
         parser.error(f"{' '.join(clashes)} after -- is set by run.py for each run: use --envs, --datasets, --seeds, "
-                     f"--data-dir")
+                     f"--data-dir (a cell with a checkpoint is resumed by itself)")
     return args, extra
 
 
@@ -164,36 +179,45 @@ def main(argv: list[str] | None = None) -> int:
     runs_dir, data_dir = args.runs_dir.resolve(), args.data_dir.resolve()
     grid = [Run(algo, env, dataset, seed) for env in args.envs for dataset in args.datasets for algo in args.algos
             for seed in args.seeds]
-    arguments = {run: run.script_arguments(data_dir, extra) for run in grid}
-    plans = {run: plan(runs_dir / run.name, arguments[run]) for run in grid}
-    pending = [run for run in grid if plans[run] != "skip"]
+    plans = {run: plan(runs_dir / run.name) for run in grid}
+    pending = [run for run in grid if plans[run][0] != "skip"]
     skipped = len(grid) - len(pending)
     for run in grid:
-        print(f"{plans[run]:<26} {run.name}")
+        action, run_dir = plans[run]
+        print(f"{action if run_dir is None else f'{action} from {run_dir.name}':<60} {run.name}")
     prepare_datasets(pending, data_dir, generate="--no-generate" not in extra, dry_run=args.dry_run)
     if args.dry_run:
         print(f"dry run: {len(pending)} to run, {skipped} finished, {len(grid)} in the grid")
         return 0
 
     threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // args.workers))
-    env_vars = dict(os.environ, OMP_NUM_THREADS=threads, PYTHONUNBUFFERED="1")
-    record = dict(hardware=machine_name(), command=shlex.join(["python", "benchmarks/run.py", *argv]))
-    print(f"running {len(pending)} runs, {args.workers} at once, OMP_NUM_THREADS={threads}, in {runs_dir}")
-    failed = []
-    with ThreadPoolExecutor(args.workers) as pool:
-        futures = {pool.submit(execute, run, runs_dir / run.name, arguments[run], env_vars, record): run
-                   for run in pending}
-        try:
-            for done, future in enumerate(as_completed(futures), 1):
-                run = futures[future]
-                ok, message = future.result()
-                print(f"[{done}/{len(pending)}] {'finished' if ok else 'FAILED'} {run.name}: {message}", flush=True)
-                if not ok:
-                    failed.append(f"{run.name}: {message}")
-        except KeyboardInterrupt:  # the running scripts got the same Ctrl-C; start no more
-            pool.shutdown(cancel_futures=True)
-            raise
+    jobs = {}
+    for run in pending:
+        cell = runs_dir / run.name
+        action, run_dir = plans[run]
+        if action == "run":  # a run that stopped before its first checkpoint left nothing to continue
+            shutil.rmtree(cell / "runs", ignore_errors=True)
+        cell.mkdir(parents=True, exist_ok=True)
+        resume = ["--resume", str(run_dir)] if action == "resume" else []
+        jobs[run] = cell, make_job(run, cell, [*run.script_arguments(data_dir, extra), *resume], threads)
+    if not jobs:
+        print(f"nothing to run: all {skipped} runs finished")
+        return 0
+    try:
+        executor = make_executor(args)
+    except RuntimeError as error:  # submitit's: no Slurm here
+        print(f"run.py: error: --launcher {args.launcher}: {error}", file=sys.stderr)
+        return 2
+    if args.launcher == "slurm":
+        with executor.batch():
+            submitted = [executor.submit(function) for _, function in jobs.values()]
+        print(f"submitted {len(submitted)} jobs to Slurm (job ids {submitted[0].job_id} ... {submitted[-1].job_id}), "
+              f"skipped {skipped} (already finished); logs in {runs_dir / 'submitit'}. Run this command again once "
+              f"they are done: it resumes what a time limit stopped.")
+        return 0
 
+    print(f"running {len(pending)} runs, {args.workers} at once, OMP_NUM_THREADS={threads}, in {runs_dir}")
+    failed = run_local(executor, jobs, args.workers)
     print(f"\nfinished {len(pending) - len(failed)}, skipped {skipped} (already finished), failed {len(failed)}")
     for line in failed:
         print(f"  failed {line}")

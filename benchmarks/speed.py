@@ -29,7 +29,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from common.datasets import Dataset  # noqa: E402
 from common.envs import ENV_NAMES, MultiAgentMujocoEnv, make_env  # noqa: E402
-from run import ALGOS, device_name  # noqa: E402
+from common.results import device_name  # noqa: E402
+from run import ALGOS  # noqa: E402
 
 SYNTHETIC_TRANSITIONS = 4096
 EPISODE_LENGTH = 1000

@@ -1,9 +1,11 @@
-"""Command-line plumbing every algorithm script shares: argument checks, user errors without a traceback, and
-stopping on Ctrl-C with a checkpoint.
+"""Command-line plumbing every algorithm script shares: argument checks, resuming from a checkpoint, user errors
+without a traceback, and stopping on Ctrl-C with a checkpoint.
 
-    args = tyro.cli(Args)
     with exit_on_user_error():
+        args, checkpoint = parse_args(Args)        # checkpoint: None, or the --resume run's model.pt
         check_args(args, {"beta": POSITIVE})       # the common ranges plus the script's own
+        device = ...
+        check_device(checkpoint, device)
         ... load the environment and the dataset ...
     stop = StopOnSignal()
     for step in ...:
@@ -20,7 +22,11 @@ import signal
 import sys
 from contextlib import contextmanager
 from dataclasses import fields
-from typing import Any, Callable, Iterator, NoReturn
+from pathlib import Path
+from typing import Any, Callable, Iterator, NoReturn, TypeVar
+
+import torch
+import tyro
 
 from common.datasets import DatasetError
 from common.envs import EnvConfigError
@@ -75,15 +81,73 @@ def check_args(args: Any, rules: dict[str, Rule] | None = None) -> None:
             raise ArgumentError(f"--{name.replace('_', '-')} {value}: must be {rule[1]}")
 
 
+ArgsT = TypeVar("ArgsT")
+
+# What may change when a run is resumed: how long it trains, how it evaluates and logs, where the data is; not what
+# it computes.
+RUN_LEVEL_ARGS = ("resume", "cuda", "track", "wandb_project_name", "data_dir", "no_generate", "total_steps",
+                  "eval_every", "eval_episodes", "final_eval_episodes", "log_every", "save_model")
+
+
+class ResumeError(ValueError):
+    """A run that `--resume` cannot continue exactly."""
+
+
+def parse_args(args_class: type[ArgsT]) -> tuple[ArgsT, dict | None]:
+    """The command line's arguments and, with `--resume RUN_DIR`, the checkpoint RUN_DIR/model.pt (loaded on the CPU),
+    whose arguments become the defaults: `--resume RUN_DIR --total-steps N` continues a run to N updates. Raises
+    `ResumeError` if there is no checkpoint, if it holds no random number generator states, if an argument outside
+    RUN_LEVEL_ARGS differs from the checkpoint's, or if the checkpoint has reached --total-steps already."""
+    args = tyro.cli(args_class)
+    if args.resume is None:
+        return args, None
+    path = Path(args.resume) / "model.pt"
+    if not path.is_file():
+        raise ResumeError(f"--resume {args.resume}: no checkpoint {path} (runs write it at every evaluation with "
+                          f"--save-model, and when Ctrl-C or SIGTERM stops them)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # truncated, or not torch.save's: whatever torch raises, the file is unusable
+        raise ResumeError(f"--resume {args.resume}: {path} is not a readable checkpoint ({error})") from error
+    if "rng" not in checkpoint:
+        raise ResumeError(f"--resume {args.resume}: {path} holds no random number generator states (it was written "
+                          f"before --resume existed), so the run cannot continue exactly")
+    names = [field.name for field in fields(args_class)]
+    unknown = sorted(set(checkpoint["args"]) - set(names))
+    if unknown:
+        raise ResumeError(f"--resume {args.resume}: {path} has arguments this script does not know: {unknown}")
+    saved = args_class(**{**checkpoint["args"], "resume": args.resume})
+    args = tyro.cli(args_class, default=saved)
+    changed = [f"--{name.replace('_', '-')} {getattr(args, name)} (the checkpoint's: {getattr(saved, name)})"
+               for name in names if name not in RUN_LEVEL_ARGS and getattr(args, name) != getattr(saved, name)]
+    if changed:
+        may_change = ", ".join(f"--{name.replace('_', '-')}" for name in RUN_LEVEL_ARGS[1:])
+        raise ResumeError(f"--resume {args.resume}: {'; '.join(changed)}: a resumed run keeps the arguments that "
+                          f"define its algorithm (only {may_change} may change)")
+    if checkpoint["step"] >= args.total_steps:
+        raise ResumeError(f"--resume {args.resume}: the checkpoint is at update {checkpoint['step']}, so "
+                          f"--total-steps {args.total_steps} leaves nothing to train")
+    return args, checkpoint
+
+
+def check_device(checkpoint: dict | None, device: torch.device) -> None:
+    """A run continues exactly only on the kind of device it was trained on: the CPU's and CUDA's random number
+    generators are different generators."""
+    if checkpoint is not None and checkpoint["device"] != device.type:
+        raise ResumeError(f"the checkpoint was trained on {checkpoint['device']}, this run would train on "
+                          f"{device.type}: resume on the same kind of device (--no-cuda runs on the CPU)")
+
+
 @contextmanager
 def exit_on_user_error() -> Iterator[None]:
-    """Print an expected user error (an argument out of range, an unknown env partition, a dataset file that is missing
-    or unreadable) as its message alone, without a traceback, and exit with status 2, as argparse and tyro do for
-    their own errors; Ctrl-C while loading exits with 130. Any other exception keeps its traceback."""
+    """Print an expected user error (an argument out of range, a run that cannot be resumed, an unknown env partition,
+    a dataset file that is missing or unreadable) as its message alone, without a traceback, and exit with status 2,
+    as argparse and tyro do for their own errors; Ctrl-C while loading exits with 130. Any other exception keeps its
+    traceback."""
     prog = os.path.basename(sys.argv[0])
     try:
         yield
-    except (ArgumentError, EnvConfigError, DatasetError, FileNotFoundError) as error:
+    except (ArgumentError, ResumeError, EnvConfigError, DatasetError, FileNotFoundError) as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:

@@ -217,6 +217,10 @@ class Dataset:
         starts = self.episode_starts.cpu().numpy()
         return cumulative[self._episode_ends] - cumulative[starts]
 
+    def card(self) -> dict:
+        """The dataset card of `dataset_card`, from the arrays already loaded."""
+        return returns_card(self.path, self.size, self.episode_returns(), self.attrs)
+
     def check_env(self, env) -> None:
         """Fail clearly when the dataset does not fit the environment the script will evaluate in. The state of a file
         imported from OMIGA is its mixer's input (every agent's recorded vector), used in training only."""
@@ -238,15 +242,18 @@ def load_dataset(path: str | Path, device: torch.device | str = "cpu", obs_mode:
     return Dataset(arrays, attrs, obs_mode, device, Path(path))
 
 
+def returns_card(path: str | Path, transitions: int, returns: np.ndarray, attrs: dict) -> dict:
+    return dict(file=str(path), transitions=transitions, episodes=len(returns),
+                return_mean=float(returns.mean()), return_std=float(returns.std()),
+                return_min=float(returns.min()), return_max=float(returns.max()),
+                source=str(attrs.get("source", "unknown")))
+
+
 def dataset_card(path: str | Path) -> dict:
     arrays, attrs = read_dataset(path)
     starts, ends = episode_bounds(arrays["terminals"], arrays["timeouts"])
     cumulative = np.concatenate([[0.0], np.cumsum(arrays["rewards"].astype(np.float64))])
-    returns = cumulative[ends] - cumulative[starts]
-    return dict(file=str(path), transitions=len(arrays["rewards"]), episodes=len(starts),
-                return_mean=float(returns.mean()), return_std=float(returns.std()),
-                return_min=float(returns.min()), return_max=float(returns.max()),
-                source=str(attrs.get("source", "unknown")))
+    return returns_card(path, len(arrays["rewards"]), cumulative[ends] - cumulative[starts], attrs)
 
 
 def import_omiga(src: str | Path, dst: str | Path, env: str, agent_conf: str | None = None) -> Path:

@@ -2,11 +2,15 @@ import itertools
 import json
 import os
 import re
+import runpy
+import signal
 import subprocess
 import sys
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -45,6 +49,76 @@ def run_module(module: str, *args: str, cwd: Path, timeout: int = 300) -> subpro
                           timeout=timeout)
 
 
+class ForkedRun:
+    """`python script args` run in a child forked from this test process, which has already imported torch, MuJoCo
+    and the scripts' other dependencies: the child runs the script as __main__, with its own exit status, output
+    files and signal handlers, in a fraction of the seconds a fresh interpreter spends importing torch."""
+
+    def __init__(self, script: str, *args: str, cwd: Path):
+        self.stdout_path, self.stderr_path = cwd / f"{script}.stdout", cwd / f"{script}.stderr"
+        self.stdout_path.touch()
+        self.stderr_path.touch()
+        self.returncode: int | None = None
+        self.pid = os.fork()
+        if self.pid == 0:
+            self._run_child(str(REPO / script), args, cwd)
+
+    def _run_child(self, script: str, args: tuple[str, ...], cwd: Path) -> None:
+        status = 1
+        try:
+            os.chdir(cwd)
+            for fd, path in ((1, self.stdout_path), (2, self.stderr_path)):
+                os.dup2(os.open(path, os.O_WRONLY), fd)
+            sys.stdout, sys.stderr = open(1, "w", buffering=1, closefd=False), open(2, "w", buffering=1, closefd=False)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            sys.argv = [script, *args]
+            runpy.run_path(script, run_name="__main__")
+            status = 0
+        except SystemExit as exit_request:  # as the interpreter treats it
+            code = exit_request.code
+            if code is None or isinstance(code, int):
+                status = code or 0
+            else:  # a message: printed, status 1
+                print(code, file=sys.stderr)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(status)
+
+    def stdout(self) -> str:
+        return self.stdout_path.read_text()
+
+    def wait(self) -> subprocess.CompletedProcess:
+        _, status = os.waitpid(self.pid, 0)
+        self.returncode = os.waitstatus_to_exitcode(status)
+        return subprocess.CompletedProcess([], self.returncode, self.stdout(), self.stderr_path.read_text())
+
+    def __enter__(self) -> "ForkedRun":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self.returncode is None:  # a failed test must not leave the child training
+            os.kill(self.pid, signal.SIGKILL)
+            self.wait()
+
+
+def run_forked(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    with ForkedRun(script, *args, cwd=cwd) as run:
+        return run.wait()
+
+
+@pytest.fixture(scope="module")
+def forked_runs_share_imports() -> None:
+    """Import once, before the forks, what every forked run would otherwise import itself: tyro, TensorBoard's
+    writer, and torch._dynamo (which Adam's first construction imports, about 2 s)."""
+    import torch._dynamo  # noqa: F401
+    import tyro  # noqa: F401
+    from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+
+
 @dataclass
 class SmokeRun:
     stdout: str
@@ -56,7 +130,8 @@ class SmokeRun:
 
 def smoke_run(script: str, data_dir: Path, cwd: Path, *extra_args: str, total_steps: int = 50) -> SmokeRun:
     """Run an algorithm script for a few updates on a tiny dataset and check what every script must produce:
-    the final line, the run directory, args.json, TensorBoard scalars and an atomically saved checkpoint."""
+    the final line, the run directory, args.json, TensorBoard scalars, result.json and an atomically saved
+    checkpoint."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     result = run_script(script, "--data-dir", str(data_dir), "--no-generate", "--total-steps", str(total_steps),
@@ -72,6 +147,13 @@ def smoke_run(script: str, data_dir: Path, cwd: Path, *extra_args: str, total_st
     assert {"eval/return_mean", "eval/return_std", "charts/updates_per_sec"} <= scalars
     checkpoint = torch.load(run_dir / "model.pt", weights_only=False)
     assert checkpoint["step"] == total_steps and any(key.startswith("policy.") for key in checkpoint["agents"])
+    result_file = json.loads((run_dir / "result.json").read_text())
+    with h5py.File(data_dir / "Hopper-3x1-medium-replay.hdf5") as data:
+        transitions = len(data["rewards"])
+    assert result_file["args"] == args and result_file["finished"] and result_file["dataset"]["transitions"] == transitions
+    assert [(e["step"], e["episodes"]) for e in result_file["evaluations"]] == [(total_steps // 2, 1), (total_steps, 2)]
+    assert result_file["last"] == result_file["evaluations"][-1] and result_file["updates_per_sec"] > 0
+    assert checkpoint["evaluations"] == result_file["evaluations"]
     assert not list(run_dir.glob("*.tmp"))
     return SmokeRun(result.stdout, run_dir, args, scalars, checkpoint)
 

@@ -7,9 +7,10 @@ import re
 import sys
 
 import pytest
+import submitit
 from torch.utils.tensorboard import SummaryWriter
 
-from conftest import REPO, run_script
+from conftest import REPO
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import allocation  # noqa: E402
@@ -17,23 +18,23 @@ import report  # noqa: E402
 import run  # noqa: E402
 import speed  # noqa: E402
 
-TINY_RUN = ["--", "--total-steps", "20", "--eval-every", "10", "--eval-episodes", "1", "--final-eval-episodes", "1",
-            "--log-every", "10", "--no-generate"]
+TINY_RUN = ["--", "--total-steps", "10", "--eval-every", "5", "--eval-episodes", "1", "--final-eval-episodes", "1",
+            "--log-every", "5", "--hidden-dim", "16", "--no-generate"]
+CARD = dict(file="data/Hopper-3x1-medium-replay.hdf5", transitions=600, episodes=27, return_mean=16.4, return_std=13.2,
+            return_min=4.8, return_max=64.3, source="tests")
 
 
-def write_run(root, algo, seed, evals, dataset="medium-replay", total_steps=100, mtime=None, result=None):
-    """A run folder as the scripts write it: args.json and eval/return_mean scalars at (step, value)."""
-    run_dir = root / f"Hopper__{dataset}__{algo}__{seed}__{mtime or 0}"
-    writer = SummaryWriter(str(run_dir))
-    for step, value in evals:
-        writer.add_scalar("eval/return_mean", value, step)
-    writer.close()
-    args = dict(env="Hopper", agent_conf=None, dataset=dataset, exp_name=algo, seed=seed, total_steps=total_steps)
-    (run_dir / "args.json").write_text(json.dumps(args))
-    if result:
-        (run_dir / "result.json").write_text(json.dumps(result))
-    if mtime:
-        os.utime(run_dir / "args.json", (mtime, mtime))
+def write_result(root, algo, seed, evals, dataset="medium-replay", finished=True, written_at=1_700_000_000.0,
+                 device="Test CPU (2 cores)", updates_per_sec=50.0):
+    """A run directory's result.json as the scripts write it, with evaluations at (step, mean)."""
+    run_dir = root / f"Hopper__{dataset}__{algo}__{seed}__{int(written_at)}"
+    run_dir.mkdir(parents=True)
+    evaluations = [dict(step=step, mean=mean, std=1.0, episodes=10) for step, mean in evals]
+    args = dict(env="Hopper", agent_conf=None, dataset=dataset, exp_name=algo, seed=seed, total_steps=evals[-1][0])
+    result = dict(args=args, commit="abc123", device=device, dataset=CARD, evaluations=evaluations,
+                  last=evaluations[-1], best=max(evaluations, key=lambda e: e["mean"]),
+                  updates_per_sec=updates_per_sec, finished=finished, written_at=written_at)
+    (run_dir / "result.json").write_text(json.dumps(result))
     return run_dir
 
 
@@ -51,20 +52,18 @@ def table(text, title):
     return {row[0]: dict(zip(header, row)) for row in body}
 
 
-def test_report_averages_last_and_best_evaluation_over_seeds(tmp_path, tiny_hopper_dir):
+def test_report_averages_last_and_best_evaluation_over_seeds(tmp_path):
     runs = tmp_path / "runs"
     # omiga, medium-replay: last evals 100, 200, 300; best evals 150, 200, 400.
-    write_run(runs, "omiga", 0, [(50, 150.0), (100, 100.0)], mtime=2_000_000_000)
-    write_run(runs, "omiga", 0, [(50, 999.0), (100, 999.0)], mtime=1_000_000_000)  # an older run of seed 0: ignored
-    write_run(runs, "omiga", 1, [(50, 50.0), (100, 200.0)])
-    write_run(runs, "omiga", 2, [(50, 400.0), (100, 300.0)],
-              result=dict(seconds=3600.0, finished_at=1_700_003_600.0, hardware="Test CPU (2 cores)",
-                          command="python benchmarks/run.py --algos omiga"))
-    write_run(runs, "icq", 0, [(50, 10.0)])  # unfinished: its last evaluation is not at total_steps
-    write_run(runs, "icq", 0, [(100, 10.0)], dataset="expert")
+    write_result(runs, "omiga", 0, [(50, 150.0), (100, 100.0)], written_at=2_000_000_000.0)
+    write_result(runs, "omiga", 0, [(50, 999.0), (100, 999.0)], written_at=1_000_000_000.0)  # older: ignored
+    write_result(runs, "omiga", 1, [(50, 50.0), (100, 200.0)], updates_per_sec=70.0)
+    write_result(runs, "omiga", 2, [(50, 400.0), (100, 300.0)], device="Test GPU")
+    write_result(runs, "icq", 0, [(50, 10.0)], finished=False)  # stopped before its final evaluation
+    write_result(runs, "icq", 0, [(100, 10.0)], dataset="expert")
     out = tmp_path / "results.md"
 
-    report.main([str(runs), "--out", str(out), "--data-dir", str(tiny_hopper_dir)])
+    report.main([str(runs), "--out", str(out)])
 
     text = out.read_text()
     last = table(text, "**Last evaluation**")
@@ -75,22 +74,25 @@ def test_report_averages_last_and_best_evaluation_over_seeds(tmp_path, tiny_hopp
     assert best["medium-replay"]["omiga"] == "250.0 ± 108.0 (n=3)"
     assert last["medium-replay"]["icq"] == "—"
     assert last["expert"]["icq"] == "10.0 (n=1)" and last["expert"]["omiga"] == "—"
-    assert last["medium-replay"]["transitions"] == "600"  # the card of the tiny dataset file
-    assert last["expert"]["transitions"] == "—"  # no file for it
+    assert last["medium-replay"]["transitions"] == "600"  # the card of the dataset the runs trained on
     assert "## Hopper 3x1" in text
-    assert "hardware: Test CPU (2 cores)" in text and "`python benchmarks/run.py --algos omiga`" in text
-    assert "1 runs took 1.00 h of run time" in text
-    assert re.search(r"Unfinished runs.*\n\n- `.*Hopper__medium-replay__icq__0__0`: last evaluation at step 50 of 100",
-                     text)
+    assert "- device: Test CPU (2 cores); updates/s (median over runs, evaluations excluded): omiga 60, icq 50" in text
+    assert "- device: Test GPU; updates/s (median over runs, evaluations excluded): omiga 50" in text
+    assert "- commit: abc123" in text
+    assert re.search(r"Unfinished runs.*\n\n- `.*Hopper__medium-replay__icq__0__1700000000`: last evaluation at "
+                     r"step 50 of 50", text)
 
 
-def test_report_draws_learning_curves_when_matplotlib_is_installed(tmp_path):
-    pytest.importorskip("matplotlib")
-    runs = tmp_path / "runs"
-    write_run(runs, "omiga", 0, [(50, 1.0), (100, 2.0)])
-    report.main([str(runs), "--out", str(tmp_path / "results.md"), "--data-dir", str(tmp_path)])
-    assert (tmp_path / "curves" / "Hopper-3x1-medium-replay.png").stat().st_size > 0
-    assert "](curves/Hopper-3x1-medium-replay.png)" in (tmp_path / "results.md").read_text()
+def test_collect_copies_finished_runs_into_the_results_layout(tmp_path):
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    write_result(runs / "a", "omiga", 0, [(100, 1.0)], written_at=1_000.0)
+    write_result(runs / "b", "omiga", 0, [(100, 2.0)], written_at=2_000.0)  # the same cell, written later
+    write_result(runs, "icq", 3, [(50, 3.0)], finished=False)
+    cell = results / "Hopper-3x1" / "medium-replay" / "omiga" / "seed_0"
+    assert report.collect(runs, results) == [cell / "result.json"]
+    (copied,) = results.rglob("result.json")
+    assert json.loads(copied.read_text())["last"]["mean"] == 2.0
+    assert report.collect(runs / "a", results) == []  # an older result does not replace a newer copy
 
 
 def test_report_without_runs_says_so(tmp_path):
@@ -117,39 +119,74 @@ def test_unknown_names_and_grid_flags_after_the_separator_are_refused(capsys):
     with pytest.raises(SystemExit):
         run.main(["--dry-run", "--", "--seed", "3"])
     assert "--seed after -- is set by run.py" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run.main(["--dry-run", "--launcher", "slurm", "--time", "0"])
+    assert "--time must be at least 1" in capsys.readouterr().err
 
 
-def test_grid_runs_end_to_end_then_skips_the_finished_run(tmp_path, tiny_hopper_dir, capsys):
-    grid = ["--algos", "omiga", "--datasets", "medium-replay", "--seeds", "0", "--workers", "1",
+def test_slurm_launcher_asks_for_the_partition_time_gpus_and_array_parallelism(tmp_path, monkeypatch):
+    fake_slurm = tmp_path / "bin"
+    fake_slurm.mkdir()
+    (fake_slurm / "srun").write_text("#!/bin/sh\n")
+    (fake_slurm / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake_slurm}{os.pathsep}{os.environ['PATH']}")  # submitit looks for srun
+    args, _ = run.parse_args(["--launcher", "slurm", "--partition", "gpu", "--time", "90", "--gpus-per-job", "2",
+                              "--array-parallelism", "4", "--runs-dir", str(tmp_path)])
+    executor = run.make_executor(args)
+    assert isinstance(executor._executor, submitit.SlurmExecutor)
+    script = executor._executor._make_submission_file_text("python job.py", "uid")
+    for directive in ("--partition=gpu", "--time=90", "--gpus-per-node=2"):
+        assert f"#SBATCH {directive}" in script, script
+    assert executor._executor.parameters["array_parallelism"] == 4
+
+
+def test_tiny_grid_through_submitit_resumes_skips_and_reports(tmp_path, tiny_hopper_dir, capsys):
+    """Two algorithms through the local executor; then one cell is made unfinished as if its job had been stopped
+    after its checkpoint at update 10, and a longer grid resumes it, skips the other, and report.py --collect turns
+    the results into a table and a learning-curve PNG."""
+    grid = ["--algos", "omiga", "bc", "--datasets", "medium-replay", "--seeds", "0", "--workers", "2",
             "--runs-dir", str(tmp_path / "grid"), "--data-dir", str(tiny_hopper_dir)]
-    result = run_script("benchmarks/run.py", *grid, *TINY_RUN, cwd=tmp_path)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "finished 1, skipped 0 (already finished), failed 0" in result.stdout
-    run_folder = tmp_path / "grid" / "Hopper__medium-replay__omiga__0"
-    (run_dir,) = (run_folder / "runs").iterdir()
-    assert run_dir.name.startswith("Hopper__medium-replay__omiga__0__")
-    outcome = json.loads((run_dir / "result.json").read_text())
-    assert outcome["episodes"] == 1 and outcome["arguments"][-len(TINY_RUN) + 1:] == TINY_RUN[1:]
-    assert "final return:" in (run_folder / "log.txt").read_text()
+    assert run.main([*grid, *TINY_RUN]) == 0, capsys.readouterr()
+    assert "finished 2, skipped 0 (already finished), failed 0" in capsys.readouterr().out
+    assert list((tmp_path / "grid" / "submitit").glob("*_log.out"))  # submitit ran the jobs
+    (omiga_result,) = (tmp_path / "grid" / "Hopper__medium-replay__omiga__0").glob("runs/*/result.json")
+    stopped = json.loads(omiga_result.read_text())
+    omiga_result.write_text(json.dumps(dict(stopped, finished=False)))
 
-    assert run.main([*grid, "--dry-run", *TINY_RUN]) == 0
-    assert re.search(r"^skip +Hopper__medium-replay__omiga__0$", capsys.readouterr().out, re.M)
-    assert run.main([*grid, "--dry-run", *TINY_RUN[:2], "30", *TINY_RUN[3:]]) == 0
-    assert re.search(r"^rerun \(arguments changed\) +Hopper__medium-replay__omiga__0$", capsys.readouterr().out, re.M)
+    assert run.main([*grid, *TINY_RUN[:2], "20", *TINY_RUN[3:]]) == 0, capsys.readouterr()
+    second = capsys.readouterr().out
+    assert re.search(rf"^resume from {omiga_result.parent.name} +Hopper__medium-replay__omiga__0$", second, re.M)
+    assert re.search(r"^skip +Hopper__medium-replay__bc__0$", second, re.M)
+    assert "finished 1, skipped 1 (already finished), failed 0" in second
+    resumed = json.loads(omiga_result.read_text())
+    assert resumed["finished"] and [e["step"] for e in resumed["evaluations"]] == [5, 10, 15, 20]
+    assert resumed["evaluations"][:2] == stopped["evaluations"]
 
-    report.main([str(tmp_path / "grid"), "--out", str(tmp_path / "results.md"), "--data-dir", str(tiny_hopper_dir)])
-    cell = table((tmp_path / "results.md").read_text(), "**Last evaluation**")["medium-replay"]["omiga"]
-    assert cell == f"{outcome['return_mean']:.1f} (n=1)"
+    results, out = tmp_path / "results", tmp_path / "report" / "results.md"
+    report.main([str(results), "--collect", str(tmp_path / "grid"), "--out", str(out)])
+    assert len(list(results.rglob("result.json"))) == 2
+    last = table(out.read_text(), "**Last evaluation**")["medium-replay"]
+    assert last["omiga"] == f"{resumed['last']['mean']:.1f} (n=1)" and last["bc"].endswith("(n=1)")
+    png = tmp_path / "report" / "curves" / "Hopper-3x1-medium-replay.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "](curves/Hopper-3x1-medium-replay.png)" in out.read_text()
 
 
-def test_a_failed_run_is_reported_and_exits_non_zero(tmp_path, tiny_hopper_dir):
-    result = run_script("benchmarks/run.py", "--algos", "omiga", "--datasets", "medium-replay", "--seeds", "0",
-                        "--runs-dir", str(tmp_path / "grid"), "--data-dir", str(tiny_hopper_dir),
-                        *TINY_RUN, "--agent-conf", "9x9", cwd=tmp_path)
-    assert result.returncode == 1
-    assert "finished 0, skipped 0 (already finished), failed 1" in result.stdout
-    assert re.search(r"failed Hopper__medium-replay__omiga__0: exit code 2, log .*log.txt ends:\n(    .*\n)*.*9x9",
-                     result.stdout)
+def test_slurm_launcher_without_slurm_is_one_message(tmp_path, tiny_hopper_dir, monkeypatch, capsys):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no srun
+    assert run.main(["--launcher", "slurm", "--algos", "omiga", "--datasets", "medium-replay", "--seeds", "0",
+                     "--runs-dir", str(tmp_path / "grid"), "--data-dir", str(tiny_hopper_dir),
+                     "--", "--no-generate"]) == 2
+    assert 'run.py: error: --launcher slurm: Could not detect "srun"' in capsys.readouterr().err
+
+
+def test_a_failed_run_is_reported_and_exits_non_zero(tmp_path, tiny_hopper_dir, capsys):
+    assert run.main(["--algos", "omiga", "--datasets", "medium-replay", "--seeds", "0", "--runs-dir",
+                     str(tmp_path / "grid"), "--data-dir", str(tiny_hopper_dir), *TINY_RUN, "--agent-conf", "9x9"]) == 1
+    stdout = capsys.readouterr().out
+    assert "finished 0, skipped 0 (already finished), failed 1" in stdout
+    assert re.search(r"FAILED Hopper__medium-replay__omiga__0: job \d+ FINISHED, log .*_log\.err ends:\n"
+                     r"(    .*\n)*.*9x9", stdout)
     assert not list((tmp_path / "grid").rglob("result.json"))
 
 

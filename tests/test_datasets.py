@@ -9,7 +9,7 @@ from common.collect import ensure_dataset
 from common.datasets import (ARRAY_KEYS, Dataset, DatasetError, dataset_path, import_omiga, load_dataset, read_dataset,
                              write_dataset)
 from common.envs import build_agent_obs, make_env
-from conftest import run_module
+from conftest import run_module, smoke_run
 
 # Three hand-made episodes: lengths 3 (terminal), 4 (time-out), 2 (terminal).
 EPISODE_ENDS = {2: "terminal", 6: "timeout", 8: "terminal"}
@@ -204,6 +204,25 @@ def test_omiga_import_trains_on_what_omiga_evaluation_feeds(tmp_path):
     env_inputs = build_agent_obs("omiga", np.zeros((5, 3, env.local_obs_dim)), raw_states[:5], env.omiga_state_dim)
     np.testing.assert_allclose(dataset.obs.numpy(), env_inputs.transpose(1, 0, 2), atol=1e-5)
     assert dataset.state_dim == 3 * 14  # OMIGA's mixer input: the three recorded vectors side by side
+
+
+def test_a_script_trains_and_evaluates_on_an_imported_omiga_file(tmp_path):
+    """omiga.py on an imported file: the policy trains on OMIGA's inputs (17 per agent for Hopper) and the mixer on
+    OMIGA's state (3 x 14), then is evaluated in --obs-mode omiga."""
+    from test_envs import omiga_recorded
+
+    rng = np.random.default_rng(0)
+    raw_states = rng.normal(0.0, 2.0, (200, 11))
+    recorded = np.stack([[omiga_recorded(x, 11, i, 3) for i in range(3)] for x in raw_states]).astype(np.float32)
+    d = np.zeros((200, 1))
+    d[99] = d[199] = 1
+    write_raw(tmp_path / "raw.hdf5", dict(s=recorded, o=recorded, a=rng.uniform(-1, 1, (200, 3, 1)).astype(np.float32),
+                                          r=rng.normal(size=200).astype(np.float32), d=d))
+    import_omiga(tmp_path / "raw.hdf5", tmp_path / "data" / "Hopper-3x1-medium-replay.hdf5", "Hopper")
+    (tmp_path / "work").mkdir()
+    run = smoke_run("omiga.py", tmp_path / "data", tmp_path / "work", "--obs-mode", "omiga", total_steps=20)
+    assert run.checkpoint["agents"]["policy.net.0.weight"].shape[1] == 17
+    assert run.checkpoint["agents"]["mixer.hyper_w.0.weight"].shape[1] == 42
 
 
 @pytest.mark.parametrize("mode", ["state", "local"])

@@ -4,13 +4,10 @@ checkpoint; an interrupted dataset write leaves no file that looks valid."""
 
 import os
 import re
-import runpy
 import shutil
 import signal
-import subprocess
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import h5py
@@ -20,82 +17,13 @@ import torch
 
 from common.cli import POSITIVE, ArgumentError, check_args, exit_on_user_error, interval
 from common.datasets import ARRAY_KEYS, DatasetError, dataset_path, read_dataset, write_dataset
-from conftest import REPO, run_script
+from conftest import ForkedRun, run_forked, run_script
 
 SCRIPTS = ["omiga.py", "omcda.py", "icq.py", "comadice.py", "bc.py", "cql_ma.py", "cfcql.py", "bcq_ma.py"]
 TINY_RUN = ["--no-generate", "--batch-size", "8", "--hidden-dim", "16", "--eval-episodes", "1"]
 SCRIPT_TINY_RUN = {"omcda.py": ["--bc-steps", "10"]}
 TRACEBACK = "Traceback (most recent call last)"
-
-
-class ForkedRun:
-    """`python script args` run in a child forked from this test process, which has already imported torch, MuJoCo
-    and the scripts' other dependencies: the child runs the script as __main__, with its own exit status, output
-    files and signal handlers, in a fraction of the seconds a fresh interpreter spends importing torch."""
-
-    def __init__(self, script: str, *args: str, cwd: Path):
-        self.stdout_path, self.stderr_path = cwd / f"{script}.stdout", cwd / f"{script}.stderr"
-        self.stdout_path.touch()
-        self.stderr_path.touch()
-        self.returncode: int | None = None
-        self.pid = os.fork()
-        if self.pid == 0:
-            self._run_child(str(REPO / script), args, cwd)
-
-    def _run_child(self, script: str, args: tuple[str, ...], cwd: Path) -> None:
-        status = 1
-        try:
-            os.chdir(cwd)
-            for fd, path in ((1, self.stdout_path), (2, self.stderr_path)):
-                os.dup2(os.open(path, os.O_WRONLY), fd)
-            sys.stdout, sys.stderr = open(1, "w", buffering=1, closefd=False), open(2, "w", buffering=1, closefd=False)
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            sys.argv = [script, *args]
-            runpy.run_path(script, run_name="__main__")
-            status = 0
-        except SystemExit as exit_request:  # as the interpreter treats it
-            code = exit_request.code
-            if code is None or isinstance(code, int):
-                status = code or 0
-            else:  # a message: printed, status 1
-                print(code, file=sys.stderr)
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(status)
-
-    def stdout(self) -> str:
-        return self.stdout_path.read_text()
-
-    def wait(self) -> subprocess.CompletedProcess:
-        _, status = os.waitpid(self.pid, 0)
-        self.returncode = os.waitstatus_to_exitcode(status)
-        return subprocess.CompletedProcess([], self.returncode, self.stdout(), self.stderr_path.read_text())
-
-    def __enter__(self) -> "ForkedRun":
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        if self.returncode is None:  # a failed test must not leave the child training
-            os.kill(self.pid, signal.SIGKILL)
-            self.wait()
-
-
-def run_forked(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
-    with ForkedRun(script, *args, cwd=cwd) as run:
-        return run.wait()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def forked_runs_share_imports() -> None:
-    """Import once, before the forks, what every forked run would otherwise import itself: tyro, TensorBoard's
-    writer, and torch._dynamo (which Adam's first construction imports, about 2 s)."""
-    import torch._dynamo  # noqa: F401
-    import tyro  # noqa: F401
-    from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+pytestmark = pytest.mark.usefixtures("forked_runs_share_imports")
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,91 @@
+"""result.json: what one run reports beside its TensorBoard events, in a file small enough to commit.
+
+    {"args": {...}, "commit": "<git HEAD>" or null, "device": "NVIDIA H100 ..." or "<CPU> (2 cores)",
+     "dataset": {dataset card}, "evaluations": [{"step", "mean", "std", "episodes"}, ...], "last": {...},
+     "best": {...}, "updates_per_sec": ..., "finished": true or false, "written_at": <unix time>}
+
+The scripts rewrite it atomically at every evaluation and after the final one (then `finished` is true).
+`updates_per_sec` is the training speed (evaluations excluded) of the session that wrote it. benchmarks/report.py
+builds its tables and learning curves from these files alone.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import platform
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write_json(path: Path, obj) -> None:
+    """Write `obj` as JSON to `path` atomically: a reader sees the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def git_commit() -> str | None:
+    """The repository's HEAD commit, or None outside a git checkout (e.g. an exported copy) or without git."""
+    try:
+        result = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+@functools.cache
+def device_name(device: torch.device) -> str:
+    """The GPU's name for a CUDA device, else the CPU's model and its number of cores."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_name()} ({os.cpu_count()} cores)"
+
+
+@dataclass
+class RunResult:
+    """A run's result.json, kept up to date: `add_evaluation` after each evaluation, `time` at each log with the
+    updates and seconds of training since the last one (evaluations excluded), from which updates/s is computed."""
+
+    run_dir: Path
+    args: dict
+    device: torch.device
+    dataset: dict
+    evaluations: list[dict] = field(default_factory=list)  # a resumed run continues its checkpoint's list
+    commit: str | None = field(default_factory=git_commit)  # of the code this process started with
+    timed_updates: int = 0
+    timed_seconds: float = 0.0
+
+    def time(self, updates: int, seconds: float) -> None:
+        self.timed_updates += updates
+        self.timed_seconds += seconds
+
+    def add_evaluation(self, step: int, returns: np.ndarray, finished: bool = False) -> None:
+        self.evaluations.append(dict(step=step, mean=float(returns.mean()), std=float(returns.std()),
+                                     episodes=len(returns)))
+        write_json(self.run_dir / "result.json", dict(
+            args=self.args, commit=self.commit, device=device_name(self.device), dataset=self.dataset,
+            evaluations=self.evaluations, last=self.evaluations[-1],
+            best=max(self.evaluations, key=lambda evaluation: evaluation["mean"]),
+            updates_per_sec=self.timed_updates / self.timed_seconds if self.timed_seconds > 0 else None,
+            finished=finished, written_at=time.time()))
