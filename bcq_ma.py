@@ -135,7 +135,11 @@ class Args:
     log_every: int = 1000
     """log losses every this many updates"""
     save_model: bool = False
-    """if toggled, save all networks, optimizers and the step to `model.pt` in the run directory"""
+    """if toggled, save everything `--resume` needs (networks, optimizers, step, RNG states, evaluations) to `model.pt`
+    in the run directory at every evaluation and at the end"""
+    resume: str | None = None
+    """continue the run in this run directory from its `model.pt`; arguments not given default to the checkpoint's,
+    and only run-level ones (--total-steps, --eval-every, logging, --data-dir, ...) may differ from it"""
     per_agent_networks: bool = False
     """if toggled, every agent has its own network weights (default: one network of each kind shared by all agents,
     told apart by the one-hot id in their inputs, as in the official OMIGA code)"""
