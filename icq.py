@@ -32,6 +32,9 @@ vietbt/ComaDICE agents/continuous/icq.py; OMIGA's repository has no ICQ; "ours" 
   reward. The softmax runs across the batch's different next states, one batch-level Z standing in for every Z(s'):
   high-value next states get rho > 1/gamma, so once Q̄_tot spreads over more than a few alpha within a batch the target
   expands and the critic diverges (Hopper random-action data, rewards x1 or x20, alpha 10: in 500-1000 updates).
+  The ICQ authors' own multi-agent code (YiqinYang/ICQ, ICQ-MA on SMAC) uses this B softmax too, over the batch's
+  episodes at each step, with a critic temperature of 1000 (near the SARSA limit) and a policy temperature of 0.1 on
+  advantages Q - E_pi[Q]; which alpha keeps it stable on the four Hopper datasets is not yet measured here.
 - Ours: terminal transitions are sampled (their target is r) but left out of the critic's softmax, since their next
   value is not bootstrapped; a transition that ends its episode by a time limit is not sampled, because the next
   action it would bootstrap on is not in the data.
