@@ -39,7 +39,7 @@ from common.collect import ensure_dataset  # noqa: E402
 from common.datasets import QUALITIES, dataset_path  # noqa: E402
 from common.envs import ENV_NAMES  # noqa: E402
 
-ALGOS = ("omcda", "omiga", "icq", "comadice", "bc", "cql_ma", "cfcql")
+ALGOS = ("omcda", "omiga", "icq", "comadice", "bc", "cql_ma", "cfcql", "omar")
 GRID_FLAGS = ("--env", "--dataset", "--seed", "--exp-name", "--data-dir")
 LOG_TAIL_LINES = 5  # of a failed run's log, shown in the summary
 FINAL_LINE = re.compile(r"^final return: (\S+) ± (\S+) over (\d+) episodes$", re.M)
