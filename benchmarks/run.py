@@ -41,7 +41,7 @@ from common.collect import ensure_dataset  # noqa: E402
 from common.datasets import QUALITIES, dataset_path  # noqa: E402
 from common.envs import ENV_NAMES  # noqa: E402
 
-ALGOS = ("omcda", "omiga", "icq", "comadice", "bc", "cql_ma", "cfcql", "bcq_ma")
+ALGOS = ("omcda", "omiga", "icq", "comadice", "bc", "cql_ma", "cfcql", "omar", "bcq_ma")
 GRID_FLAGS = ("--env", "--dataset", "--seed", "--exp-name", "--data-dir", "--resume")
 LOG_TAIL_LINES = 5  # of a failed job's error log, shown in the summary
 POLL_SECONDS = 1.0

@@ -115,7 +115,7 @@ def test_dry_run_lists_the_grid_and_runs_nothing(tmp_path, tiny_hopper_dir, caps
 def test_unknown_names_and_grid_flags_after_the_separator_are_refused(capsys):
     with pytest.raises(SystemExit):
         run.main(["--algos", "omgia", "--dry-run"])
-    assert "invalid choice: 'omgia' (choose from 'omcda', 'omiga', 'icq', 'comadice', 'bc', 'cql_ma', 'cfcql', 'bcq_ma')" in capsys.readouterr().err
+    assert "invalid choice: 'omgia' (choose from 'omcda', 'omiga', 'icq', 'comadice', 'bc', 'cql_ma', 'cfcql', 'omar', 'bcq_ma')" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         run.main(["--dry-run", "--", "--seed", "3"])
     assert "--seed after -- is set by run.py" in capsys.readouterr().err

@@ -19,7 +19,7 @@ from common.cli import POSITIVE, ArgumentError, check_args, exit_on_user_error, 
 from common.datasets import ARRAY_KEYS, DatasetError, dataset_path, read_dataset, write_dataset
 from conftest import ForkedRun, run_forked, run_script
 
-SCRIPTS = ["omiga.py", "omcda.py", "icq.py", "comadice.py", "bc.py", "cql_ma.py", "cfcql.py", "bcq_ma.py"]
+SCRIPTS = ["omiga.py", "omcda.py", "icq.py", "comadice.py", "bc.py", "cql_ma.py", "cfcql.py", "omar.py", "bcq_ma.py"]
 TINY_RUN = ["--no-generate", "--batch-size", "8", "--hidden-dim", "16", "--eval-episodes", "1"]
 SCRIPT_TINY_RUN = {"omcda.py": ["--bc-steps", "10"]}
 TRACEBACK = "Traceback (most recent call last)"

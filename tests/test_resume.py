@@ -14,7 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from common.cli import RUN_LEVEL_ARGS, ResumeError, check_device
 from conftest import run_forked
 
-SCRIPTS = ["omiga.py", "omcda.py", "icq.py", "comadice.py", "bc.py", "cql_ma.py", "cfcql.py", "bcq_ma.py"]
+SCRIPTS = ["omiga.py", "omcda.py", "icq.py", "comadice.py", "bc.py", "cql_ma.py", "cfcql.py", "omar.py", "bcq_ma.py"]
 TINY_RUN = ["--no-generate", "--batch-size", "8", "--hidden-dim", "16", "--eval-episodes", "1",
             "--final-eval-episodes", "1", "--log-every", "5", "--save-model"]
 SCRIPT_TINY_RUN = {"omcda.py": ["--bc-steps", "10"], "bcq_ma.py": ["--vae-hidden-dim", "16"]}

@@ -1,0 +1,608 @@
+"""OMAR: offline multi-agent RL with actor rectification (Pan, Huang, Ma, Xu, ICML 2022, "Plan Better Amid
+Conservatism: Offline Multi-Agent Reinforcement Learning with Actor Rectification"), written as a diff of cql_ma.py.
+
+OMAR keeps CQL's conservative critics and changes the actor. Conservative Q-functions have non-concave landscapes in the
+action, where the policy gradient alone stops at a local optimum, and with many agents one agent stuck there is
+enough to spoil the team: the paper's account of why CQL degrades as agents are added. OMAR's actor mixes the
+first-order policy gradient with a zeroth-order step: a regression towards the best action that an iterative sampling
+optimiser (a cross-entropy method) finds on the agent's own conservative Q.
+
+Per agent i: twin critics Q^1_i, Q^2_i(o_i, a_i) and a deterministic policy pi_i(o_i) = tanh(f_i(o_i)) (TD3), all
+agents batched; targets (bar) are Polyak copies of the critics and the policy. Independent learners on the team
+reward r, each conservative by CQL(H) on its own action:
+
+    y_i = r + gamma (1 - done) min_j Q̄^j_i(o'_i, pī_i(o'_i))                          (TD3's backup, per agent)
+    R^j_i(o_i) = log int exp(Q^j_i(o_i, a_i)) da_i - Q^j_i(o_i, a^D_i)                  (CQL(H), CQL's Eq. 4)
+    log int exp(Q) da_i ~ log( 1/(2N) sum_k exp(Q(o_i, a_k)) / p(a_k) ),                   (CQL, Appendix F)
+          a_1..a_N ~ U([-1, 1]^d),  a_N+1..a_2N = tanh(f_i(o_i) + 0.2 eps),  p = the density each was drawn from
+    L_Q  = sum_i sum_j E_D[ (y_i - Q^j_i(o_i, a^D_i))^2 + cql_alpha R^j_i(o_i) ]
+    â_i(o_i): the sampling optimiser on Q^1_i(o_i, .), per agent and sample, all in one tensor op per iteration:
+          mu^0 = omar_mu, sigma^0 = omar_sigma (per action dimension); for t = 1..T: draw M actions
+          clip(N(mu^(t-1), sigma^(t-1)^2), -1, 1), add the K elites of iteration t-1, keep the K of largest Q^1_i as
+          the elites of t, and refit mu^t, sigma^t to them (mean and standard deviation); â_i is the best of the last
+          elites and pi_i(o_i), by Q^1_i
+    L_pi = sum_i E_D[ omar_coe ||pi_i(o_i) - sg(â_i)||^2 / d - (1 - omar_coe) Q^1_i(o_i, pi_i(o_i))     (OMAR's actor
+                      + 1e-3 ||pi_i(o_i)||^2 / d ]                                             objective, + [code])
+omar_coe is the paper's regularisation coefficient tau (the weight of the zeroth-order target against the policy
+gradient); omar_coe = 0 is CQL on independent TD3 learners, OMAR's own CQL baseline.
+
+Equation numbers: the paper's full text was not at hand when this was written (its abstract and the opening of its
+experiments section were), so OMAR's objective above is cited by name, not number; only CQL's numbers are given.
+Check the actor objective against the paper before quoting it.
+
+Independent critics, not cql_ma.py's mixed Q_tot: the paper builds OMAR, and its CQL and TD3+BC baselines, "on the
+independent TD3 based on decentralized critics" (centralised MATD3 critics only in an appendix), and its optimiser
+searches each agent's own Q_i(o_i, .). The seeds run OMAR as such a baseline: OMIGA (seed 002) implements OMAR "based
+on the algorithm described in their papers" and gives the linear mixer only to BCQ-MA and CQL-MA. With the mixer,
+argmax_a w_i(s) Q_i = argmax_a Q_i (w_i >= 0), so the optimiser would be unchanged, but the critic would be
+cql_ma.py's, and OMAR would differ from MA-CQL only in its actor; here it differs in the critic's factorisation too,
+as in the paper. The mixer class stays in the shared section, unused.
+
+Settings. [code]: the paper is silent and the value is the authors' code's (ling-pan/OMAR, its Multi-Agent MuJoCo
+branch, HalfCheetah 2x3). [ours]: a choice made here.
+- [code] omar_coe 0.9 and cql_alpha 5: the code's HalfCheetah medium-replay pair (its table: random 1.0 / 1.0,
+  medium-replay 0.9 / 5.0, medium 0.7 / 1.0, expert 0.5 / 5.0 for omar_coe / cql_alpha). [ours] The same default for
+  every env and dataset here; the code has no Hopper or Ant settings.
+- [code] T = 2 iterations, M = 20 samples, K = 5 elites, omar_mu 0, omar_sigma 2: its Multi-Agent MuJoCo values (its
+  command-line defaults 3 / 10 / 10 are the particle environments'). The elites of the previous iteration compete with
+  the new samples, and the policy's own action is kept when its Q is not lower than the best sample's, as in the
+  code. [ours] --omar-policy-mean starts the sampler at the policy's action instead of omar_mu.
+- [code] Adam lr 3e-4 for critics and policies, gamma 0.99, tau 0.005 (critics and policy), 256 hidden units,
+  gradient-norm clip 0.5 per agent, the 1e-3 action penalty, policy updated every step, no target-policy noise.
+  Batch 128, the scripts' common default (the code's is 256).
+- [ours] N = 10 CQL samples per proposal (the code's 10) with noise 0.2 (its cql_sample_noise_level) added before the
+  tanh, so the policy proposal's density is exact on the box: the code adds the noise after the tanh, clips, and
+  subtracts a density where a log-density belongs. As in cql_ma.py, two proposals (the code, like CQL's, also draws N
+  from the policy at o' and scores them at o; left out for speed: the critic pass is the update's largest cost) and
+  the estimate divides by 2N inside the log (no gradient changes).
+- [ours] One minibatch serves every agent (the code draws one per agent); losses are sums over agents of their own
+  losses and gradients are clipped per agent, so the agents' updates stay independent.
+- --omar-elites must lie in [2, --omar-samples] (a standard deviation needs two elites); outside it the script stops
+  with a ValueError when the networks are built, since the shared main block checks only the common ranges.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from common.collect import ensure_dataset
+from common.datasets import Batch, load_dataset
+from common.envs import make_env
+from common.evaluation import evaluate
+from common.results import RunResult, write_json
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, cuda will be used when available"""
+    track: bool = False
+    """if toggled, log to Weights & Biases (needs `pip install wandb`)"""
+    wandb_project_name: str = "offline-marl"
+    """the wandb project name"""
+    env: Literal["Hopper", "Ant", "HalfCheetah"] = "Hopper"
+    """the Multi-Agent MuJoCo task: Hopper, Ant or HalfCheetah"""
+    agent_conf: str | None = None
+    """agent partition (default per env: Hopper 3x1, Ant 2x4, HalfCheetah 6x1)"""
+    obs_mode: Literal["state", "local", "omiga"] = "state"
+    """agent inputs: state (global state + id, the seeds' setting), local (local observation + id), omiga"""
+    dataset: Literal["expert", "medium", "medium-replay", "medium-expert"] = "medium-replay"
+    """dataset quality: expert, medium, medium-replay, medium-expert"""
+    data_dir: str = "data"
+    """folder of the dataset files"""
+    no_generate: bool = False
+    """if toggled, a missing dataset is an error instead of being generated from the committed behaviour policies"""
+    total_steps: int = 1_000_000
+    """number of gradient updates"""
+    batch_size: int = 128
+    """minibatch size"""
+    eval_every: int = 5000
+    """evaluate every this many updates"""
+    eval_episodes: int = 10
+    """episodes per evaluation during training"""
+    final_eval_episodes: int = 32
+    """episodes of the final evaluation"""
+    log_every: int = 1000
+    """log losses every this many updates"""
+    save_model: bool = False
+    """if toggled, save everything `--resume` needs (networks, optimizers, step, RNG states, evaluations) to `model.pt`
+    in the run directory at every evaluation and at the end"""
+    resume: str | None = None
+    """continue the run in this run directory from its `model.pt`; arguments not given default to the checkpoint's,
+    and only run-level ones (--total-steps, --eval-every, logging, --data-dir, ...) may differ from it"""
+    per_agent_networks: bool = False
+    """if toggled, every agent has its own network weights (default: one network of each kind shared by all agents,
+    told apart by the one-hot id in their inputs, as in the official OMIGA code)"""
+
+    # Algorithm specific arguments
+    gamma: float = 0.99
+    """discount factor"""
+    tau: float = 0.005
+    """target network update rate (critics and policy)"""
+    cql_alpha: float = 5.0
+    """weight of each agent's conservative penalty log int exp(Q_i) - Q_i(o_i, a_D) (OMAR's code, medium-replay: 5)"""
+    cql_samples: int = 10
+    """actions drawn from each proposal (uniform, the policy with noise) for the log-integral's estimate"""
+    cql_noise: float = 0.2
+    """std of the pre-tanh Gaussian noise of the log-integral's policy proposal"""
+    omar_coe: float = 0.9
+    """weight of the zeroth-order target ||pi(o) - â||^2 against the policy gradient's -Q (the paper's tau)"""
+    omar_iters: int = 2
+    """iterations of the sampling optimiser"""
+    omar_samples: int = 20
+    """actions the sampling optimiser draws per agent and sample in each iteration"""
+    omar_elites: int = 5
+    """elite actions (largest Q) the sampling optimiser refits its Gaussian to; between 2 and omar_samples"""
+    omar_mu: float = 0.0
+    """initial mean of the sampling optimiser's Gaussian, every action dimension"""
+    omar_sigma: float = 2.0
+    """initial standard deviation of the sampling optimiser's Gaussian, every action dimension"""
+    omar_policy_mean: bool = False
+    """if toggled, the sampling optimiser starts at the policy's action instead of omar_mu"""
+    action_l2: float = 1e-3
+    """weight of the penalty on the policy's squared action (OMAR's code)"""
+    q_lr: float = 3e-4
+    """learning rate of the twin Q networks"""
+    policy_lr: float = 3e-4
+    """learning rate of the policies"""
+    hidden_dim: int = 256
+    """hidden units of the two hidden layers of Q and pi"""
+    grad_clip: float = 0.5
+    """gradient-norm clip of every optimizer, per agent"""
+
+
+# TRY NOT TO MODIFY: agent networks (shared or per agent, all agents in one matmul) and the mixer
+class BatchedLinear(nn.Module):
+    """A linear layer with G weight sets in one matmul: x [G * k, B, in] -> [G * k, B, out], each consecutive group
+    of k rows using one weight set. G = 1 shares the layer between all agents, told apart by the one-hot id in their
+    inputs (the official OMIGA code's networks); G = n_agents gives every agent its own."""
+
+    def __init__(self, weight_sets: int, in_dim: int, out_dim: int):
+        super().__init__()
+        bound = 1.0 / math.sqrt(in_dim)  # nn.Linear's default initialisation, per weight set
+        self.weight = nn.Parameter(torch.empty(weight_sets, in_dim, out_dim).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(weight_sets, 1, out_dim).uniform_(-bound, bound))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        grouped = x.reshape(self.weight.shape[0], -1, x.shape[-1])
+        return torch.baddbmm(self.bias, grouped, self.weight).reshape(*x.shape[:-1], -1)
+
+
+def count_weight_sets(n_agents: int, per_agent_networks: bool) -> int:
+    """How many weight sets each agent network has: 1 (shared by the agents) or one per agent."""
+    return n_agents if per_agent_networks else 1
+
+
+def batched_mlp(weight_sets: int, in_dim: int, out_dim: int, hidden_dim: int) -> nn.Sequential:
+    return nn.Sequential(
+        BatchedLinear(weight_sets, in_dim, hidden_dim), nn.ReLU(),
+        BatchedLinear(weight_sets, hidden_dim, hidden_dim), nn.ReLU(),
+        BatchedLinear(weight_sets, hidden_dim, out_dim),
+    )
+
+
+class AgentValue(nn.Module):
+    """V_i(o_i) for every agent: obs [n, B, obs_dim] -> [n, B]."""
+
+    def __init__(self, weight_sets: int, obs_dim: int, hidden_dim: int):
+        super().__init__()
+        self.net = batched_mlp(weight_sets, obs_dim, 1, hidden_dim)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.net(obs).squeeze(-1)
+
+
+class AgentQ(nn.Module):
+    """Q_i(o_i, a_i) for every agent: obs [n, B, obs_dim], actions [n, B, act_dim] -> [n, B]."""
+
+    def __init__(self, weight_sets: int, obs_dim: int, act_dim: int, hidden_dim: int):
+        super().__init__()
+        self.net = batched_mlp(weight_sets, obs_dim + act_dim, 1, hidden_dim)
+
+    def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([obs, actions], -1)).squeeze(-1)
+
+
+def tanh_gaussian_log_prob(mean: torch.Tensor, log_std: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """log-density of actions in (-1, 1) under tanh(N(mean, exp(log_std)^2)), summed over action dims: [n, B]."""
+    actions = actions.clamp(-1.0 + 1e-6, 1.0 - 1e-6)
+    # Written out rather than torch.distributions.Normal, whose argument validation syncs with the GPU.
+    standardised = (torch.atanh(actions) - mean) * torch.exp(-log_std)
+    gaussian = -0.5 * standardised.pow(2) - log_std - 0.5 * math.log(2 * math.pi)
+    return (gaussian - torch.log1p(-actions.pow(2))).sum(-1)
+
+
+class AgentPolicy(nn.Module):
+    """Tanh-Gaussian pi_i(a_i | o_i) with state-dependent log-std, all agents batched."""
+
+    def __init__(self, weight_sets: int, obs_dim: int, act_dim: int, hidden_dim: int):
+        super().__init__()
+        self.net = batched_mlp(weight_sets, obs_dim, 2 * act_dim, hidden_dim)
+
+    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, log_std = self.net(obs).chunk(2, -1)
+        return mean, log_std.clamp(-5.0, 2.0)
+
+    def log_prob(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """log pi_i(a_i | o_i) of actions in (-1, 1): [n, B]."""
+        return tanh_gaussian_log_prob(*self(obs), actions)
+
+    def act(self, obs: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self(obs)[0])
+
+
+class Mixer(nn.Module):
+    """Hypernetwork on the global state: w(s) = |f(s)| >= 0 per agent and a free bias b(s)."""
+
+    def __init__(self, state_dim: int, n_agents: int, hidden_dim: int):
+        super().__init__()
+        self.hyper_w = nn.Sequential(nn.Linear(state_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, n_agents))
+        self.hyper_b = nn.Sequential(nn.Linear(state_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, 1))
+
+    def forward(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """states [B, state_dim] -> w [n, B], b [B]."""
+        return self.hyper_w(states).abs().T, self.hyper_b(states).squeeze(-1)
+
+
+def mix(w: torch.Tensor, values: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum_i w_i values_i + b: w, values [n, B], b [B] -> [B]   (Eq. 8)."""
+    return (w * values).sum(0) + b
+
+
+# ALGO LOGIC: networks, losses and the update
+class AgentActor(nn.Module):
+    """Deterministic pi_i(o_i) = tanh(f_i(o_i)) for every agent (TD3's actor): forward gives f_i, [n, B, act_dim]."""
+
+    def __init__(self, weight_sets: int, obs_dim: int, act_dim: int, hidden_dim: int):
+        super().__init__()
+        self.net = batched_mlp(weight_sets, obs_dim, act_dim, hidden_dim)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.net(obs)
+
+    def act(self, obs: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self(obs))
+
+
+class Agents(nn.Module):
+    """Every network of OMAR: per agent twin critics and a deterministic policy; targets are Polyak copies.
+    state_dim is unused (independent critics), kept for the scripts' common signature."""
+
+    def __init__(self, n_agents: int, obs_dim: int, act_dim: int, state_dim: int, args: Args):
+        super().__init__()
+        nets = count_weight_sets(n_agents, args.per_agent_networks)
+        if not 2 <= args.omar_elites <= args.omar_samples:
+            raise ValueError(f"--omar-elites {args.omar_elites}: must be between 2 and --omar-samples "
+                             f"({args.omar_samples})")
+        self.q = nn.ModuleList([AgentQ(nets, obs_dim, act_dim, args.hidden_dim) for _ in range(2)])
+        self.policy = AgentActor(nets, obs_dim, act_dim, args.hidden_dim)
+        self.q_target, self.policy_target = (copy.deepcopy(m).requires_grad_(False) for m in (self.q, self.policy))
+
+
+def make_optimizers(agents: Agents, args: Args) -> dict[str, torch.optim.Optimizer]:
+    return {
+        "q": torch.optim.Adam(agents.q.parameters(), lr=args.q_lr),
+        "policy": torch.optim.Adam(agents.policy.parameters(), lr=args.policy_lr),
+    }
+
+
+def sample_actions(mean: torch.Tensor, log_std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reparameterised a = tanh(mean + std eps) and log pi(a) summed over action dims, from the pre-tanh draw u:
+    log N(u) - sum log(1 - tanh(u)^2), the Jacobian written as 2 (log 2 - u - softplus(-2u)) to stay finite."""
+    noise = torch.randn_like(mean)
+    pre_tanh = mean + log_std.exp() * noise
+    gaussian = -0.5 * noise.pow(2) - log_std - 0.5 * math.log(2 * math.pi)
+    log_jacobian = 2.0 * (math.log(2.0) - pre_tanh - nn.functional.softplus(-2.0 * pre_tanh))
+    return torch.tanh(pre_tanh), (gaussian - log_jacobian).sum(-1)
+
+
+def log_integral_exp(values: torch.Tensor, log_density: torch.Tensor) -> torch.Tensor:
+    """Importance-sampled log int exp(Q) da from samples along dim 0: log mean_k exp(Q_k) / p(a_k) (CQL, Appendix F).
+    With the samples split evenly between proposals, each part is an unbiased estimate of the integral."""
+    return torch.logsumexp(values - log_density, 0) - math.log(values.shape[0])
+
+
+def conservative_penalty(sampled_q: torch.Tensor, log_density: torch.Tensor, data_q: torch.Tensor) -> torch.Tensor:
+    """sum_i of agent i's CQL(H) R_i (Eq. 4), batch mean: sampled_q, log_density [S, n, B] (agent i's own actions),
+    data_q [n, B]."""
+    return (log_integral_exp(sampled_q, log_density) - data_q).mean(-1).sum()
+
+
+def q_loss(q: torch.Tensor, rewards: torch.Tensor, dones: torch.Tensor, next_q: torch.Tensor, gamma: float) -> torch.Tensor:
+    """sum_i of agent i's squared TD error against r + gamma (1 - done) next_q_i: q, next_q [n, B]."""
+    target = rewards + gamma * (1.0 - dones) * next_q
+    return (q - target.detach()).pow(2).mean(-1).sum()
+
+
+@torch.no_grad()
+def next_value(agents: Agents, next_obs: torch.Tensor) -> torch.Tensor:
+    """TD3's bootstrap per agent: min_j Q̄^j_i(o'_i, pī_i(o'_i)) over the target critics, [n, B]."""
+    next_actions = agents.policy_target.act(next_obs)
+    return torch.min(*(critic(next_obs, next_actions) for critic in agents.q_target))
+
+
+@torch.no_grad()
+def sampling_optimiser(q_fn, mean: torch.Tensor, std: torch.Tensor, iters: int, samples: int,
+                       elites: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """OMAR's zeroth-order optimiser, a cross-entropy method run for every agent and sample at once.
+    mean, std [n, B, d] start the Gaussian; q_fn maps actions [n, M, B, d] to values [n, M, B]. Each iteration draws
+    `samples` actions, pools them with the previous elites, keeps the `elites` of largest value and refits the
+    Gaussian to them. Returns the best action found [n, B, d] and its value [n, B]."""
+    elite_actions = elite_values = None
+    for _ in range(iters):
+        drawn = (mean[:, None] + std[:, None] * torch.randn(mean.shape[0], samples, *mean.shape[1:],
+                                                            device=mean.device)).clamp(-1.0, 1.0)
+        values = q_fn(drawn)
+        if elite_actions is not None:
+            drawn, values = torch.cat([drawn, elite_actions], 1), torch.cat([values, elite_values], 1)
+        elite_values, index = values.topk(elites, dim=1)  # sorted: index 0 is the best
+        elite_actions = drawn.gather(1, index[..., None].expand(-1, -1, -1, drawn.shape[-1]))
+        mean, std = elite_actions.mean(1), elite_actions.std(1)
+    return elite_actions[:, 0], elite_values[:, 0]
+
+
+def rectified_actions(policy_actions: torch.Tensor, policy_q: torch.Tensor, sampled_actions: torch.Tensor,
+                      sampled_q: torch.Tensor) -> torch.Tensor:
+    """â: the optimiser's action where its value beats the policy's own, else the policy's action: [n, B, d]."""
+    return torch.where((policy_q >= sampled_q)[..., None], policy_actions, sampled_actions).detach()
+
+
+def policy_loss(actions: torch.Tensor, q: torch.Tensor, target_actions: torch.Tensor, omar_coe: float,
+                action_l2: float) -> torch.Tensor:
+    """L_pi: sum_i of the batch mean of omar_coe ||pi_i - â_i||^2 / d - (1 - omar_coe) Q_i + action_l2 ||pi_i||^2 / d;
+    actions, target_actions [n, B, d], q [n, B] at the policy's actions."""
+    rectification = (actions - target_actions.detach()).pow(2).mean(-1)
+    return (omar_coe * rectification - (1.0 - omar_coe) * q + action_l2 * actions.pow(2).mean(-1)).mean(-1).sum()
+
+
+def clipped_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, clip: float) -> torch.Tensor:
+    """Step with each agent's gradient norm clipped to `clip` on its own (every parameter's first dim is the agent):
+    one agent's large gradient does not shrink the others'. Returns the norms before clipping [n]."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    norms = torch.stack([g.pow(2).flatten(1).sum(1) for g in grads]).sum(0).sqrt()
+    scale = (clip / (norms + 1e-6)).clamp(max=1.0)
+    for grad in grads:
+        grad.mul_(scale.view(-1, *([1] * (grad.ndim - 1))))
+    optimizer.step()
+    return norms
+
+
+@torch.no_grad()
+def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
+    torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), tau)
+
+
+def update(agents: Agents, optimizers: dict, batch: Batch, args: Args) -> dict[str, torch.Tensor]:
+    """One OMAR update: the twin critics on TD + CQL(H) per agent, then the policies on OMAR's objective."""
+    n_agents, batch_size, act_dim = batch.actions.shape
+    samples = args.cql_samples
+    with torch.no_grad():
+        next_q = next_value(agents, batch.next_obs)
+        # Proposals for each agent's log-integral, [n, samples, B, d]: uniform on the box, then the noisy policy.
+        uniform_actions = torch.rand(n_agents, samples, batch_size, act_dim, device=batch.obs.device) * 2.0 - 1.0
+        uniform_log_density = torch.full((n_agents, samples, batch_size), -act_dim * math.log(2.0),
+                                         device=batch.obs.device)
+        means = agents.policy(batch.obs)[:, None].expand(-1, samples, -1, -1)
+        policy_actions, policy_log_prob = sample_actions(means, torch.full_like(means, math.log(args.cql_noise)))
+        log_density = torch.cat([uniform_log_density, policy_log_prob], 1).transpose(0, 1)
+
+    # One pass of each critic scores the dataset action (index 0) and the 2N proposals at every sampled observation.
+    actions = torch.cat([batch.actions[:, None], uniform_actions, policy_actions], 1)
+    obs = batch.obs.repeat(1, actions.shape[1], 1)
+    qs = [critic(obs, actions.flatten(1, 2)).unflatten(1, (actions.shape[1], -1)) for critic in agents.q]
+    loss_td = sum(q_loss(q[:, 0], batch.rewards, batch.dones, next_q, args.gamma) for q in qs)
+    loss_cql = sum(conservative_penalty(q[:, 1:].transpose(0, 1), log_density, q[:, 0]) for q in qs)
+    clipped_step(optimizers["q"], loss_td + args.cql_alpha * loss_cql, args.grad_clip)
+
+    new_actions = agents.policy.act(batch.obs)
+    q_policy = agents.q[0](batch.obs, new_actions)
+    with torch.no_grad():
+        def q_fn(candidates: torch.Tensor) -> torch.Tensor:
+            return agents.q[0](batch.obs.repeat(1, candidates.shape[1], 1),
+                               candidates.flatten(1, 2)).unflatten(1, (candidates.shape[1], -1))
+
+        start = new_actions if args.omar_policy_mean else torch.full_like(new_actions, args.omar_mu)
+        sampled, sampled_q = sampling_optimiser(q_fn, start, torch.full_like(new_actions, args.omar_sigma),
+                                                args.omar_iters, args.omar_samples, args.omar_elites)
+        target_actions = rectified_actions(new_actions, q_policy, sampled, sampled_q)
+    loss_pi = policy_loss(new_actions, q_policy, target_actions, args.omar_coe, args.action_l2)
+    clipped_step(optimizers["policy"], loss_pi, args.grad_clip)
+
+    soft_update(agents.q_target, agents.q, args.tau)
+    soft_update(agents.policy_target, agents.policy, args.tau)
+    return {"losses/q": loss_td.detach(), "losses/cql_penalty": loss_cql.detach(), "losses/policy": loss_pi.detach(),
+            "losses/rectification": (new_actions.detach() - target_actions).pow(2).mean(),
+            "values/q": qs[0][:, 0].detach().mean(), "values/q_policy": q_policy.detach().mean(),
+            "values/q_sampled_gain": (sampled_q - q_policy.detach()).clamp(min=0.0).mean(),
+            "agents/sampled_target_share": (sampled_q > q_policy.detach()).float().mean(1)}
+
+
+# TRY NOT TO MODIFY: running, logging, evaluation, checkpoints
+def make_act_fn(policy: AgentPolicy, device: torch.device):
+    @torch.no_grad()
+    def act(obs: np.ndarray) -> np.ndarray:
+        obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device).transpose(0, 1)
+        return policy.act(obs_t).transpose(0, 1).cpu().numpy()
+
+    return act
+
+
+def save_checkpoint(path: Path, agents: nn.Module, optimizers: dict, step: int, args: Args,
+                    generator: torch.Generator, evaluations: list[dict]) -> None:
+    """Everything `--resume` needs to continue the run as if it had not stopped, written atomically: networks,
+    optimizers, step, every random number generator (the sampling generator, Python's, NumPy's, torch's) and the
+    evaluations so far."""
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state_all(), "sampling": generator.get_state()}
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save({"agents": agents.state_dict(), "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+                "step": step, "args": asdict(args), "rng": rng, "device": generator.device.type,
+                "evaluations": evaluations}, tmp)
+    os.replace(tmp, path)
+
+
+def restore_checkpoint(checkpoint: dict, agents: nn.Module, optimizers: dict, generator: torch.Generator) -> None:
+    """Load a `save_checkpoint` into the networks and optimizers and set every random number generator to its state;
+    called after everything that draws random numbers at start-up."""
+    agents.load_state_dict(checkpoint["agents"])
+    for name, optimizer in optimizers.items():
+        optimizer.load_state_dict(checkpoint["optimizers"][name])
+    rng = checkpoint["rng"]
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    torch.cuda.set_rng_state_all(rng["cuda"])
+    generator.set_state(rng["sampling"])
+
+
+def scalar_metrics(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Host copies of the metrics (log intervals only); a per-agent vector `name` becomes `name_0`, `name_1`, ..."""
+    values = {}
+    for name, value in metrics.items():
+        if value.ndim == 0:
+            values[name] = value.item()
+        else:
+            values.update({f"{name}_{i}": x for i, x in enumerate(value.tolist())})
+    return values
+
+
+def check_finite(metrics: dict[str, float], step: int, last_checked: int) -> None:
+    for name, value in metrics.items():
+        if not math.isfinite(value):
+            raise FloatingPointError(f"training diverged: {name} = {value} at the log of update {step} "
+                                     f"(finite at update {last_checked}); try a smaller learning rate or larger alpha")
+
+
+def unique_dir(base: Path) -> Path:
+    """Create and return `base`, or `base_2`, `base_3`, ... when a run of the same name started in the same second."""
+    for attempt in range(1, 1000):
+        run_dir = base if attempt == 1 else base.with_name(f"{base.name}_{attempt}")
+        try:
+            run_dir.mkdir(parents=True)
+            return run_dir
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a fresh run directory next to {base}")
+
+
+def make_run(args: Args, start_step: int) -> tuple[Path, SummaryWriter]:
+    """A fresh run directory, or with --resume the run's own, where TensorBoard continues after `start_step` (what a
+    stopped run logged after its checkpoint is discarded)."""
+    name = f"{args.env}__{args.dataset}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = Path(args.resume) if args.resume else unique_dir(Path("runs") / name)
+    write_json(run_dir / "args.json", asdict(args))
+    writer = SummaryWriter(str(run_dir), purge_step=start_step + 1 if args.resume else None)
+    if not args.resume:
+        table = "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items())
+        writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+    if args.track:
+        import wandb
+
+        wandb.init(project=args.wandb_project_name, config=asdict(args), name=run_dir.name, sync_tensorboard=True,
+                   dir=str(run_dir), id=run_dir.name, resume="allow")
+    return run_dir, writer
+
+
+def seed_everything(seed: int, torch_deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.deterministic = torch_deterministic
+
+
+if __name__ == "__main__":
+    from common.cli import StopOnSignal, check_args, check_device, exit_on_user_error, parse_args
+
+    with exit_on_user_error():
+        args, checkpoint = parse_args(Args)
+        check_args(args)
+        seed_everything(args.seed, args.torch_deterministic)
+        device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+        check_device(checkpoint, device)
+        env = make_env(args.env, args.agent_conf, args.obs_mode)
+        dataset_file = ensure_dataset(args.data_dir, args.env, env.agent_conf, args.dataset,
+                                      generate=not args.no_generate)
+        dataset = load_dataset(dataset_file, device, args.obs_mode)
+        dataset.check_env(env)
+    start_step = checkpoint["step"] if checkpoint else 0
+    run_dir, writer = make_run(args, start_step)
+    print(f"{run_dir}: {len(dataset):,} transitions from {dataset_file} on {device}"
+          + (f", resumed at update {start_step}" if checkpoint else ""))
+
+    agents = Agents(env.n_agents, env.obs_dim, env.act_dim, dataset.state_dim, args).to(device)
+    optimizers = make_optimizers(agents, args)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    if checkpoint:
+        restore_checkpoint(checkpoint, agents, optimizers, generator)
+    act_fn = make_act_fn(agents.policy, device)
+    eval_seed = 1_000_000 * (args.seed + 1)
+    result = RunResult(run_dir, asdict(args), device, dataset.card(), checkpoint["evaluations"] if checkpoint else [])
+
+    last_eval = result.evaluations[-1]["mean"] if result.evaluations else float("nan")
+    last_checked, tick, tick_step = start_step, time.perf_counter(), start_step
+    stop = StopOnSignal()
+    progress = tqdm(range(start_step + 1, args.total_steps + 1), initial=start_step, total=args.total_steps,
+                    mininterval=2.0, desc=args.exp_name)
+    for step in progress:
+        metrics = update(agents, optimizers, dataset.sample(args.batch_size, generator), args)
+        if step % args.log_every == 0 or step == args.total_steps:
+            values = scalar_metrics(metrics)
+            check_finite(values, step, last_checked)
+            last_checked = step
+            seconds = time.perf_counter() - tick
+            updates_per_sec = (step - tick_step) / seconds
+            result.time(step - tick_step, seconds)
+            tick, tick_step = time.perf_counter(), step
+            for name, value in values.items():
+                writer.add_scalar(name, value, step)
+            writer.add_scalar("charts/updates_per_sec", updates_per_sec, step)
+            progress.set_postfix(ups=f"{updates_per_sec:.0f}", eval=f"{last_eval:.0f}")
+        if step % args.eval_every == 0 and step < args.total_steps:
+            agents.eval()
+            returns = evaluate(act_fn, env, args.eval_episodes, eval_seed)
+            agents.train()
+            last_eval = float(returns.mean())
+            writer.add_scalar("eval/return_mean", last_eval, step)
+            writer.add_scalar("eval/return_std", float(returns.std()), step)
+            tqdm.write(f"step {step}: eval return {last_eval:.1f} ± {returns.std():.1f}")
+            result.add_evaluation(step, returns)
+            if args.save_model:
+                save_checkpoint(run_dir / "model.pt", agents, optimizers, step, args, generator, result.evaluations)
+            tick = time.perf_counter()
+        if stop.requested:
+            progress.close()
+            save_checkpoint(run_dir / "model.pt", agents, optimizers, step, args, generator, result.evaluations)
+            writer.close()
+            stop.exit(f"stopped after update {step} of {args.total_steps}; checkpoint saved to {run_dir / 'model.pt'}")
+    stop.restore()
+
+    agents.eval()
+    returns = evaluate(act_fn, env, args.final_eval_episodes, eval_seed)
+    writer.add_scalar("eval/return_mean", float(returns.mean()), args.total_steps)
+    writer.add_scalar("eval/return_std", float(returns.std()), args.total_steps)
+    result.add_evaluation(args.total_steps, returns, finished=True)
+    if args.save_model:
+        save_checkpoint(run_dir / "model.pt", agents, optimizers, args.total_steps, args, generator, result.evaluations)
+    writer.close()
+    print(f"final return: {returns.mean():.2f} ± {returns.std():.2f} over {len(returns)} episodes")
