@@ -1,24 +1,16 @@
-"""BC: recovery of a known behaviour policy, the sections shared with omiga.py, and a smoke run."""
-
-import re
-from pathlib import Path
+"""BC: recovery of a known behaviour policy and a smoke run."""
 
 import pytest
 import torch
 
 import bc
 from common.datasets import Batch
-from conftest import REPO, smoke_run
+from conftest import smoke_run
 
 # Behaviour policy of the toy: per agent and per context, a = tanh(mean + std * N(0, 1)).
 TRUE_MEAN = torch.tensor([[0.5, -0.8], [-0.2, 1.0]])  # [agent, context]
 TRUE_STD = torch.tensor([[0.3, 0.1], [0.6, 0.2]])
 
-
-def shared_sections(path: Path) -> list[str]:
-    """The `# TRY NOT TO MODIFY` blocks of a script, each up to the next banner comment or the end of the file."""
-    return re.findall(r"^# TRY NOT TO MODIFY.*?(?=^# ALGO LOGIC|^# TRY NOT TO MODIFY|\Z)", path.read_text(),
-                      re.M | re.S)
 
 
 def two_context_batch(batch_size: int, generator: torch.Generator) -> Batch:
@@ -49,11 +41,6 @@ def test_bc_recovers_the_behaviour_mean_and_std_of_every_agent(per_agent_network
     torch.testing.assert_close(mean.squeeze(-1), TRUE_MEAN, atol=0.05, rtol=0)
     torch.testing.assert_close(log_std.exp().squeeze(-1), TRUE_STD, atol=0.03, rtol=0)
 
-
-def test_shared_sections_are_byte_identical_to_omiga():
-    mine, template = shared_sections(REPO / "bc.py"), shared_sections(REPO / "omiga.py")
-    assert len(template) == 2
-    assert mine == template
 
 
 def test_smoke_run_writes_logs_checkpoint_and_final_line(tiny_hopper_dir, tmp_path):

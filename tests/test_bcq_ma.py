@@ -1,7 +1,7 @@
 """BCQ-MA and seed 003's decentralized framework: the matrix game of seed 003's Tables 1-4 under the four flag
 settings, the reweighted transition probabilities, the value deviation's sample estimator, the transition
 normalization's latent density ratio, the VAE, the perturbation's range, the candidate argmax, learning on a toy task,
-the sections shared with omiga.py, and a smoke run."""
+and a smoke run."""
 
 import math
 
@@ -10,8 +10,7 @@ import torch
 
 import bcq_ma
 from common.datasets import Batch
-from conftest import REPO, smoke_run
-from test_cql_ma import shared_sections
+from conftest import smoke_run
 from test_omiga import behaviour_cloning_return, toy_dataset, toy_return
 
 # Seed 003's matrix game (its Table 1): payoff[a_1, a_2], behaviour policies [0.8, 0.2] and [0.4, 0.6].
@@ -308,11 +307,6 @@ def test_bcq_ma_beats_behaviour_cloning_on_toy_task():
     assert bc_return < -0.5
     assert bcq_return > bc_return + 0.3, (bcq_return, bc_return)
 
-
-def test_shared_sections_are_byte_identical_to_omiga():
-    mine, template = shared_sections(REPO / "bcq_ma.py"), shared_sections(REPO / "omiga.py")
-    assert len(template) == 2
-    assert mine == template
 
 
 def test_smoke_run_of_mabcq_writes_logs_checkpoint_and_final_line(tiny_hopper_dir, tmp_path):

@@ -1,26 +1,19 @@
 """CFCQL: the counterfactual penalty against numerical integrals and against MA-CQL's joint penalty, the agent
-weights against a closed-form KL, learning on a toy task, the sections shared with omiga.py, and a smoke run."""
+weights against a closed-form KL, learning on a toy task and a smoke run."""
 
 import math
-import re
-from pathlib import Path
 
 import torch
 
 import cfcql
 import cql_ma
-from conftest import REPO, smoke_run
+from conftest import smoke_run
 from test_cql_ma import q_on_and_off_data
 from test_omiga import behaviour_cloning_return, toy_dataset, toy_return
 
 GRID = torch.linspace(-1.0, 1.0, 20_001)  # for numerical integrals over a 1-D action in [-1, 1]
 DATA_ACTIONS = torch.tensor([0.4, -0.1])  # the dataset's joint action of the two agents
 
-
-def shared_sections(path: Path) -> list[str]:
-    """The `# TRY NOT TO MODIFY` blocks of a script, each up to the next banner comment or the end of the file."""
-    return re.findall(r"^# TRY NOT TO MODIFY.*?(?=^# ALGO LOGIC|^# TRY NOT TO MODIFY|\Z)", path.read_text(),
-                      re.M | re.S)
 
 
 def local_values(agent: int, actions: torch.Tensor) -> torch.Tensor:
@@ -103,11 +96,6 @@ def test_cfcql_with_agent_weights_beats_behaviour_cloning_on_toy_task():
     assert cfcql_return > bc_return + 0.3, (cfcql_return, bc_return)
     torch.testing.assert_close(metrics["agents/cf_weight"].sum(), torch.tensor(1.0))
 
-
-def test_shared_sections_are_byte_identical_to_omiga():
-    mine, template = shared_sections(REPO / "cfcql.py"), shared_sections(REPO / "omiga.py")
-    assert len(template) == 2
-    assert mine == template
 
 
 def test_smoke_run_writes_logs_checkpoint_and_final_line(tiny_hopper_dir, tmp_path):

@@ -1,24 +1,17 @@
 """MA-CQL: the importance-sampled log-integral, the penalty's gradient, the TD fixed point of a multi-step chain,
-conservatism off the data, learning on a toy task, the sections shared with omiga.py, and a smoke run."""
+conservatism off the data, learning on a toy task and a smoke run."""
 
 import math
-import re
-from pathlib import Path
 
 import torch
 
 import cql_ma
 from common.datasets import Batch
-from conftest import REPO, smoke_run
+from conftest import smoke_run
 from test_omiga import behaviour_cloning_return, toy_dataset, toy_return
 
 GRID = torch.linspace(-1.0, 1.0, 20_001)  # for numerical integrals over a 1-D action in [-1, 1]
 
-
-def shared_sections(path: Path) -> list[str]:
-    """The `# TRY NOT TO MODIFY` blocks of a script, each up to the next banner comment or the end of the file."""
-    return re.findall(r"^# TRY NOT TO MODIFY.*?(?=^# ALGO LOGIC|^# TRY NOT TO MODIFY|\Z)", path.read_text(),
-                      re.M | re.S)
 
 
 def peaked_q(actions: torch.Tensor) -> torch.Tensor:
@@ -155,11 +148,6 @@ def test_cql_ma_beats_behaviour_cloning_on_toy_task():
     assert bc_return < -0.5
     assert cql_return > bc_return + 0.3, (cql_return, bc_return)
 
-
-def test_shared_sections_are_byte_identical_to_omiga():
-    mine, template = shared_sections(REPO / "cql_ma.py"), shared_sections(REPO / "omiga.py")
-    assert len(template) == 2
-    assert mine == template
 
 
 def test_smoke_run_writes_logs_checkpoint_and_final_line(tiny_hopper_dir, tmp_path):

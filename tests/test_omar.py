@@ -1,6 +1,6 @@
 """OMAR: the sampling optimiser against known maxima, the actor loss's gradient, the choice between the optimiser's and
 the policy's action, the per-agent TD fixed point of a multi-step chain, conservatism off the data, a toy task whose
-local optimum traps the policy gradient, the sections shared with omiga.py, and a smoke run."""
+local optimum traps the policy gradient and a smoke run."""
 
 import math
 
@@ -8,8 +8,8 @@ import torch
 
 import omar
 from common.datasets import Batch
-from conftest import REPO, smoke_run
-from test_cql_ma import chain_batch, narrow_data_batch, shared_sections
+from conftest import smoke_run
+from test_cql_ma import chain_batch, narrow_data_batch
 
 CURVATURES = torch.tensor([1.0, 3.0, 0.5])  # one concave quadratic per agent
 
@@ -189,11 +189,6 @@ def test_rectification_reaches_the_global_optimum_where_the_policy_gradient_stay
     assert (gradient_only - (-0.5)).abs().max() < 0.15, gradient_only
     assert (rectified - 0.6).abs().max() < 0.1, rectified
 
-
-def test_shared_sections_are_byte_identical_to_omiga():
-    mine, template = shared_sections(REPO / "omar.py"), shared_sections(REPO / "omiga.py")
-    assert len(template) == 2
-    assert mine == template
 
 
 def test_smoke_run_writes_logs_checkpoint_and_final_line(tiny_hopper_dir, tmp_path):
