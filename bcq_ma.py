@@ -143,6 +143,11 @@ class Args:
     per_agent_networks: bool = False
     """if toggled, every agent has its own network weights (default: one network of each kind shared by all agents,
     told apart by the one-hot id in their inputs, as in the official OMIGA code)"""
+    num_seeds: int = 1
+    """train the seeds seed, seed+1, ..., seed+num_seeds-1 as one batched computation, with one run directory each
+    and the numbers of separate runs (omiga.py and omcda.py)"""
+    compile: bool = False
+    """if toggled, compile the update step with torch.compile (and CUDA graphs on a GPU)"""
 
     # Algorithm specific arguments
     gamma: float = 0.99
@@ -183,9 +188,10 @@ class Args:
 
 # TRY NOT TO MODIFY: agent networks (shared or per agent, all agents in one matmul) and the mixer
 class BatchedLinear(nn.Module):
-    """A linear layer with G weight sets in one matmul: x [G * k, B, in] -> [G * k, B, out], each consecutive group
-    of k rows using one weight set. G = 1 shares the layer between all agents, told apart by the one-hot id in their
-    inputs (the official OMIGA code's networks); G = n_agents gives every agent its own."""
+    """A linear layer with G weight sets in one matmul: x [..., in] whose rows split into G consecutive equal groups,
+    each using one weight set. On agent inputs [seeds, n_agents, B, in], G = seeds shares the layer between a seed's
+    agents, told apart by the one-hot id in their inputs (the official OMIGA code's networks), and G = seeds *
+    n_agents gives every agent its own; a mixer on states [seeds, B, state_dim] has G = seeds."""
 
     def __init__(self, weight_sets: int, in_dim: int, out_dim: int):
         super().__init__()
@@ -198,9 +204,9 @@ class BatchedLinear(nn.Module):
         return torch.baddbmm(self.bias, grouped, self.weight).reshape(*x.shape[:-1], -1)
 
 
-def count_weight_sets(n_agents: int, per_agent_networks: bool) -> int:
-    """How many weight sets each agent network has: 1 (shared by the agents) or one per agent."""
-    return n_agents if per_agent_networks else 1
+def count_weight_sets(n_agents: int, per_agent_networks: bool, seeds: int = 1) -> int:
+    """How many weight sets each agent network has: per seed, 1 (shared by the agents) or one per agent."""
+    return seeds * (n_agents if per_agent_networks else 1)
 
 
 def batched_mlp(weight_sets: int, in_dim: int, out_dim: int, hidden_dim: int) -> nn.Sequential:
@@ -212,7 +218,7 @@ def batched_mlp(weight_sets: int, in_dim: int, out_dim: int, hidden_dim: int) ->
 
 
 class AgentValue(nn.Module):
-    """V_i(o_i) for every agent: obs [n, B, obs_dim] -> [n, B]."""
+    """V_i(o_i) for every agent: obs [..., n, B, obs_dim] -> [..., n, B]."""
 
     def __init__(self, weight_sets: int, obs_dim: int, hidden_dim: int):
         super().__init__()
@@ -223,7 +229,7 @@ class AgentValue(nn.Module):
 
 
 class AgentQ(nn.Module):
-    """Q_i(o_i, a_i) for every agent: obs [n, B, obs_dim], actions [n, B, act_dim] -> [n, B]."""
+    """Q_i(o_i, a_i) for every agent: obs [..., n, B, obs_dim], actions [..., n, B, act_dim] -> [..., n, B]."""
 
     def __init__(self, weight_sets: int, obs_dim: int, act_dim: int, hidden_dim: int):
         super().__init__()
@@ -234,7 +240,7 @@ class AgentQ(nn.Module):
 
 
 def tanh_gaussian_log_prob(mean: torch.Tensor, log_std: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-    """log-density of actions in (-1, 1) under tanh(N(mean, exp(log_std)^2)), summed over action dims: [n, B]."""
+    """log-density of actions in (-1, 1) under tanh(N(mean, exp(log_std)^2)), summed over action dims: [..., n, B]."""
     actions = actions.clamp(-1.0 + 1e-6, 1.0 - 1e-6)
     # Written out rather than torch.distributions.Normal, whose argument validation syncs with the GPU.
     standardised = (torch.atanh(actions) - mean) * torch.exp(-log_std)
@@ -254,7 +260,7 @@ class AgentPolicy(nn.Module):
         return mean, log_std.clamp(-5.0, 2.0)
 
     def log_prob(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        """log pi_i(a_i | o_i) of actions in (-1, 1): [n, B]."""
+        """log pi_i(a_i | o_i) of actions in (-1, 1): [..., n, B]."""
         return tanh_gaussian_log_prob(*self(obs), actions)
 
     def act(self, obs: torch.Tensor) -> torch.Tensor:
@@ -262,21 +268,23 @@ class AgentPolicy(nn.Module):
 
 
 class Mixer(nn.Module):
-    """Hypernetwork on the global state: w(s) = |f(s)| >= 0 per agent and a free bias b(s)."""
+    """Hypernetwork on the global state: w(s) = |f(s)| >= 0 per agent and a free bias b(s); one per seed."""
 
-    def __init__(self, state_dim: int, n_agents: int, hidden_dim: int):
+    def __init__(self, state_dim: int, n_agents: int, hidden_dim: int, seeds: int = 1):
         super().__init__()
-        self.hyper_w = nn.Sequential(nn.Linear(state_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, n_agents))
-        self.hyper_b = nn.Sequential(nn.Linear(state_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, 1))
+        self.hyper_w = nn.Sequential(BatchedLinear(seeds, state_dim, hidden_dim), nn.ReLU(),
+                                     BatchedLinear(seeds, hidden_dim, n_agents))
+        self.hyper_b = nn.Sequential(BatchedLinear(seeds, state_dim, hidden_dim), nn.ReLU(),
+                                     BatchedLinear(seeds, hidden_dim, 1))
 
     def forward(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """states [B, state_dim] -> w [n, B], b [B]."""
-        return self.hyper_w(states).abs().T, self.hyper_b(states).squeeze(-1)
+        """states [..., B, state_dim] -> w [..., n, B], b [..., B]."""
+        return self.hyper_w(states).abs().transpose(-1, -2), self.hyper_b(states).squeeze(-1)
 
 
 def mix(w: torch.Tensor, values: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """sum_i w_i values_i + b: w, values [n, B], b [B] -> [B]   (Eq. 8)."""
-    return (w * values).sum(0) + b
+    """sum_i w_i values_i + b: w, values [..., n, B], b [..., B] -> [..., B]   (Eq. 8)."""
+    return (w * values).sum(-2) + b
 
 
 # ALGO LOGIC: networks, losses and the update
@@ -625,11 +633,11 @@ def seed_everything(seed: int, torch_deterministic: bool) -> None:
 
 
 if __name__ == "__main__":
-    from common.cli import StopOnSignal, check_args, check_device, exit_on_user_error, parse_args
+    from common.cli import ONE_SEED_EAGER, StopOnSignal, check_args, check_device, exit_on_user_error, parse_args
 
     with exit_on_user_error():
         args, checkpoint = parse_args(Args)
-        check_args(args)
+        check_args(args, ONE_SEED_EAGER)
         seed_everything(args.seed, args.torch_deterministic)
         device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
         check_device(checkpoint, device)

@@ -121,6 +121,11 @@ class Args:
     per_agent_networks: bool = False
     """if toggled, every agent has its own network weights (default: one network of each kind shared by all agents,
     told apart by the one-hot id in their inputs, as in the official OMIGA code)"""
+    num_seeds: int = 1
+    """train the seeds seed, seed+1, ..., seed+num_seeds-1 as one batched computation, with one run directory each
+    and the numbers of separate runs (omiga.py and omcda.py)"""
+    compile: bool = False
+    """if toggled, compile the update step with torch.compile (and CUDA graphs on a GPU)"""
 
     # Algorithm specific arguments
     gamma: float = 0.99
@@ -453,11 +458,11 @@ def seed_everything(seed: int, torch_deterministic: bool) -> None:
 
 
 if __name__ == "__main__":
-    from common.cli import POSITIVE, StopOnSignal, check_args, check_device, exit_on_user_error, parse_args
+    from common.cli import ONE_SEED_EAGER, POSITIVE, StopOnSignal, check_args, check_device, exit_on_user_error, parse_args
 
     with exit_on_user_error():
         args, checkpoint = parse_args(Args)
-        check_args(args, {"beta": POSITIVE})
+        check_args(args, {**ONE_SEED_EAGER, "beta": POSITIVE})
         seed_everything(args.seed, args.torch_deterministic)
         device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
         check_device(checkpoint, device)

@@ -72,7 +72,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -85,7 +85,7 @@ from tqdm import tqdm
 from common.collect import ensure_dataset
 from common.datasets import Batch, Dataset, load_dataset
 from common.envs import make_env
-from common.evaluation import evaluate
+from common.evaluation import evaluate_seeds
 from common.results import RunResult, write_json
 
 
@@ -136,6 +136,11 @@ class Args:
     per_agent_networks: bool = False
     """if toggled, every agent has its own network weights (default: one network of each kind shared by all agents,
     told apart by the one-hot id in their inputs, as in the official OMIGA code)"""
+    num_seeds: int = 1
+    """train the seeds seed, seed+1, ..., seed+num_seeds-1 as one batched computation, with one run directory each
+    and the numbers of separate runs (omiga.py and omcda.py)"""
+    compile: bool = False
+    """if toggled, compile the update step with torch.compile (and CUDA graphs on a GPU)"""
 
     # Algorithm specific arguments
     gamma: float = 0.99
@@ -182,9 +187,10 @@ class Args:
 
 # TRY NOT TO MODIFY: agent networks (shared or per agent, all agents in one matmul) and the mixer
 class BatchedLinear(nn.Module):
-    """A linear layer with G weight sets in one matmul: x [G * k, B, in] -> [G * k, B, out], each consecutive group
-    of k rows using one weight set. G = 1 shares the layer between all agents, told apart by the one-hot id in their
-    inputs (the official OMIGA code's networks); G = n_agents gives every agent its own."""
+    """A linear layer with G weight sets in one matmul: x [..., in] whose rows split into G consecutive equal groups,
+    each using one weight set. On agent inputs [seeds, n_agents, B, in], G = seeds shares the layer between a seed's
+    agents, told apart by the one-hot id in their inputs (the official OMIGA code's networks), and G = seeds *
+    n_agents gives every agent its own; a mixer on states [seeds, B, state_dim] has G = seeds."""
 
     def __init__(self, weight_sets: int, in_dim: int, out_dim: int):
         super().__init__()
@@ -197,9 +203,9 @@ class BatchedLinear(nn.Module):
         return torch.baddbmm(self.bias, grouped, self.weight).reshape(*x.shape[:-1], -1)
 
 
-def count_weight_sets(n_agents: int, per_agent_networks: bool) -> int:
-    """How many weight sets each agent network has: 1 (shared by the agents) or one per agent."""
-    return n_agents if per_agent_networks else 1
+def count_weight_sets(n_agents: int, per_agent_networks: bool, seeds: int = 1) -> int:
+    """How many weight sets each agent network has: per seed, 1 (shared by the agents) or one per agent."""
+    return seeds * (n_agents if per_agent_networks else 1)
 
 
 def batched_mlp(weight_sets: int, in_dim: int, out_dim: int, hidden_dim: int) -> nn.Sequential:
@@ -211,7 +217,7 @@ def batched_mlp(weight_sets: int, in_dim: int, out_dim: int, hidden_dim: int) ->
 
 
 class AgentValue(nn.Module):
-    """V_i(o_i) for every agent: obs [n, B, obs_dim] -> [n, B]."""
+    """V_i(o_i) for every agent: obs [..., n, B, obs_dim] -> [..., n, B]."""
 
     def __init__(self, weight_sets: int, obs_dim: int, hidden_dim: int):
         super().__init__()
@@ -222,7 +228,7 @@ class AgentValue(nn.Module):
 
 
 class AgentQ(nn.Module):
-    """Q_i(o_i, a_i) for every agent: obs [n, B, obs_dim], actions [n, B, act_dim] -> [n, B]."""
+    """Q_i(o_i, a_i) for every agent: obs [..., n, B, obs_dim], actions [..., n, B, act_dim] -> [..., n, B]."""
 
     def __init__(self, weight_sets: int, obs_dim: int, act_dim: int, hidden_dim: int):
         super().__init__()
@@ -233,7 +239,7 @@ class AgentQ(nn.Module):
 
 
 def tanh_gaussian_log_prob(mean: torch.Tensor, log_std: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-    """log-density of actions in (-1, 1) under tanh(N(mean, exp(log_std)^2)), summed over action dims: [n, B]."""
+    """log-density of actions in (-1, 1) under tanh(N(mean, exp(log_std)^2)), summed over action dims: [..., n, B]."""
     actions = actions.clamp(-1.0 + 1e-6, 1.0 - 1e-6)
     # Written out rather than torch.distributions.Normal, whose argument validation syncs with the GPU.
     standardised = (torch.atanh(actions) - mean) * torch.exp(-log_std)
@@ -253,7 +259,7 @@ class AgentPolicy(nn.Module):
         return mean, log_std.clamp(-5.0, 2.0)
 
     def log_prob(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        """log pi_i(a_i | o_i) of actions in (-1, 1): [n, B]."""
+        """log pi_i(a_i | o_i) of actions in (-1, 1): [..., n, B]."""
         return tanh_gaussian_log_prob(*self(obs), actions)
 
     def act(self, obs: torch.Tensor) -> torch.Tensor:
@@ -261,34 +267,37 @@ class AgentPolicy(nn.Module):
 
 
 class Mixer(nn.Module):
-    """Hypernetwork on the global state: w(s) = |f(s)| >= 0 per agent and a free bias b(s)."""
+    """Hypernetwork on the global state: w(s) = |f(s)| >= 0 per agent and a free bias b(s); one per seed."""
 
-    def __init__(self, state_dim: int, n_agents: int, hidden_dim: int):
+    def __init__(self, state_dim: int, n_agents: int, hidden_dim: int, seeds: int = 1):
         super().__init__()
-        self.hyper_w = nn.Sequential(nn.Linear(state_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, n_agents))
-        self.hyper_b = nn.Sequential(nn.Linear(state_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, 1))
+        self.hyper_w = nn.Sequential(BatchedLinear(seeds, state_dim, hidden_dim), nn.ReLU(),
+                                     BatchedLinear(seeds, hidden_dim, n_agents))
+        self.hyper_b = nn.Sequential(BatchedLinear(seeds, state_dim, hidden_dim), nn.ReLU(),
+                                     BatchedLinear(seeds, hidden_dim, 1))
 
     def forward(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """states [B, state_dim] -> w [n, B], b [B]."""
-        return self.hyper_w(states).abs().T, self.hyper_b(states).squeeze(-1)
+        """states [..., B, state_dim] -> w [..., n, B], b [..., B]."""
+        return self.hyper_w(states).abs().transpose(-1, -2), self.hyper_b(states).squeeze(-1)
 
 
 def mix(w: torch.Tensor, values: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """sum_i w_i values_i + b: w, values [n, B], b [B] -> [B]   (Eq. 8)."""
-    return (w * values).sum(0) + b
+    """sum_i w_i values_i + b: w, values [..., n, B], b [..., B] -> [..., B]   (Eq. 8)."""
+    return (w * values).sum(-2) + b
 
 
 # ALGO LOGIC: networks, losses and the update
 class ConservativeBias(nn.Module):
     """Hypernetwork on the global state: b^c(s) [n, B], the state part of every agent's Q^{c,i}_tot = Q^c_i + b^c_i."""
 
-    def __init__(self, state_dim: int, n_agents: int, hidden_dim: int):
+    def __init__(self, state_dim: int, n_agents: int, hidden_dim: int, seeds: int = 1):
         super().__init__()
-        self.hyper_b = nn.Sequential(nn.Linear(state_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, n_agents))
+        self.hyper_b = nn.Sequential(BatchedLinear(seeds, state_dim, hidden_dim), nn.ReLU(),
+                                     BatchedLinear(seeds, hidden_dim, n_agents))
 
     def forward(self, states: torch.Tensor) -> torch.Tensor:
-        """states [B, state_dim] -> b^c [n, B]."""
-        return self.hyper_b(states).T
+        """states [..., B, state_dim] -> b^c [..., n, B]."""
+        return self.hyper_b(states).transpose(-1, -2)
 
 
 class Agents(nn.Module):
@@ -298,40 +307,45 @@ class Agents(nn.Module):
 
     def __init__(self, n_agents: int, obs_dim: int, act_dim: int, state_dim: int, args: Args):
         super().__init__()
-        nets = count_weight_sets(n_agents, args.per_agent_networks)
+        seeds, nets = args.num_seeds, count_weight_sets(n_agents, args.per_agent_networks, args.num_seeds)
         self.decouple = not args.no_decouple
         self.v = AgentValue(nets, obs_dim, args.hidden_dim)
         self.q = AgentQ(nets, obs_dim, act_dim, args.hidden_dim)
-        self.mixer = Mixer(state_dim, n_agents, args.mixer_hidden_dim)
+        self.mixer = Mixer(state_dim, n_agents, args.mixer_hidden_dim, seeds)
         self.policy = AgentPolicy(nets, obs_dim, act_dim, args.hidden_dim)
         self.v_target, self.q_target, self.mixer_target = (copy.deepcopy(m).requires_grad_(False) for m in (self.v, self.q, self.mixer))
-        self.register_buffer("value_shift", torch.zeros(n_agents))
+        self.register_buffer("value_shift", torch.zeros(seeds, n_agents))
         if self.decouple:
             self.v_conservative = AgentValue(nets, obs_dim, args.hidden_dim)
             self.q_conservative = AgentQ(nets, obs_dim, act_dim, args.hidden_dim)
-            self.bias_conservative = ConservativeBias(state_dim, n_agents, args.mixer_hidden_dim)
+            self.bias_conservative = ConservativeBias(state_dim, n_agents, args.mixer_hidden_dim, seeds)
             self.v_conservative_target, self.q_conservative_target, self.bias_conservative_target = (
                 copy.deepcopy(m).requires_grad_(False) for m in (self.v_conservative, self.q_conservative, self.bias_conservative))
         self.behaviour = AgentPolicy(nets, obs_dim, act_dim, args.hidden_dim)
-        self.log_alpha = nn.Parameter(torch.full((n_agents,), math.log(args.alpha_init)))
-        self.register_buffer("kl", torch.zeros(n_agents))
-        self.register_buffer("influence_moments", torch.zeros(2, n_agents))
-        self.register_buffer("influence", torch.zeros(n_agents))
-        self.register_buffer("budget", torch.full((n_agents,), args.d_tot / n_agents))
-        self.register_buffer("random_allocation", torch.distributions.Dirichlet(torch.ones(n_agents)).sample())
+        self.log_alpha = nn.Parameter(torch.full((seeds, n_agents), math.log(args.alpha_init)))
+        self.register_buffer("kl", torch.zeros(seeds, n_agents))
+        self.register_buffer("influence_moments", torch.zeros(seeds, 2, n_agents))
+        self.register_buffer("influence", torch.zeros(seeds, n_agents))
+        self.register_buffer("budget", torch.full((seeds, n_agents), args.d_tot / n_agents))
+        self.register_buffer("random_allocation", torch.distributions.Dirichlet(torch.ones(n_agents)).sample((seeds,)))
 
 
 def make_optimizers(agents: Agents, args: Args) -> dict[str, torch.optim.Optimizer]:
+    """Adam is elementwise, so one Adam over the seeds' stacked weights is one independent Adam per seed."""
+    capturable = args.compile and next(agents.parameters()).is_cuda  # a CUDA graph may hold the step counters
     optimizers = {
-        "v": torch.optim.Adam(agents.v.parameters(), lr=args.v_lr),
-        "q": torch.optim.Adam([*agents.q.parameters(), *agents.mixer.parameters()], lr=args.q_lr),
-        "policy": torch.optim.Adam(agents.policy.parameters(), lr=args.policy_lr),
-        "alpha": torch.optim.Adam([agents.log_alpha], lr=args.alpha_lr),
+        "v": torch.optim.Adam(agents.v.parameters(), lr=args.v_lr, capturable=capturable),
+        "q": torch.optim.Adam([*agents.q.parameters(), *agents.mixer.parameters()], lr=args.q_lr,
+                              capturable=capturable),
+        "policy": torch.optim.Adam(agents.policy.parameters(), lr=args.policy_lr, capturable=capturable),
+        "alpha": torch.optim.Adam([agents.log_alpha], lr=args.alpha_lr, capturable=capturable),
     }
     if agents.decouple:
-        optimizers["v_conservative"] = torch.optim.Adam(agents.v_conservative.parameters(), lr=args.v_lr)
+        optimizers["v_conservative"] = torch.optim.Adam(agents.v_conservative.parameters(), lr=args.v_lr,
+                                                        capturable=capturable)
         optimizers["q_conservative"] = torch.optim.Adam(
-            [*agents.q_conservative.parameters(), *agents.bias_conservative.parameters()], lr=args.q_lr)
+            [*agents.q_conservative.parameters(), *agents.bias_conservative.parameters()], lr=args.q_lr,
+            capturable=capturable)
     return optimizers
 
 
@@ -339,49 +353,50 @@ EXP_HEADROOM = 50.0  # exp(z - c) <= e^50 in the exp value losses; float32 overf
 
 
 def value_loss(v: torch.Tensor, q_target: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """OMIGA's L_V (seed 002, Eq. 12) with per-agent alpha [n, 1]: the entangled V of --no-decouple. Scaled by
-    exp(-c) with c the running shift [n] (see conservative_value_loss)."""
+    """OMIGA's L_V (seed 002, Eq. 12) with per-agent alpha [..., n, 1]: the entangled V of --no-decouple; [...].
+    Scaled by exp(-c) with c the running shift [..., n] (see conservative_value_loss)."""
     z = w * (q_target - v) / alpha
-    c = torch.maximum(shift, z.detach().max(1).values - EXP_HEADROOM)[:, None]
-    return (torch.exp(z - c) + torch.exp(-c) * w * v / alpha).mean(1).sum()
+    c = torch.maximum(shift, z.detach().max(-1).values - EXP_HEADROOM)[..., None]
+    return (torch.exp(z - c) + torch.exp(-c) * w * v / alpha).mean(-1).sum(-1)
 
 
 def conservative_value_loss(v_conservative: torch.Tensor, z_without_v: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """L_Vc = E_D[exp(z_i) + V^c_i] with z_i = z_without_v - V^c_i; minimiser: E_{pi_b}[exp(z_i) | o_i] = 1. Scaled by
-    exp(-c) with c the running shift [n], the same for every minibatch, so minibatch gradients stay unbiased."""
+    exp(-c) with c the running shift [..., n], the same for every minibatch, so minibatch gradients stay unbiased;
+    summed over agents: [...]."""
     z = z_without_v.detach() - v_conservative
-    c = torch.maximum(shift, z.detach().max(1).values - EXP_HEADROOM)[:, None]
-    return (torch.exp(z - c) + torch.exp(-c) * v_conservative).mean(1).sum()
+    c = torch.maximum(shift, z.detach().max(-1).values - EXP_HEADROOM)[..., None]
+    return (torch.exp(z - c) + torch.exp(-c) * v_conservative).mean(-1).sum(-1)
 
 
 @torch.no_grad()
 def track_shift(shift: torch.Tensor, z: torch.Tensor, rate: float) -> None:
-    """Move an exp loss's shift c [n] towards this minibatch's max of z [n, B], after the loss used it."""
-    shift.lerp_(z.max(1).values, rate)
+    """Move an exp loss's shift c [..., n] towards this minibatch's max of z [..., n, B], after the loss used it."""
+    shift.lerp_(z.max(-1).values, rate)
 
 
 def reward_value_loss(v_reward: torch.Tensor, q_target: torch.Tensor, z: torch.Tensor, z_clip: float) -> torch.Tensor:
     """L_Vr = E_D[sg(exp(z_i)) (Q̄^r_i - V^r_i)^2]: V^r_i -> E_{pi*}[Q^r_i]."""
     weight = torch.exp(z.detach().clamp(-z_clip, z_clip))
-    return (weight * (q_target - v_reward).pow(2)).mean(1).sum()
+    return (weight * (q_target - v_reward).pow(2)).mean(-1).sum(-1)
 
 
 def q_loss(q_tot: torch.Tensor, rewards: torch.Tensor, dones: torch.Tensor, next_v_tot: torch.Tensor, gamma: float) -> torch.Tensor:
     """L_Qr (OMIGA Eq. 13 on the reward part): squared TD error of Q^r_tot against r + gamma (1 - done) V̄^r_tot(s')."""
     target = rewards + gamma * (1.0 - dones) * next_v_tot
-    return (q_tot - target.detach()).pow(2).mean()
+    return (q_tot - target.detach()).pow(2).mean(-1)
 
 
 def conservative_q_loss(q_tot: torch.Tensor, dones: torch.Tensor, next_v_tot: torch.Tensor, gamma: float) -> torch.Tensor:
-    """L_Qc = sum_i E_D[(gamma (1 - done) V̄^{c,i}_tot(s') - Q^{c,i}_tot(s, a))^2]; q_tot, next_v_tot [n, B]."""
-    target = gamma * (1.0 - dones) * next_v_tot
-    return (q_tot - target.detach()).pow(2).mean(1).sum()
+    """L_Qc = sum_i E_D[(gamma (1 - done) V̄^{c,i}_tot(s') - Q^{c,i}_tot(s, a))^2]; q_tot, next_v_tot [..., n, B]."""
+    target = gamma * (1.0 - dones[..., None, :]) * next_v_tot
+    return (q_tot - target.detach()).pow(2).mean(-1).sum(-1)
 
 
 def policy_loss(log_prob: torch.Tensor, z: torch.Tensor, z_clip: float) -> torch.Tensor:
     """L_pi: weighted behaviour cloning towards pi*_i, weights exp(clamp(z_i)) detached; summed over agents."""
     weight = torch.exp(z.detach().clamp(-z_clip, z_clip))
-    return -(weight * log_prob).mean(1).sum()
+    return -(weight * log_prob).mean(-1).sum(-1)
 
 
 def in_sample_kl(z: torch.Tensor) -> torch.Tensor:
@@ -389,19 +404,19 @@ def in_sample_kl(z: torch.Tensor) -> torch.Tensor:
     V^c, estimated as the KL of the minibatch's own tilt p = softmax_B(z) to the minibatch:
     sum_B p z - log mean_B exp(z). Equal to the above when E_D[exp(z)] = 1; never negative, bounded by log B, and
     unchanged by a constant error in V^c."""
-    return (torch.softmax(z, 1) * z).sum(1) - (torch.logsumexp(z, 1) - math.log(z.shape[1]))
+    return (torch.softmax(z, -1) * z).sum(-1) - (torch.logsumexp(z, -1) - math.log(z.shape[-1]))
 
 
 def influence_moments(reward_part: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """(E_{pi*}[x_i^2], E_{pi*}[x_i z_i]) [2, n] of the reward part x [n, B] of z [n, B], self-normalised like
     in_sample_kl: Var_{pi*}(x_i) and Cov_{pi*}(x_i, z_i), as E_{pi*}[x_i | o_i] = 0 because V^r_i = E_{pi*}[Q^r_i]."""
-    weight = torch.softmax(z, 1)
-    return torch.stack([(weight * reward_part.pow(2)).sum(1), (weight * reward_part * z).sum(1)])
+    weight = torch.softmax(z, -1)
+    return torch.stack([(weight * reward_part.pow(2)).sum(-1), (weight * reward_part * z).sum(-1)], -2)
 
 
 def influence(alpha: torch.Tensor, moments: torch.Tensor) -> torch.Tensor:
     """m_i = (dV^r_tot / dalpha_i) / (dKL_i / dalpha_i) = alpha_i Var_{pi*}(x_i) / Cov_{pi*}(x_i, z_i) [n]."""
-    return alpha * moments[0] / moments[1]
+    return alpha * moments[..., 0, :] / moments[..., 1, :]
 
 
 def gaussian_kl(mean: torch.Tensor, log_std: torch.Tensor, ref_mean: torch.Tensor, ref_log_std: torch.Tensor) -> torch.Tensor:
@@ -419,10 +434,10 @@ def allocate_budget(influence: torch.Tensor, d_tot: float, allocation: str, temp
                     random_allocation: torch.Tensor) -> torch.Tensor:
     """Split d_tot over agents: softmax of m / max|m| (influence), d_tot / n (uniform) or a fixed random split."""
     if allocation == "influence":
-        normalised = influence / (influence.abs().max() + 1e-8)
-        return torch.softmax(normalised / temperature, 0) * d_tot
+        normalised = influence / (influence.abs().amax(-1, keepdim=True) + 1e-8)
+        return torch.softmax(normalised / temperature, -1) * d_tot
     if allocation == "uniform":
-        return torch.full_like(influence, d_tot / influence.numel())
+        return torch.full_like(influence, d_tot / influence.shape[-1])
     if allocation == "random":
         return random_allocation * d_tot
     raise ValueError(f"unknown allocation {allocation!r}; valid: {', '.join(ALLOCATIONS)}")
@@ -433,13 +448,26 @@ def alpha_loss(log_alpha: torch.Tensor, kl: torch.Tensor, budget: torch.Tensor) 
     return (log_alpha * (budget - kl).detach()).sum()
 
 
-def clipped_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, clip: float) -> torch.Tensor:
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    grad_norm = nn.utils.clip_grad_norm_(params, clip)
-    optimizer.step()
-    return grad_norm
+def clipped_steps(optimizers: list[torch.optim.Optimizer], loss: torch.Tensor, clip: float, seeds: int = 1) -> None:
+    """One step of each optimizer (of disjoint parameter sets) on the sum of the seeds' losses [seeds]: one backward
+    serves them all (which also keeps torch.compile from back-propagating twice through one compiled graph). Each
+    optimizer's gradient norm is clipped per seed: every parameter's leading dim holds the seeds' weight sets in seed
+    order, and one norm over all seeds (clip_grad_norm_) would couple them. Same formula as clip_grad_norm_ for one
+    seed."""
+    for optimizer in optimizers:
+        optimizer.zero_grad(set_to_none=True)
+    loss.sum().backward()
+    for optimizer in optimizers:
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norms = torch.stack([g.reshape(seeds, -1).norm(dim=1) for g in grads]).norm(dim=0)
+        scale = (clip / (norms + 1e-6)).clamp(max=1.0)[:, None]
+        for g in grads:
+            g.view(seeds, -1).mul_(scale)
+        optimizer.step()
+
+
+def clipped_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, clip: float, seeds: int = 1) -> None:
+    clipped_steps([optimizer], loss, clip, seeds)
 
 
 @torch.no_grad()
@@ -447,14 +475,16 @@ def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
     torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), tau)
 
 
-def pretrain_behaviour(agents: Agents, dataset: Dataset, args: Args, generator: torch.Generator) -> torch.Tensor:
-    """Behaviour cloning of pi_b by maximum likelihood, then freeze it and start pi from it (KL(pi || pi_b) = 0)."""
+def pretrain_behaviour(agents: Agents, dataset: Dataset, args: Args,
+                       generator: torch.Generator | list[torch.Generator]) -> torch.Tensor:
+    """Behaviour cloning of pi_b by maximum likelihood, then freeze it and start pi from it (KL(pi || pi_b) = 0);
+    returns the last minibatch's loss of each seed [seeds]."""
     optimizer = torch.optim.Adam(agents.behaviour.parameters(), lr=args.bc_lr)
-    loss = torch.zeros(())
+    loss = torch.zeros(args.num_seeds)
     for _ in tqdm(range(args.bc_steps), desc="behaviour cloning", mininterval=2.0, disable=args.bc_steps < 1000):
         batch = dataset.sample(args.batch_size, generator)
-        loss = -agents.behaviour.log_prob(batch.obs, batch.actions).mean(1).sum()
-        clipped_step(optimizer, loss, args.grad_clip)
+        loss = -agents.behaviour.log_prob(batch.obs, batch.actions).mean(-1).sum(-1)
+        clipped_step(optimizer, loss, args.grad_clip, args.num_seeds)
     agents.behaviour.requires_grad_(False)
     agents.policy.load_state_dict(agents.behaviour.state_dict())
     return loss.detach()
@@ -463,7 +493,7 @@ def pretrain_behaviour(agents: Agents, dataset: Dataset, args: Args, generator: 
 def update(agents: Agents, optimizers: dict, batch: Batch, args: Args) -> dict[str, torch.Tensor]:
     """One OMCDA update: V^c and V^r, then Q^r and Q^c, then the policy, then KL_i, influence, allocation and the
     alpha_i step."""
-    alpha = agents.log_alpha.detach().exp()[:, None]
+    alpha = agents.log_alpha.detach().exp()[..., None]
     with torch.no_grad():
         w_target, _ = agents.mixer_target(batch.states)
         q_target = agents.q_target(batch.obs, batch.actions)
@@ -481,36 +511,38 @@ def update(agents: Agents, optimizers: dict, batch: Batch, args: Args) -> dict[s
         v_conservative = agents.v_conservative(batch.obs)
         loss_v_conservative = conservative_value_loss(v_conservative, reward_part + q_conservative_target,
                                                       agents.value_shift)
-        clipped_step(optimizers["v_conservative"], loss_v_conservative, args.grad_clip)
         z = reward_part + q_conservative_target - v_conservative.detach()
         loss_v = reward_value_loss(v, q_target, z, args.z_clip)
+        # V^c and V^r share no weights, and L_Vr sees V^c only through the detached z: one backward for both.
+        clipped_steps([optimizers["v_conservative"], optimizers["v"]], loss_v_conservative + loss_v, args.grad_clip,
+                      args.num_seeds)
         metrics["losses/v_conservative"] = loss_v_conservative.detach()
-        metrics["values/v_conservative"] = v_conservative.detach().mean()
+        metrics["values/v_conservative"] = v_conservative.detach().mean((-2, -1))
     else:
         loss_v = value_loss(v, q_target, w_target, alpha, agents.value_shift)
         z = reward_part
+        clipped_step(optimizers["v"], loss_v, args.grad_clip, args.num_seeds)
     track_shift(agents.value_shift, z, args.tau)
-    clipped_step(optimizers["v"], loss_v, args.grad_clip)
 
     w, b = agents.mixer(batch.states)
     q_tot = mix(w, agents.q(batch.obs, batch.actions), b)
     loss_q = q_loss(q_tot, batch.rewards, batch.dones, next_v_tot, args.gamma)
-    clipped_step(optimizers["q"], loss_q, args.grad_clip)
+    clipped_step(optimizers["q"], loss_q, args.grad_clip, args.num_seeds)
     if agents.decouple:
         q_conservative_tot = agents.q_conservative(batch.obs, batch.actions) + agents.bias_conservative(batch.states)
         loss_q_conservative = conservative_q_loss(q_conservative_tot, batch.dones, next_v_conservative_tot, args.gamma)
-        clipped_step(optimizers["q_conservative"], loss_q_conservative, args.grad_clip)
+        clipped_step(optimizers["q_conservative"], loss_q_conservative, args.grad_clip, args.num_seeds)
         metrics["losses/q_conservative"] = loss_q_conservative.detach()
 
     mean, log_std = agents.policy(batch.obs)
     loss_pi = policy_loss(tanh_gaussian_log_prob(mean, log_std, batch.actions), z, args.z_clip)
-    clipped_step(optimizers["policy"], loss_pi, args.grad_clip)
+    clipped_step(optimizers["policy"], loss_pi, args.grad_clip, args.num_seeds)
 
     with torch.no_grad():
         z_clipped = z.clamp(-args.z_clip, args.z_clip)
         agents.kl.lerp_(in_sample_kl(z_clipped), args.estimate_ema)
         agents.influence_moments.lerp_(influence_moments(reward_part, z_clipped), args.estimate_ema)
-        agents.influence.copy_(influence(alpha[:, 0], agents.influence_moments))
+        agents.influence.copy_(influence(alpha[..., 0], agents.influence_moments))
         agents.budget.copy_(allocate_budget(agents.influence, args.d_tot, args.allocation, args.influence_temperature,
                                             agents.random_allocation))
     optimizers["alpha"].zero_grad(set_to_none=True)
@@ -518,7 +550,7 @@ def update(agents: Agents, optimizers: dict, batch: Batch, args: Args) -> dict[s
     optimizers["alpha"].step()
     with torch.no_grad():
         agents.log_alpha.clamp_(math.log(args.alpha_min), math.log(args.alpha_max))
-        policy_kl = gaussian_kl(mean.detach(), log_std.detach(), *agents.behaviour(batch.obs)).mean(1)
+        policy_kl = gaussian_kl(mean.detach(), log_std.detach(), *agents.behaviour(batch.obs)).mean(-1)
 
     soft_update(agents.v_target, agents.v, args.tau)
     soft_update(agents.q_target, agents.q, args.tau)
@@ -529,44 +561,61 @@ def update(agents: Agents, optimizers: dict, batch: Batch, args: Args) -> dict[s
         soft_update(agents.bias_conservative_target, agents.bias_conservative, args.tau)
     part = "reward" if agents.decouple else "entangled"
     return {f"losses/v_{part}": loss_v.detach(), f"losses/q_{part}": loss_q.detach(), "losses/policy": loss_pi.detach(),
-            **metrics, f"values/q_{part}_tot": q_tot.detach().mean(), f"values/v_{part}": v.detach().mean(),
+            **metrics, f"values/q_{part}_tot": q_tot.detach().mean(-1), f"values/v_{part}": v.detach().mean((-2, -1)),
             "agents/alpha": agents.log_alpha.detach().exp(), "agents/budget": agents.budget.clone(),
             "agents/influence": agents.influence.clone(), "agents/kl": agents.kl.clone(), "agents/policy_kl": policy_kl,
-            "agents/normaliser": torch.exp(z_clipped).mean(1), "agents/z_std": z.std(1),
-            "agents/reward_value": (w.detach() * v.detach()).mean(1)}
+            "agents/normaliser": torch.exp(z_clipped).mean(-1), "agents/z_std": z.std(-1),
+            "agents/reward_value": (w.detach() * v.detach()).mean(-1)}
 
 
 def agent_summary(agents: Agents) -> str:
-    """One line of the per-agent allocation state, for the terminal at each evaluation."""
+    """The per-agent allocation state of each seed ("; " between seeds), for the terminal at each evaluation."""
     fields = {"alpha": agents.log_alpha.detach().exp(), "budget": agents.budget, "kl": agents.kl, "influence": agents.influence}
-    return "  ".join(f"{name} [{', '.join(f'{x:.3g}' for x in value.tolist())}]" for name, value in fields.items())
+    return "; ".join("  ".join(f"{name} [{', '.join(f'{x:.3g}' for x in value[k].tolist())}]"
+                               for name, value in fields.items()) for k in range(agents.kl.shape[0]))
 
 
 # TRY NOT TO MODIFY: running, logging, evaluation, checkpoints
-def make_act_fn(policy: AgentPolicy, device: torch.device):
+def make_act_fn(policy: AgentPolicy, device: torch.device, seeds: int):
     @torch.no_grad()
     def act(obs: np.ndarray) -> np.ndarray:
-        obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device).transpose(0, 1)
-        return policy.act(obs_t).transpose(0, 1).cpu().numpy()
+        """Deterministic actions of every seed's policy: obs [seeds * E, n, obs_dim], seed-major."""
+        obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device)
+        obs_t = obs_t.reshape(seeds, -1, *obs_t.shape[1:]).transpose(1, 2)
+        return policy.act(obs_t).transpose(1, 2).reshape(obs.shape[0], obs.shape[1], -1).cpu().numpy()
 
     return act
 
 
+def build_seeds(build, args: Args) -> nn.Module:
+    """`build(args)` for args.num_seeds fused seeds, seed k's slice of every weight initialised exactly as a run with
+    --seed seed+k alone initialises it: every parameter and buffer holds the seeds' weight sets along its first dim,
+    in seed order."""
+    singles = []
+    for k in range(args.num_seeds):
+        torch.manual_seed(args.seed + k)
+        singles.append(build(replace(args, num_seeds=1)).state_dict())
+    fused = build(args)
+    fused.load_state_dict({name: torch.cat([single[name] for single in singles]) for name in singles[0]})
+    torch.manual_seed(args.seed)
+    return fused
+
+
 def save_checkpoint(path: Path, agents: nn.Module, optimizers: dict, step: int, args: Args,
-                    generator: torch.Generator, evaluations: list[dict]) -> None:
+                    generators: list[torch.Generator], evaluations: list[list[dict]], run_dirs: list[Path]) -> None:
     """Everything `--resume` needs to continue the run as if it had not stopped, written atomically: networks,
-    optimizers, step, every random number generator (the sampling generator, Python's, NumPy's, torch's) and the
-    evaluations so far."""
+    optimizers, step, every random number generator (each seed's sampling generator, Python's, NumPy's, torch's), the
+    evaluations so far and the fused seeds' run directories."""
     rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-           "cuda": torch.cuda.get_rng_state_all(), "sampling": generator.get_state()}
+           "cuda": torch.cuda.get_rng_state_all(), "sampling": [generator.get_state() for generator in generators]}
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save({"agents": agents.state_dict(), "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
-                "step": step, "args": asdict(args), "rng": rng, "device": generator.device.type,
-                "evaluations": evaluations}, tmp)
+                "step": step, "args": asdict(args), "rng": rng, "device": generators[0].device.type,
+                "evaluations": evaluations, "run_dirs": [run_dir.name for run_dir in run_dirs]}, tmp)
     os.replace(tmp, path)
 
 
-def restore_checkpoint(checkpoint: dict, agents: nn.Module, optimizers: dict, generator: torch.Generator) -> None:
+def restore_checkpoint(checkpoint: dict, agents: nn.Module, optimizers: dict, generators: list[torch.Generator]) -> None:
     """Load a `save_checkpoint` into the networks and optimizers and set every random number generator to its state;
     called after everything that draws random numbers at start-up."""
     agents.load_state_dict(checkpoint["agents"])
@@ -577,24 +626,78 @@ def restore_checkpoint(checkpoint: dict, agents: nn.Module, optimizers: dict, ge
     np.random.set_state(rng["numpy"])
     torch.set_rng_state(rng["torch"])
     torch.cuda.set_rng_state_all(rng["cuda"])
-    generator.set_state(rng["sampling"])
+    for generator, state in zip(generators, rng["sampling"], strict=True):
+        generator.set_state(state)
 
 
-def scalar_metrics(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Host copies of the metrics (log intervals only); a per-agent vector `name` becomes `name_0`, `name_1`, ..."""
-    values = {}
-    for name, value in metrics.items():
-        if value.ndim == 0:
-            values[name] = value.item()
-        else:
-            values.update({f"{name}_{i}": x for i, x in enumerate(value.tolist())})
-    return values
+def capture_graph(update_fn):
+    """`update_fn` recorded once as one CUDA graph and replayed at every step: the step's hundreds of small kernels
+    become one launch. Each replay reads the minibatch from fixed buffers and returns the same metric tensors, which
+    the next replay overwrites. Recording needs the optimizers' states to exist, so three warm-up steps run first, on
+    the first minibatch; every weight, buffer and optimizer state is then put back as it was, so the run trains from
+    the same start as eager."""
+    graph, static_batch, static_metrics = None, None, None
+
+    def step(agents: nn.Module, optimizers: dict, batch, args) -> dict[str, torch.Tensor]:
+        nonlocal graph, static_batch, static_metrics
+        if graph is None:
+            start = {name: value.clone() for name, value in agents.state_dict().items()}
+            states = [{param: {key: value.clone() for key, value in state.items()}
+                       for param, state in optimizer.state.items()} for optimizer in optimizers.values()]
+            static_batch = type(batch)(**{name: value.clone() for name, value in vars(batch).items()})
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    update_fn(agents, optimizers, static_batch, args)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_metrics = update_fn(agents, optimizers, static_batch, args)
+            with torch.no_grad():
+                for name, value in agents.state_dict().items():
+                    value.copy_(start[name])
+                for optimizer, saved in zip(optimizers.values(), states):
+                    for param, state in optimizer.state.items():
+                        for key, value in state.items():
+                            value.copy_(saved[param][key]) if param in saved else value.zero_()
+        for name, value in vars(batch).items():
+            getattr(static_batch, name).copy_(value)
+        graph.replay()
+        return static_metrics
+
+    return step
 
 
-def check_finite(metrics: dict[str, float], step: int, last_checked: int) -> None:
+def compile_update(update_fn, args: Args, device: torch.device):
+    """The update step as it runs: eager, or with --compile through torch.compile and, on a GPU, captured as one CUDA
+    graph (capture_graph)."""
+    if not args.compile:
+        return update_fn
+    compiled = torch.compile(update_fn, dynamic=False)
+    return capture_graph(compiled) if device.type == "cuda" else compiled
+
+
+def seed_metrics(metrics: dict[str, torch.Tensor], seeds: int) -> list[dict[str, float]]:
+    """Host copies of every seed's metrics (log intervals only): each metric is [seeds] or, per agent, [seeds, n];
+    a per-agent vector `name` becomes `name_0`, `name_1`, ..."""
+    host = {name: value.reshape(seeds, -1).cpu() for name, value in metrics.items()}
+    per_seed = []
+    for k in range(seeds):
+        values = {}
+        for name, value in host.items():
+            if metrics[name].ndim <= 1:
+                values[name] = value[k, 0].item()
+            else:
+                values.update({f"{name}_{i}": x for i, x in enumerate(value[k].tolist())})
+        per_seed.append(values)
+    return per_seed
+
+
+def check_finite(metrics: dict[str, float], step: int, last_checked: int, seed: int) -> None:
     for name, value in metrics.items():
         if not math.isfinite(value):
-            raise FloatingPointError(f"training diverged: {name} = {value} at the log of update {step} "
+            raise FloatingPointError(f"training diverged: {name} = {value} at the log of update {step} of seed {seed} "
                                      f"(finite at update {last_checked}); try a smaller learning rate or larger alpha")
 
 
@@ -610,22 +713,30 @@ def unique_dir(base: Path) -> Path:
     raise FileExistsError(f"could not create a fresh run directory next to {base}")
 
 
-def make_run(args: Args, start_step: int) -> tuple[Path, SummaryWriter]:
-    """A fresh run directory, or with --resume the run's own, where TensorBoard continues after `start_step` (what a
-    stopped run logged after its checkpoint is discarded)."""
-    name = f"{args.env}__{args.dataset}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = Path(args.resume) if args.resume else unique_dir(Path("runs") / name)
-    write_json(run_dir / "args.json", asdict(args))
-    writer = SummaryWriter(str(run_dir), purge_step=start_step + 1 if args.resume else None)
-    if not args.resume:
-        table = "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items())
-        writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
-    if args.track:
-        import wandb
+def make_runs(args: Args, checkpoint: dict | None) -> tuple[list[Path], list[SummaryWriter]]:
+    """One run directory per seed, fresh, or with --resume the run's own (the first seed's holds model.pt), where
+    TensorBoard continues after the checkpoint's step (what a stopped run logged after its checkpoint is discarded)."""
+    if checkpoint:
+        run_dirs = [Path(args.resume).parent / name for name in checkpoint["run_dirs"]]
+    else:
+        started = int(time.time())
+        run_dirs = [unique_dir(Path("runs") / f"{args.env}__{args.dataset}__{args.exp_name}__{args.seed + k}__{started}")
+                    for k in range(args.num_seeds)]
+    writers = []
+    for k, run_dir in enumerate(run_dirs):
+        seed_args = asdict(replace(args, seed=args.seed + k))
+        write_json(run_dir / "args.json", seed_args)
+        writer = SummaryWriter(str(run_dir), purge_step=checkpoint["step"] + 1 if checkpoint else None)
+        if not checkpoint:
+            table = "\n".join(f"|{key}|{value}|" for key, value in seed_args.items())
+            writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+        if args.track:
+            import wandb
 
-        wandb.init(project=args.wandb_project_name, config=asdict(args), name=run_dir.name, sync_tensorboard=True,
-                   dir=str(run_dir), id=run_dir.name, resume="allow")
-    return run_dir, writer
+            wandb.init(project=args.wandb_project_name, config=seed_args, name=run_dir.name, sync_tensorboard=True,
+                       dir=str(run_dir), id=run_dir.name, resume="allow", reinit="create_new")
+        writers.append(writer)
+    return run_dirs, writers
 
 
 def seed_everything(seed: int, torch_deterministic: bool) -> None:
@@ -651,67 +762,83 @@ if __name__ == "__main__":
         dataset = load_dataset(dataset_file, device, args.obs_mode)
         dataset.check_env(env)
     start_step = checkpoint["step"] if checkpoint else 0
-    run_dir, writer = make_run(args, start_step)
-    print(f"{run_dir}: {len(dataset):,} transitions from {dataset_file} on {device}"
+    run_dirs, writers = make_runs(args, checkpoint)
+    seeds = list(range(args.seed, args.seed + args.num_seeds))
+    print(f"{run_dirs[0]}: {len(dataset):,} transitions from {dataset_file} on {device}"
+          + (f", seeds {seeds[0]}..{seeds[-1]} fused" if len(seeds) > 1 else "")
           + (f", resumed at update {start_step}" if checkpoint else ""))
 
-    agents = Agents(env.n_agents, env.obs_dim, env.act_dim, dataset.state_dim, args).to(device)
+    agents = build_seeds(lambda a: Agents(env.n_agents, env.obs_dim, env.act_dim, dataset.state_dim, a), args).to(device)
     optimizers = make_optimizers(agents, args)
-    generator = torch.Generator(device=device).manual_seed(args.seed)
+    generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
     if checkpoint:  # holds the behaviour policy: no pretraining
-        restore_checkpoint(checkpoint, agents, optimizers, generator)
+        restore_checkpoint(checkpoint, agents, optimizers, generators)
         agents.behaviour.requires_grad_(False)
     else:
-        bc_loss = pretrain_behaviour(agents, dataset, args, generator)
-        writer.add_scalar("losses/behaviour_cloning", bc_loss.item(), 0)
-    act_fn = make_act_fn(agents.policy, device)
-    eval_seed = 1_000_000 * (args.seed + 1)
-    result = RunResult(run_dir, asdict(args), device, dataset.card(), checkpoint["evaluations"] if checkpoint else [])
+        bc_losses = pretrain_behaviour(agents, dataset, args, generators).tolist()
+        for writer, bc_loss in zip(writers, bc_losses):
+            writer.add_scalar("losses/behaviour_cloning", bc_loss, 0)
+    update_step = compile_update(update, args, device)
+    act_fn = make_act_fn(agents.policy, device, len(seeds))
+    eval_seeds = [1_000_000 * (seed + 1) for seed in seeds]
+    results = [RunResult(run_dir, asdict(replace(args, seed=seed)), device, dataset.card(),
+                         checkpoint["evaluations"][k] if checkpoint else []) for k, (run_dir, seed) in enumerate(zip(run_dirs, seeds))]
 
-    last_eval = result.evaluations[-1]["mean"] if result.evaluations else float("nan")
+    def evaluate_and_record(step: int, episodes: int, finished: bool = False) -> np.ndarray:
+        agents.eval()
+        returns = evaluate_seeds(act_fn, env, episodes, eval_seeds)
+        agents.train()
+        for writer, result, seed_returns in zip(writers, results, returns):
+            writer.add_scalar("eval/return_mean", float(seed_returns.mean()), step)
+            writer.add_scalar("eval/return_std", float(seed_returns.std()), step)
+            result.add_evaluation(step, seed_returns, finished)
+        return returns
+
+    last_eval = results[0].evaluations[-1]["mean"] if results[0].evaluations else float("nan")
     last_checked, tick, tick_step = start_step, time.perf_counter(), start_step
     stop = StopOnSignal()
     progress = tqdm(range(start_step + 1, args.total_steps + 1), initial=start_step, total=args.total_steps,
                     mininterval=2.0, desc=args.exp_name)
     for step in progress:
-        metrics = update(agents, optimizers, dataset.sample(args.batch_size, generator), args)
+        metrics = update_step(agents, optimizers, dataset.sample(args.batch_size, generators), args)
         if step % args.log_every == 0 or step == args.total_steps:
-            values = scalar_metrics(metrics)
-            check_finite(values, step, last_checked)
+            per_seed = seed_metrics(metrics, len(seeds))
+            for values, seed in zip(per_seed, seeds):
+                check_finite(values, step, last_checked, seed)
             last_checked = step
-            seconds = time.perf_counter() - tick
-            updates_per_sec = (step - tick_step) / seconds
-            result.time(step - tick_step, seconds)
+            updates, seconds = step - tick_step, time.perf_counter() - tick
+            updates_per_sec = updates / seconds
             tick, tick_step = time.perf_counter(), step
-            for name, value in values.items():
-                writer.add_scalar(name, value, step)
-            writer.add_scalar("charts/updates_per_sec", updates_per_sec, step)
+            for writer, result, values in zip(writers, results, per_seed):
+                result.time(updates, seconds)
+                for name, value in values.items():
+                    writer.add_scalar(name, value, step)
+                writer.add_scalar("charts/updates_per_sec", updates_per_sec, step)
             progress.set_postfix(ups=f"{updates_per_sec:.0f}", eval=f"{last_eval:.0f}")
         if step % args.eval_every == 0 and step < args.total_steps:
-            agents.eval()
-            returns = evaluate(act_fn, env, args.eval_episodes, eval_seed)
-            agents.train()
-            last_eval = float(returns.mean())
-            writer.add_scalar("eval/return_mean", last_eval, step)
-            writer.add_scalar("eval/return_std", float(returns.std()), step)
-            tqdm.write(f"step {step}: eval return {last_eval:.1f} ± {returns.std():.1f} | {agent_summary(agents)}")
-            result.add_evaluation(step, returns)
+            returns = evaluate_and_record(step, args.eval_episodes)
+            last_eval = float(returns[0].mean())
+            tqdm.write(f"step {step}: eval return " + ", ".join(f"{r.mean():.1f} ± {r.std():.1f}" for r in returns)
+                       + f" | {agent_summary(agents)}")
             if args.save_model:
-                save_checkpoint(run_dir / "model.pt", agents, optimizers, step, args, generator, result.evaluations)
+                save_checkpoint(run_dirs[0] / "model.pt", agents, optimizers, step, args, generators,
+                                [result.evaluations for result in results], run_dirs)
             tick = time.perf_counter()
         if stop.requested:
             progress.close()
-            save_checkpoint(run_dir / "model.pt", agents, optimizers, step, args, generator, result.evaluations)
-            writer.close()
-            stop.exit(f"stopped after update {step} of {args.total_steps}; checkpoint saved to {run_dir / 'model.pt'}")
+            save_checkpoint(run_dirs[0] / "model.pt", agents, optimizers, step, args, generators,
+                            [result.evaluations for result in results], run_dirs)
+            for writer in writers:
+                writer.close()
+            stop.exit(f"stopped after update {step} of {args.total_steps}; checkpoint saved to {run_dirs[0] / 'model.pt'}")
     stop.restore()
 
-    agents.eval()
-    returns = evaluate(act_fn, env, args.final_eval_episodes, eval_seed)
-    writer.add_scalar("eval/return_mean", float(returns.mean()), args.total_steps)
-    writer.add_scalar("eval/return_std", float(returns.std()), args.total_steps)
-    result.add_evaluation(args.total_steps, returns, finished=True)
+    returns = evaluate_and_record(args.total_steps, args.final_eval_episodes, finished=True)
     if args.save_model:
-        save_checkpoint(run_dir / "model.pt", agents, optimizers, args.total_steps, args, generator, result.evaluations)
-    writer.close()
-    print(f"final return: {returns.mean():.2f} ± {returns.std():.2f} over {len(returns)} episodes")
+        save_checkpoint(run_dirs[0] / "model.pt", agents, optimizers, args.total_steps, args, generators,
+                        [result.evaluations for result in results], run_dirs)
+    for writer in writers:
+        writer.close()
+    for seed, seed_returns in zip(seeds, returns):
+        print(f"final return: {seed_returns.mean():.2f} ± {seed_returns.std():.2f} over {len(seed_returns)} episodes"
+              + (f" (seed {seed})" if len(seeds) > 1 else ""))

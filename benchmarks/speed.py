@@ -1,12 +1,18 @@
 """Training speed: updates per second of each script's `update()` on this machine, printed as a markdown table.
 
     python benchmarks/speed.py [--algos ...] [--envs Hopper Ant HalfCheetah] [--batch-size 128] [--repeats 5]
-                               [--updates 200] [--device auto]
+                               [--updates 200] [--device auto] [--num-seeds 1 5 20] [--modes eager compile cudagraphs]
 
 For each (algo, env) the script's own Agents, optimizers and update run at the env's shapes in obs mode "state", on a
 synthetic Dataset of random transitions held on the device and sampled the way the script's training loop samples it,
-so the figure includes sampling and nothing else. Warm-up updates are excluded; a cell is the median over repeats of
-updates / seconds, each repeat timing `--updates` consecutive updates.
+so the figure includes sampling and nothing else. Warm-up updates (and with them compilation and graph capture) are
+excluded; a cell is the median over repeats of updates / seconds, each repeat timing `--updates` consecutive updates.
+
+--num-seeds K trains K fused seeds (scripts with --num-seeds; the others run K = 1 only): a cell gives updates/s of
+each seed and K times that, seed-updates/s. --modes: eager; compile, torch.compile of the update; cudagraphs,
+torch.compile with mode "reduce-overhead" (PyTorch's CUDA graphs, one per piece between graph breaks); graph, the
+eager update captured whole as one CUDA graph (the script's capture_graph); compile+graph, both (what --compile
+runs on a GPU).
 """
 
 from __future__ import annotations
@@ -52,22 +58,38 @@ def synthetic_dataset(env: MultiAgentMujocoEnv, device: torch.device, rng: np.ra
     return dataset
 
 
-def make_update_step(algo: str, dataset: Dataset, device: torch.device, batch_size: int) -> Callable[[], dict]:
-    """One training-loop step of `algo`: sample as its main block does, then call its update()."""
+COMPILE_MODES = {"eager": None, "compile": "default", "cudagraphs": "reduce-overhead", "graph": None,
+                 "compile+graph": "default"}
+
+
+def fuses_seeds(algo: str) -> bool:
+    return hasattr(importlib.import_module(algo), "build_seeds")
+
+
+def make_update_step(algo: str, dataset: Dataset, device: torch.device, batch_size: int, seeds: int = 1,
+                     mode: str = "eager") -> Callable[[], dict]:
+    """One training-loop step of `algo`: sample as its main block does, then call its update() (compiled in `mode`)."""
     script = importlib.import_module(algo)
     args = dataclasses.replace(script.Args(), batch_size=batch_size)
+    if seeds > 1 or mode != "eager":
+        args = dataclasses.replace(args, num_seeds=seeds, compile=mode != "eager")
     agents = script.Agents(dataset.n_agents, dataset.obs_dim, dataset.act_dim, dataset.state_dim, args).to(device)
     optimizers = script.make_optimizers(agents, args)
-    generator = torch.Generator(device=device).manual_seed(0)
+    update = script.update if COMPILE_MODES[mode] is None else torch.compile(script.update, mode=COMPILE_MODES[mode],
+                                                                             dynamic=False)
+    if mode.endswith("graph"):
+        update = script.capture_graph(update)
+    generator = ([torch.Generator(device=device).manual_seed(k) for k in range(seeds)] if fuses_seeds(algo)
+                 else torch.Generator(device=device).manual_seed(0))
     if algo == "omcda":  # freeze pi_b and start pi from it, as training does; the cloning itself is not timed
         script.pretrain_behaviour(agents, dataset, dataclasses.replace(args, bc_steps=0), generator)
     if algo == "icq":
         transitions = script.NextActionSampler(dataset)
-        return lambda: script.update(agents, optimizers, transitions.sample(batch_size, generator), args)
+        return lambda: update(agents, optimizers, transitions.sample(batch_size, generator), args)
     if algo == "comadice":
-        return lambda: script.update(agents, optimizers, dataset.sample(batch_size, generator),
-                                     script.sample_initial_states(dataset, batch_size, generator), args)
-    return lambda: script.update(agents, optimizers, dataset.sample(batch_size, generator), args)
+        return lambda: update(agents, optimizers, dataset.sample(batch_size, generator),
+                              script.sample_initial_states(dataset, batch_size, generator), args)
+    return lambda: update(agents, optimizers, dataset.sample(batch_size, generator), args)
 
 
 def updates_per_second(step: Callable[[], dict], device: torch.device, updates: int, repeats: int,
@@ -114,6 +136,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--updates", type=positive_int, default=200, help="updates per timed repeat")
     parser.add_argument("--warmup", type=positive_int, default=20, help="untimed updates before the repeats")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--num-seeds", nargs="+", type=positive_int, default=[1], help="fused seeds K per cell")
+    parser.add_argument("--modes", nargs="+", choices=tuple(COMPILE_MODES), default=["eager"])
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
     torch.manual_seed(0)
@@ -121,21 +145,38 @@ def main(argv: list[str] | None = None) -> None:
 
     envs = {name: make_env(name) for name in args.envs}
     datasets = {name: synthetic_dataset(env, device, rng) for name, env in envs.items()}
+    configs = [(mode, seeds) for mode in args.modes for seeds in args.num_seeds]
     rates = {}
     for algo in args.algos:
-        for name in args.envs:
-            step = make_update_step(algo, datasets[name], device, args.batch_size)
-            rates[algo, name] = updates_per_second(step, device, args.updates, args.repeats, args.warmup)
-            print(f"{algo} {name}: {rates[algo, name]:.0f} updates/s", file=sys.stderr, flush=True)
+        for mode, seeds in configs:
+            if seeds > 1 and not fuses_seeds(algo):
+                continue
+            for name in args.envs:
+                try:
+                    step = make_update_step(algo, datasets[name], device, args.batch_size, seeds, mode)
+                    rates[algo, mode, seeds, name] = updates_per_second(step, device, args.updates, args.repeats,
+                                                                        args.warmup)
+                except Exception as error:  # one configuration failing to compile must not lose the others
+                    print(f"{algo} {mode} K={seeds} {name}: failed: {error!r}"[:2000], file=sys.stderr, flush=True)
+                    rates[algo, mode, seeds, name] = float("nan")
+                    torch._dynamo.reset()
+                    continue
+                print(f"{algo} {mode} K={seeds} {name}: {rates[algo, mode, seeds, name]:.0f} updates/s",
+                      file=sys.stderr, flush=True)
+                torch._dynamo.reset()
 
-    print(f"Updates per second, batch {args.batch_size}, obs mode state, median of {args.repeats} x {args.updates} "
-          f"updates after {args.warmup} warm-up; {device_name(device)}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads\n")
-    print("| algorithm | " + " | ".join(f"{name} {envs[name].agent_conf}" for name in args.envs) + " |")
-    print("| --- |" + " ---: |" * len(args.envs))
+    print(f"Updates per second (per seed; seed-updates/s = K x that in brackets), batch {args.batch_size}, obs mode "
+          f"state, median of {args.repeats} x {args.updates} updates after {args.warmup} warm-up; "
+          f"{device_name(device)}, torch {torch.__version__}, {torch.get_num_threads()} threads\n")
+    print("| algorithm | mode | K | " + " | ".join(f"{name} {envs[name].agent_conf}" for name in args.envs) + " |")
+    print("| --- | --- | ---: |" + " ---: |" * len(args.envs))
     for algo in args.algos:
-        print(f"| {algo} | " + " | ".join(f"{rates[algo, name]:,.0f}" for name in args.envs) + " |")
-
+        for mode, seeds in configs:
+            if (algo, mode, seeds, args.envs[0]) not in rates:
+                continue
+            cells = [rates[algo, mode, seeds, name] for name in args.envs]
+            print(f"| {algo} | {mode} | {seeds} | " + " | ".join(
+                f"{rate:,.0f}" + (f" ({seeds * rate:,.0f})" if seeds > 1 else "") for rate in cells) + " |")
 
 if __name__ == "__main__":
     main()

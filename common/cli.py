@@ -64,6 +64,14 @@ COMMON_RULES: dict[str, Rule] = {
     "tau": interval(0, 1, low_open=True),
     "grad_clip": POSITIVE,
     "alpha": POSITIVE,  # OMIGA's, ICQ's and ComaDICE's regularisation strength or temperature: each divides by it
+    "num_seeds": at_least(1),
+}
+# The rules of the scripts that train one seed at a time, eagerly: --num-seeds and --compile are omiga.py's and
+# omcda.py's so far.
+ONE_SEED_EAGER: dict[str, Rule] = {
+    "num_seeds": (lambda value: value == 1, "1 in this script (fused seeds: omiga.py and omcda.py; run the seeds "
+                                            "one by one or with benchmarks/run.py)"),
+    "compile": (lambda value: not value, "off in this script (--compile: omiga.py and omcda.py)"),
 }
 SUFFIX_RULES: dict[str, Rule] = {"_lr": POSITIVE, "_dim": at_least(1)}  # learning rates, network sizes
 

@@ -153,7 +153,8 @@ def episode_bounds(terminals: np.ndarray, timeouts: np.ndarray) -> tuple[np.ndar
 
 @dataclass
 class Batch:
-    """A minibatch, agent-major so the batched per-agent networks take it as is."""
+    """A minibatch, agent-major so the batched per-agent networks take it as is; fused seeds add a leading [K] to
+    every field."""
 
     obs: torch.Tensor  # [n_agents, B, obs_dim]
     actions: torch.Tensor  # [n_agents, B, act_dim]
@@ -204,12 +205,22 @@ class Dataset:
     def __len__(self) -> int:
         return self.size
 
-    def sample(self, batch_size: int, generator: torch.Generator | None = None) -> Batch:
-        idx = torch.randint(self.size, (batch_size,), device=self.device, generator=generator)
+    def sample(self, batch_size: int, generator: torch.Generator | list[torch.Generator] | None = None) -> Batch:
+        """A minibatch of uniformly drawn transitions; given a list of K generators (fused seeds), K minibatches with
+        a leading seed dim [K, ...], minibatch k drawn by generator k exactly as a run with that generator alone."""
+        if isinstance(generator, list):
+            idx = torch.stack([torch.randint(self.size, (batch_size,), device=self.device, generator=one)
+                               for one in generator])
+        else:
+            idx = torch.randint(self.size, (batch_size,), device=self.device, generator=generator)
         return self.gather(idx)
 
     def gather(self, idx: torch.Tensor) -> Batch:
-        return Batch(self.obs[:, idx], self.actions[:, idx], self.rewards[idx], self.next_obs[:, idx],
+        """The transitions at idx [B] or [K, B]; agent tensors come agent-major within a seed, [K, n_agents, B, ...]."""
+        def agent_major(x: torch.Tensor) -> torch.Tensor:
+            return x[:, idx].movedim(0, -3)
+
+        return Batch(agent_major(self.obs), agent_major(self.actions), self.rewards[idx], agent_major(self.next_obs),
                      self.dones[idx], self.states[idx], self.next_states[idx])
 
     def episode_returns(self) -> np.ndarray:

@@ -42,3 +42,27 @@ def evaluate(act_fn: Callable[[np.ndarray], np.ndarray], env: MultiAgentMujocoEn
                 else:
                     del running[slot]
     return returns
+
+
+def evaluate_seeds(act_fn: Callable[[np.ndarray], np.ndarray], env: MultiAgentMujocoEnv, episodes: int,
+                   seeds: list[int]) -> np.ndarray:
+    """Team returns [len(seeds), episodes] of the fused seeds' policies: seed k's episode e starts from
+    `reset(seeds[k] + e)`, as `evaluate(..., seed=seeds[k])` would run it.
+
+    All episodes run at once in lockstep, one env copy each, with one `act_fn` call per step on every copy's
+    observation, seed-major [len(seeds) * episodes, n_agents, obs_dim] (a fixed shape: a finished episode's row holds
+    its last observation and its action is ignored)."""
+    if episodes < 1:
+        raise ValueError(f"episodes must be >= 1, got {episodes}")
+    starts = [seed + e for seed in seeds for e in range(episodes)]
+    envs = [env] + env.copies(len(starts) - 1)
+    obs = np.stack([copy.reset(seed=start)[0] for copy, start in zip(envs, starts)]).astype(np.float32)
+    returns = np.zeros(len(starts))
+    running = np.ones(len(starts), dtype=bool)
+    while running.any():
+        actions = np.asarray(act_fn(obs))
+        for slot in np.flatnonzero(running):
+            obs[slot], _, reward, terminated, truncated = envs[slot].step(actions[slot])
+            returns[slot] += reward
+            running[slot] = not (terminated or truncated)
+    return returns.reshape(len(seeds), episodes)

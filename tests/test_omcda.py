@@ -162,17 +162,24 @@ def test_values_match_the_closed_form_on_a_multi_step_chain():
     optimizers = omcda.make_optimizers(agents, args)
     generator = torch.Generator().manual_seed(0)
     omcda.pretrain_behaviour(agents, dataset, args, generator)
-    for _ in range(1500):
-        omcda.update(agents, optimizers, dataset.sample(128, generator), args)
-
     batch = chain_joint_batch(dataset)
-    with torch.no_grad():
-        w, b = agents.mixer(batch.states)
-        bias_conservative = agents.bias_conservative(batch.states)
-        learned = dict(q_reward=omcda.mix(w, agents.q(batch.obs, batch.actions), b),
-                       v_reward=omcda.mix(w, agents.v(batch.obs), b)[::4],
-                       q_conservative=agents.q_conservative(batch.obs, batch.actions) + bias_conservative,
-                       v_conservative=(agents.v_conservative(batch.obs) + bias_conservative)[:, ::4])
+
+    def values() -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            w, b = agents.mixer(batch.states)
+            bias_conservative = agents.bias_conservative(batch.states)
+            return dict(q_reward=omcda.mix(w, agents.q(batch.obs, batch.actions), b),
+                        v_reward=omcda.mix(w, agents.v(batch.obs), b)[..., ::4],
+                        q_conservative=agents.q_conservative(batch.obs, batch.actions) + bias_conservative,
+                        v_conservative=(agents.v_conservative(batch.obs) + bias_conservative)[..., ::4])
+
+    # Iterates averaged over the last 1,000 updates: at lr 2e-3 a single iterate still moves by about 0.05.
+    snapshots = []
+    for step in range(1, 3001):
+        omcda.update(agents, optimizers, dataset.sample(128, generator), args)
+        if step > 2000 and step % 100 == 0:
+            snapshots.append(values())
+    learned = {name: torch.stack([snapshot[name] for snapshot in snapshots]).mean(0).squeeze(0) for name in snapshots[0]}
     exact = chain_exact_values()
     local = CHAIN_JOINT
     expected = dict(
@@ -211,7 +218,7 @@ def train_on_heterogeneous_task(allocation: str, steps: int = 900):
         omcda.update(agents, optimizers, dataset.sample(128, generator), args)
     with torch.no_grad():
         action = agents.policy.act(dataset.obs[:, :1]).squeeze().numpy()
-    return agents.budget.clone(), float(-(scale * (action - best) ** 2).sum())
+    return agents.budget[0].clone(), float(-(scale * (action - best) ** 2).sum())
 
 
 def test_influential_agent_gets_the_larger_budget_and_no_worse_return():

@@ -65,7 +65,7 @@ def test_values_match_the_soft_optimum_on_a_multi_step_chain():
     agents = omiga.Agents(2, dataset.obs_dim, 1, 4, args)
     optimizers = omiga.make_optimizers(agents, args)
     generator = torch.Generator().manual_seed(0)
-    for _ in range(1500):
+    for _ in range(3000):
         omiga.update(agents, optimizers, dataset.sample(128, generator), args)
 
     batch = chain_joint_batch(dataset)

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# What a session with a GPU lease runs, in commands that each end inside the lease's 10 minutes per command:
+#
+#   bash benchmarks/gpu.sh OUT_DIR data                 # start generating the four Hopper datasets (background)
+#   bash benchmarks/gpu.sh OUT_DIR speed                # the speed table -> OUT_DIR/speed.md
+#   bash benchmarks/gpu.sh OUT_DIR grid ALGO SECONDS    # train or continue ALGO on the four Hopper datasets
+#
+# grid: one process per dataset, each with 5 fused seeds (1..5), --compile, the seeds' 1e6 updates and an evaluation
+# every 50,000 (the default 5,000 would spend more time evaluating than training); every process gets SECONDS and
+# then stops with a checkpoint (SIGTERM), so the next `grid` command continues it with --resume. Finished runs'
+# result.json files go to OUT_DIR/results-ALGO.tar.gz (paths as benchmarks/report.py --collect reads them).
+set -euo pipefail
+out=$(realpath "$1")
+task=$2
+cd "$(dirname "$0")/.."
+datasets=(medium-replay medium expert medium-expert)
+mkdir -p "$out" runs/gpu
+
+case "$task" in
+data)
+    for quality in "${datasets[@]}"; do
+        setsid nohup python -m common.collect dataset --env Hopper --quality "$quality" --num-envs 16 \
+            >"runs/gpu/data-$quality.log" 2>&1 &
+    done
+    ;;
+speed)
+    python benchmarks/speed.py --algos omiga omcda --envs Hopper --num-seeds 1 5 20 --modes eager cudagraphs \
+        --repeats 3 --updates 300 | tee "$out/speed.md"
+    python benchmarks/speed.py --algos omiga omcda --envs Hopper --modes compile --repeats 3 --updates 300 \
+        | tee -a "$out/speed.md"
+    python benchmarks/speed.py --envs Hopper --repeats 3 --updates 100 | tee -a "$out/speed.md"
+    ;;
+grid)
+    algo=$3
+    seconds=$4
+    for quality in "${datasets[@]}"; do
+        cell="runs/gpu/$algo/$quality"
+        mkdir -p "$cell"
+        checkpoint=$(ls -t "$cell"/runs/*/model.pt 2>/dev/null | head -1 || true)
+        if ls "$cell"/runs/*/result.json >/dev/null 2>&1 && grep -q '"finished": true' "$cell"/runs/*/result.json; then
+            continue
+        elif [ -n "$checkpoint" ]; then
+            run=(--resume "$(realpath "$(dirname "$checkpoint")")" --data-dir "$(realpath data)")
+        else
+            run=(--env Hopper --dataset "$quality" --data-dir "$(realpath data)" --no-generate --seed 1 --num-seeds 5
+                 --compile --total-steps 1000000 --eval-every 50000 --save-model --exp-name "$algo")
+        fi
+        (cd "$cell" && timeout --signal TERM --kill-after 60 "$seconds" \
+            python "$OLDPWD/$algo.py" "${run[@]}" >>"run.log" 2>&1 || true) &
+    done
+    wait
+    find "runs/gpu/$algo" -name result.json -print0 | tar -czf "$out/results-$algo.tar.gz" --null -T -
+    tail -n 3 runs/gpu/"$algo"/*/run.log
+    ;;
+*)
+    echo "unknown task $task: data, speed or grid" >&2
+    exit 2
+    ;;
+esac
