@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
 # What a session with a GPU lease runs, in commands that each end inside the lease's 10 minutes per command:
 #
-#   bash benchmarks/gpu.sh OUT_DIR data                 # start generating the four Hopper datasets (background)
-#   bash benchmarks/gpu.sh OUT_DIR speed                # the speed table -> OUT_DIR/speed.md
-#   bash benchmarks/gpu.sh OUT_DIR grid ALGO SECONDS    # train or continue ALGO on the four Hopper datasets
+#   bash benchmarks/gpu.sh OUT_DIR data                        # generate the four Hopper datasets (background)
+#   bash benchmarks/gpu.sh OUT_DIR speed                       # the speed table -> OUT_DIR/speed.md
+#   bash benchmarks/gpu.sh OUT_DIR grid ALGO SECONDS [DATASET...]  # train or continue ALGO on Hopper datasets
 #
-# grid: one process per dataset, each with 5 fused seeds (1..5), --compile, the seeds' 1e6 updates and an evaluation
-# every 50,000 (the default 5,000 would spend more time evaluating than training); every process gets SECONDS and
-# then stops with a checkpoint (SIGTERM), so the next `grid` command continues it with --resume. Finished runs'
-# result.json files go to OUT_DIR/results-ALGO.tar.gz (paths as benchmarks/report.py --collect reads them).
+# data: the datasets are not in the repository (1.3 GB) and a lease's machine starts bare; generating all four with
+# 16 cores took about 6.5 min (medium-expert, 2e6 transitions, about 11 min), so start it first, in the background.
+# grid: one process per dataset (default: all four), each with 5 fused seeds (1..5), --compile, the seeds' 1e6
+# updates and an evaluation every 50,000 (the default 5,000 would spend more time evaluating than training). Every
+# process gets SECONDS and then stops with a checkpoint (SIGTERM), so the next `grid` command continues it with
+# --resume; checkpoints stay on the machine, so a run must finish within one lease (30 min). On the H100, omiga with
+# 5 fused seeds trains 1,477 updates/s alone: 1e6 updates take about 11 min of the GPU, and processes sharing it
+# share that rate. Finished and unfinished runs' result.json files go to OUT_DIR/results-ALGO.tar.gz (paths as
+# benchmarks/report.py --collect reads them).
 set -euo pipefail
 out=$(realpath "$1")
 task=$2
@@ -33,6 +38,8 @@ speed)
 grid)
     algo=$3
     seconds=$4
+    shift 4
+    [ $# -gt 0 ] && datasets=("$@")
     for quality in "${datasets[@]}"; do
         cell="runs/gpu/$algo/$quality"
         mkdir -p "$cell"

@@ -8,7 +8,8 @@ copies the finished ones found under RUNS_DIR to RESULTS_DIR/{env}-{agent_conf}/
 result.json, replacing an older copy of the same cell, so that the committed benchmarks/results/ alone rebuilds the
 report. One table per env: rows are datasets, with the dataset card the runs trained on beside them; columns are
 exp_names (run.py names runs after the algorithm; give another configuration another exp_name); a cell is
-mean ± std over seeds (population std; n = number of seeds) of each seed's last evaluation, the headline, and in a
+mean ± std over seeds (population std; n = number of seeds, then the runs' length in updates) of each seed's last
+evaluation, the headline, and in a
 second table of each seed's best evaluation during training. If a seed has more than one finished result, the one
 written last counts; unfinished runs are listed, not averaged. With matplotlib installed, a learning-curve PNG per
 (env, dataset) is written to `curves/` beside the output file.
@@ -116,12 +117,14 @@ def ordered(names: list[str], preferred: tuple[str, ...]) -> list[str]:
     return [name for name in preferred if name in names] + sorted(names - set(preferred))
 
 
-def mean_std_cell(values: list[float]) -> str:
+def mean_std_cell(values: list[float], budgets: list[int]) -> str:
+    """mean ± std over seeds, with the number of seeds and the runs' lengths in updates (e.g. "20k" or "20k/30k")."""
     if not values:
         return "—"
+    length = "/".join(f"{steps / 1000:g}k" for steps in sorted(set(budgets)))
     if len(values) == 1:  # no spread to report from one seed
-        return f"{values[0]:.1f} (n=1)"
-    return f"{np.mean(values):.1f} ± {np.std(values):.1f} (n={len(values)})"
+        return f"{values[0]:.1f} (n=1, {length})"
+    return f"{np.mean(values):.1f} ± {np.std(values):.1f} (n={len(values)}, {length})"
 
 
 def card_cells(records: list[RunRecord]) -> list[str]:
@@ -146,7 +149,11 @@ def task_tables(records: list[RunRecord], task: tuple[str, str]) -> str:
     datasets = ordered([r.dataset for r in mine], QUALITIES)
 
     def cells(pick) -> list[list[str]]:
-        return [[mean_std_cell([pick(r) for r in mine if r.dataset == dataset and r.algo == algo]) for algo in algos]
+        def runs(dataset: str, algo: str) -> list[RunRecord]:
+            return [r for r in mine if r.dataset == dataset and r.algo == algo]
+
+        return [[mean_std_cell([pick(r) for r in runs(dataset, algo)],
+                               [r.args["total_steps"] for r in runs(dataset, algo)]) for algo in algos]
                 for dataset in datasets]
 
     last = cells(lambda r: r.eval_returns[-1])

@@ -70,10 +70,10 @@ def test_report_averages_last_and_best_evaluation_over_seeds(tmp_path):
     best = table(text, "**Best evaluation**")
     assert list(last) == ["expert", "medium-replay"]  # rows in the order of common.datasets.QUALITIES
     assert list(last["medium-replay"])[-2:] == ["omiga", "icq"]  # columns in run.ALGOS order
-    assert last["medium-replay"]["omiga"] == "200.0 ± 81.6 (n=3)"
-    assert best["medium-replay"]["omiga"] == "250.0 ± 108.0 (n=3)"
+    assert last["medium-replay"]["omiga"] == "200.0 ± 81.6 (n=3, 0.1k)"
+    assert best["medium-replay"]["omiga"] == "250.0 ± 108.0 (n=3, 0.1k)"
     assert last["medium-replay"]["icq"] == "—"
-    assert last["expert"]["icq"] == "10.0 (n=1)" and last["expert"]["omiga"] == "—"
+    assert last["expert"]["icq"] == "10.0 (n=1, 0.1k)" and last["expert"]["omiga"] == "—"
     assert last["medium-replay"]["transitions"] == "600"  # the card of the dataset the runs trained on
     assert "## Hopper 3x1" in text
     assert "- device: Test CPU (2 cores); updates/s (median over runs, evaluations excluded): omiga 60, icq 50" in text
@@ -166,7 +166,7 @@ def test_tiny_grid_through_submitit_resumes_skips_and_reports(tmp_path, tiny_hop
     report.main([str(results), "--collect", str(tmp_path / "grid"), "--out", str(out)])
     assert len(list(results.rglob("result.json"))) == 2
     last = table(out.read_text(), "**Last evaluation**")["medium-replay"]
-    assert last["omiga"] == f"{resumed['last']['mean']:.1f} (n=1)" and last["bc"].endswith("(n=1)")
+    assert last["omiga"] == f"{resumed['last']['mean']:.1f} (n=1, 0.02k)" and last["bc"].endswith("(n=1, 0.01k)")
     png = tmp_path / "report" / "curves" / "Hopper-3x1-medium-replay.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "](curves/Hopper-3x1-medium-replay.png)" in out.read_text()
@@ -191,11 +191,16 @@ def test_a_failed_run_is_reported_and_exits_non_zero(tmp_path, tiny_hopper_dir, 
 
 
 def test_speed_prints_a_table_for_every_algorithm(capsys):
-    speed.main(["--envs", "Hopper", "--updates", "2", "--repeats", "1", "--warmup", "1"])
+    speed.main(["--envs", "Hopper", "--updates", "2", "--repeats", "1", "--warmup", "1", "--num-seeds", "1", "2"])
     out = capsys.readouterr().out
-    assert "| algorithm | Hopper 3x1 |" in out and "batch 128" in out
+    assert "| algorithm | mode | K | Hopper 3x1 |" in out and "batch 128" in out
     for algo in run.ALGOS:
-        assert re.search(rf"^\| {algo} \| [\d,]+ \|$", out, re.M), out
+        assert re.search(rf"^\| {algo} \| eager \| 1 \| [\d,]+ \|$", out, re.M), out
+    # fused seeds: updates/s of each seed, and in brackets the seed-updates/s, twice that
+    for algo in ("omiga", "omcda"):
+        per_seed, total = re.search(rf"^\| {algo} \| eager \| 2 \| ([\d,]+) \(([\d,]+)\) \|$", out, re.M).groups()
+        assert abs(2 * int(per_seed.replace(",", "")) - int(total.replace(",", ""))) <= 2
+    assert not re.search(r"^\| (icq|bc) \| eager \| 2 ", out, re.M)  # single-seed scripts run K = 1 only
 
 
 def test_allocation_table_and_rank_correlation(tmp_path):
