@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from common.envs import make_env
-from common.evaluation import evaluate
+from common.evaluation import evaluate, evaluate_seeds
 
 
 def linear_policy(env, seed: int = 0, calls: list | None = None):
@@ -76,3 +76,15 @@ def test_act_fn_gets_batched_observations():
 def test_rejects_zero_episodes():
     with pytest.raises(ValueError, match="episodes must be >= 1"):
         evaluate(lambda obs: obs, make_env("Hopper"), episodes=0, seed=0)
+
+
+def test_fused_seeds_evaluation_matches_each_seeds_own_and_does_not_depend_on_workers():
+    env = make_env("Hopper")
+    act = linear_policy(env, seed=3)
+    serial = evaluate_seeds(act, env, episodes=3, seeds=[10, 20], workers=1)
+    assert serial.shape == (2, 3)
+    np.testing.assert_allclose(serial[0], evaluate(act, env, episodes=3, seed=10), rtol=1e-12)
+    np.testing.assert_allclose(serial[1], evaluate(act, env, episodes=3, seed=20), rtol=1e-12)
+    # 6 episodes over 4 worker processes of 2 copies each (2 idle), twice on the same pool
+    for _ in range(2):
+        np.testing.assert_array_equal(evaluate_seeds(act, env, episodes=3, seeds=[10, 20], workers=4), serial)
