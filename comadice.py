@@ -67,7 +67,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Literal, NamedTuple
 
@@ -80,7 +80,7 @@ from tqdm import tqdm
 from common.collect import ensure_dataset
 from common.datasets import Batch, Dataset, load_dataset
 from common.envs import make_env
-from common.evaluation import evaluate
+from common.evaluation import evaluate_seeds
 from common.results import RunResult, write_json
 
 
@@ -267,19 +267,22 @@ class Agents(nn.Module):
 
     def __init__(self, n_agents: int, obs_dim: int, act_dim: int, state_dim: int, args: Args):
         super().__init__()
-        nets = count_weight_sets(n_agents, args.per_agent_networks)
+        nets = count_weight_sets(n_agents, args.per_agent_networks, args.num_seeds)
         self.nu = AgentValue(nets, obs_dim, args.hidden_dim)
         self.q = AgentQ(nets, obs_dim, act_dim, args.hidden_dim)
-        self.mixer = Mixer(state_dim, n_agents, args.mixer_hidden_dim)
+        self.mixer = Mixer(state_dim, n_agents, args.mixer_hidden_dim, args.num_seeds)
         self.policy = AgentPolicy(nets, obs_dim, act_dim, args.hidden_dim)
         self.nu_target, self.mixer_target = (copy.deepcopy(m).requires_grad_(False) for m in (self.nu, self.mixer))
 
 
 def make_optimizers(agents: Agents, args: Args) -> dict[str, torch.optim.Optimizer]:
+    """Adam is elementwise, so one Adam over the seeds' stacked weights is one independent Adam per seed."""
+    capturable = args.compile and next(agents.parameters()).is_cuda  # a CUDA graph may hold the step counters
     return {
-        "nu": torch.optim.Adam(agents.nu.parameters(), lr=args.nu_lr),
-        "q": torch.optim.Adam([*agents.q.parameters(), *agents.mixer.parameters()], lr=args.q_lr),
-        "policy": torch.optim.Adam(agents.policy.parameters(), lr=args.policy_lr),
+        "nu": torch.optim.Adam(agents.nu.parameters(), lr=args.nu_lr, capturable=capturable),
+        "q": torch.optim.Adam([*agents.q.parameters(), *agents.mixer.parameters()], lr=args.q_lr,
+                              capturable=capturable),
+        "policy": torch.optim.Adam(agents.policy.parameters(), lr=args.policy_lr, capturable=capturable),
     }
 
 
@@ -341,9 +344,10 @@ def occupancy_ratio(advantage_tot: torch.Tensor, divergence: FDivergence, alpha:
 
 def q_loss(advantage_tot: torch.Tensor, nu_tot: torch.Tensor, rewards: torch.Tensor, dones: torch.Tensor,
            next_nu_tot: torch.Tensor, gamma: float) -> torch.Tensor:
-    """L_q (Eq. 10): squared gap between A_tot and the TD residual r + gamma (1 - done) nū_tot(s') - nu_tot(s)."""
+    """L_q (Eq. 10): squared gap between A_tot and the TD residual r + gamma (1 - done) nū_tot(s') - nu_tot(s);
+    [..., B] -> [...]."""
     td_residual = rewards + gamma * (1.0 - dones) * next_nu_tot.detach() - nu_tot
-    return (advantage_tot - td_residual).pow(2).mean()
+    return (advantage_tot - td_residual).pow(2).mean(-1)
 
 
 def advantage_for_nu(advantage_tot: torch.Tensor, next_nu_tot: torch.Tensor, dones: torch.Tensor,
@@ -355,22 +359,28 @@ def advantage_for_nu(advantage_tot: torch.Tensor, next_nu_tot: torch.Tensor, don
 
 def nu_loss(initial_nu_tot: torch.Tensor, advantage_tot: torch.Tensor, divergence: FDivergence, alpha: float,
             gamma: float) -> torch.Tensor:
-    """L_nu (Eq. 11): (1 - gamma) E_D0[nu_tot(s0)] + E_D[alpha f*(A_tot / alpha)]."""
-    return (1.0 - gamma) * initial_nu_tot.mean() + alpha * divergence.conjugate(advantage_tot / alpha).mean()
+    """L_nu (Eq. 11): (1 - gamma) E_D0[nu_tot(s0)] + E_D[alpha f*(A_tot / alpha)]; [..., B] -> [...]."""
+    return (1.0 - gamma) * initial_nu_tot.mean(-1) + alpha * divergence.conjugate(advantage_tot / alpha).mean(-1)
 
 
 def policy_loss(log_prob: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """L_pi (Eq. 12): behaviour cloning weighted by w* [B], detached, the same for every agent; summed over agents."""
-    return -(weight.detach() * log_prob).mean(1).sum()
+    """L_pi (Eq. 12): behaviour cloning weighted by w* [..., B], detached, the same for every agent; summed over
+    agents."""
+    return -(weight.detach()[..., None, :] * log_prob).mean(-1).sum(-1)
 
 
-def clipped_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, clip: float) -> torch.Tensor:
+def clipped_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, clip: float, seeds: int = 1) -> None:
+    """One optimizer step on the sum of the seeds' losses [seeds] (each seed's gradient is its own loss's), with the
+    gradient norm clipped per seed: every parameter's leading dim holds the seeds' weight sets in seed order, and one
+    norm over all seeds (clip_grad_norm_) would couple them. Same formula as clip_grad_norm_ for one seed."""
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    grad_norm = nn.utils.clip_grad_norm_(params, clip)
+    loss.sum().backward()
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    norms = torch.stack([g.reshape(seeds, -1).norm(dim=1) for g in grads]).norm(dim=0)
+    scale = (clip / (norms + 1e-6)).clamp(max=1.0)[:, None]
+    for g in grads:
+        g.view(seeds, -1).mul_(scale)
     optimizer.step()
-    return grad_norm
 
 
 @torch.no_grad()
@@ -378,9 +388,14 @@ def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
     torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), tau)
 
 
-def sample_initial_states(dataset: Dataset, batch_size: int, generator: torch.Generator) -> Batch:
-    """A minibatch of the episodes' first steps (s0 ~ D0 in Eq. 11), drawn on the dataset's device."""
-    pick = torch.randint(len(dataset.episode_starts), (batch_size,), device=dataset.device, generator=generator)
+def sample_initial_states(dataset: Dataset, batch_size: int,
+                          generator: torch.Generator | list[torch.Generator]) -> Batch:
+    """A minibatch of the episodes' first steps (s0 ~ D0 in Eq. 11), drawn on the dataset's device; given a list of
+    generators (fused seeds), one minibatch per generator, stacked as the seeds' leading dim."""
+    def draw(one: torch.Generator) -> torch.Tensor:
+        return torch.randint(len(dataset.episode_starts), (batch_size,), device=dataset.device, generator=one)
+
+    pick = torch.stack([draw(one) for one in generator]) if isinstance(generator, list) else draw(generator)
     return dataset.gather(dataset.episode_starts[pick])
 
 
@@ -393,14 +408,17 @@ def update(agents: Agents, optimizers: dict, batch: Batch, initial_batch: Batch,
         initial_w, initial_b = agents.mixer(initial_batch.states)
 
     w, b = agents.mixer(batch.states)
-    nu, q = agents.nu(batch.obs), agents.q(batch.obs, batch.actions)
+    q = agents.q(batch.obs, batch.actions)
+    with torch.no_grad():
+        nu_fixed = agents.nu(batch.obs)
 
-    # Eq. 10 fits q and the mixer with nu held fixed; Eq. 11 fits nu with q and the mixer held fixed.
-    loss_q = q_loss(mix(w, q - nu.detach(), b), mix(w, nu.detach(), b), batch.rewards, batch.dones, next_nu_tot,
-                    args.gamma)
-    clipped_step(optimizers["q"], loss_q, args.grad_clip)
+    # Eq. 10 fits q and the mixer with nu held fixed; Eq. 11 fits nu with q and the mixer held fixed. nu's forward
+    # for Eq. 11 comes after the q step (which leaves nu unchanged), so each backward has a graph of its own.
+    loss_q = q_loss(mix(w, q - nu_fixed, b), mix(w, nu_fixed, b), batch.rewards, batch.dones, next_nu_tot, args.gamma)
+    clipped_step(optimizers["q"], loss_q, args.grad_clip, args.num_seeds)
 
     w, b = w.detach(), b.detach()
+    nu = agents.nu(batch.obs)
     advantage_tot = mix(w, q.detach() - nu, b)
     with torch.no_grad():
         online_next_w, online_next_b = agents.mixer(batch.next_states)
@@ -408,45 +426,61 @@ def update(agents: Agents, optimizers: dict, batch: Batch, initial_batch: Batch,
     initial_nu_tot = mix(initial_w, agents.nu(initial_batch.obs), initial_b)
     loss_nu = nu_loss(initial_nu_tot, advantage_for_nu(advantage_tot, online_next_nu_tot, batch.dones, args.gamma),
                       divergence, args.alpha, args.gamma)
-    clipped_step(optimizers["nu"], loss_nu, args.grad_clip)
+    clipped_step(optimizers["nu"], loss_nu, args.grad_clip, args.num_seeds)
 
     weight = occupancy_ratio(advantage_tot.detach(), divergence, args.alpha)
     loss_pi = policy_loss(agents.policy.log_prob(batch.obs, batch.actions), weight)
-    clipped_step(optimizers["policy"], loss_pi, args.grad_clip)
+    clipped_step(optimizers["policy"], loss_pi, args.grad_clip, args.num_seeds)
 
     soft_update(agents.nu_target, agents.nu, args.tau)
     soft_update(agents.mixer_target, agents.mixer, args.tau)
     return {"losses/q": loss_q.detach(), "losses/nu": loss_nu.detach(), "losses/policy": loss_pi.detach(),
-            "values/nu_tot": mix(w, nu.detach(), b).mean(), "values/advantage_tot": advantage_tot.detach().mean(),
-            "values/w_mean": weight.mean(), "values/w_max": weight.max(),
-            "values/w_zero_fraction": (weight == 0).float().mean()}
+            "values/nu_tot": mix(w, nu.detach(), b).mean(-1), "values/advantage_tot": advantage_tot.detach().mean(-1),
+            "values/w_mean": weight.mean(-1), "values/w_max": weight.amax(-1),
+            "values/w_zero_fraction": (weight == 0).float().mean(-1)}
 
 
 # TRY NOT TO MODIFY: running, logging, evaluation, checkpoints
-def make_act_fn(policy: AgentPolicy, device: torch.device):
+def make_act_fn(policy: AgentPolicy, device: torch.device, seeds: int):
     @torch.no_grad()
     def act(obs: np.ndarray) -> np.ndarray:
-        obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device).transpose(0, 1)
-        return policy.act(obs_t).transpose(0, 1).cpu().numpy()
+        """Deterministic actions of every seed's policy: obs [seeds * E, n, obs_dim], seed-major."""
+        obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device)
+        obs_t = obs_t.reshape(seeds, -1, *obs_t.shape[1:]).transpose(1, 2)
+        return policy.act(obs_t).transpose(1, 2).reshape(obs.shape[0], obs.shape[1], -1).cpu().numpy()
 
     return act
 
 
+def build_seeds(build, args: Args) -> nn.Module:
+    """`build(args)` for args.num_seeds fused seeds, seed k's slice of every weight initialised exactly as a run with
+    --seed seed+k alone initialises it: every parameter and buffer holds the seeds' weight sets along its first dim,
+    in seed order."""
+    singles = []
+    for k in range(args.num_seeds):
+        torch.manual_seed(args.seed + k)
+        singles.append(build(replace(args, num_seeds=1)).state_dict())
+    fused = build(args)
+    fused.load_state_dict({name: torch.cat([single[name] for single in singles]) for name in singles[0]})
+    torch.manual_seed(args.seed)
+    return fused
+
+
 def save_checkpoint(path: Path, agents: nn.Module, optimizers: dict, step: int, args: Args,
-                    generator: torch.Generator, evaluations: list[dict]) -> None:
+                    generators: list[torch.Generator], evaluations: list[list[dict]], run_dirs: list[Path]) -> None:
     """Everything `--resume` needs to continue the run as if it had not stopped, written atomically: networks,
-    optimizers, step, every random number generator (the sampling generator, Python's, NumPy's, torch's) and the
-    evaluations so far."""
+    optimizers, step, every random number generator (each seed's sampling generator, Python's, NumPy's, torch's), the
+    evaluations so far and the fused seeds' run directories."""
     rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-           "cuda": torch.cuda.get_rng_state_all(), "sampling": generator.get_state()}
+           "cuda": torch.cuda.get_rng_state_all(), "sampling": [generator.get_state() for generator in generators]}
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save({"agents": agents.state_dict(), "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
-                "step": step, "args": asdict(args), "rng": rng, "device": generator.device.type,
-                "evaluations": evaluations}, tmp)
+                "step": step, "args": asdict(args), "rng": rng, "device": generators[0].device.type,
+                "evaluations": evaluations, "run_dirs": [run_dir.name for run_dir in run_dirs]}, tmp)
     os.replace(tmp, path)
 
 
-def restore_checkpoint(checkpoint: dict, agents: nn.Module, optimizers: dict, generator: torch.Generator) -> None:
+def restore_checkpoint(checkpoint: dict, agents: nn.Module, optimizers: dict, generators: list[torch.Generator]) -> None:
     """Load a `save_checkpoint` into the networks and optimizers and set every random number generator to its state;
     called after everything that draws random numbers at start-up."""
     agents.load_state_dict(checkpoint["agents"])
@@ -457,24 +491,82 @@ def restore_checkpoint(checkpoint: dict, agents: nn.Module, optimizers: dict, ge
     np.random.set_state(rng["numpy"])
     torch.set_rng_state(rng["torch"])
     torch.cuda.set_rng_state_all(rng["cuda"])
-    generator.set_state(rng["sampling"])
+    for generator, state in zip(generators, rng["sampling"], strict=True):
+        generator.set_state(state)
 
 
-def scalar_metrics(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Host copies of the metrics (log intervals only); a per-agent vector `name` becomes `name_0`, `name_1`, ..."""
-    values = {}
-    for name, value in metrics.items():
-        if value.ndim == 0:
-            values[name] = value.item()
-        else:
-            values.update({f"{name}_{i}": x for i, x in enumerate(value.tolist())})
-    return values
+def capture_graph(update_fn):
+    """`update_fn` recorded once as one CUDA graph and replayed at every step: the step's hundreds of small kernels
+    become one launch. Each replay reads the minibatch from fixed buffers and returns the same metric tensors, which
+    the next replay overwrites. Recording needs the optimizers' states to exist, so three warm-up steps run first, on
+    the first minibatch; every weight, buffer and optimizer state is then put back as it was, so the run trains from
+    the same start as eager."""
+    graph, static_inputs, static_metrics = None, None, None
+
+    def step(agents: nn.Module, optimizers: dict, *inputs) -> dict[str, torch.Tensor]:
+        """inputs: the update's minibatches (Batch), then its arguments."""
+        nonlocal graph, static_inputs, static_metrics
+        if graph is None:
+            start = {name: value.clone() for name, value in agents.state_dict().items()}
+            states = [{param: {key: value.clone() for key, value in state.items()}
+                       for param, state in optimizer.state.items()} for optimizer in optimizers.values()]
+            static_inputs = [type(x)(**{name: value.clone() for name, value in vars(x).items()})
+                             if isinstance(x, Batch) else x for x in inputs]
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    update_fn(agents, optimizers, *static_inputs)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_metrics = update_fn(agents, optimizers, *static_inputs)
+            with torch.no_grad():
+                for name, value in agents.state_dict().items():
+                    value.copy_(start[name])
+                for optimizer, saved in zip(optimizers.values(), states):
+                    for param, state in optimizer.state.items():
+                        for key, value in state.items():
+                            value.copy_(saved[param][key]) if param in saved else value.zero_()
+        for static, given in zip(static_inputs, inputs):
+            if isinstance(given, Batch):
+                for name, value in vars(given).items():
+                    getattr(static, name).copy_(value)
+        graph.replay()
+        return static_metrics
+
+    return step
 
 
-def check_finite(metrics: dict[str, float], step: int, last_checked: int) -> None:
+def compile_update(update_fn, args: Args, device: torch.device):
+    """The update step as it runs: eager, or with --compile through torch.compile and, on a GPU, captured as one CUDA
+    graph (capture_graph)."""
+    if not args.compile:
+        return update_fn
+    compiled = torch.compile(update_fn, dynamic=False)
+    return capture_graph(compiled) if device.type == "cuda" else compiled
+
+
+def seed_metrics(metrics: dict[str, torch.Tensor], seeds: int) -> list[dict[str, float]]:
+    """Host copies of every seed's metrics (log intervals only): each metric is [seeds] or, per agent, [seeds, n];
+    a per-agent vector `name` becomes `name_0`, `name_1`, ..."""
+    host = {name: value.reshape(seeds, -1).cpu() for name, value in metrics.items()}
+    per_seed = []
+    for k in range(seeds):
+        values = {}
+        for name, value in host.items():
+            if metrics[name].ndim <= 1:
+                values[name] = value[k, 0].item()
+            else:
+                values.update({f"{name}_{i}": x for i, x in enumerate(value[k].tolist())})
+        per_seed.append(values)
+    return per_seed
+
+
+def check_finite(metrics: dict[str, float], step: int, last_checked: int, seed: int) -> None:
     for name, value in metrics.items():
         if not math.isfinite(value):
-            raise FloatingPointError(f"training diverged: {name} = {value} at the log of update {step} "
+            raise FloatingPointError(f"training diverged: {name} = {value} at the log of update {step} of seed {seed} "
                                      f"(finite at update {last_checked}); try a smaller learning rate or larger alpha")
 
 
@@ -490,22 +582,30 @@ def unique_dir(base: Path) -> Path:
     raise FileExistsError(f"could not create a fresh run directory next to {base}")
 
 
-def make_run(args: Args, start_step: int) -> tuple[Path, SummaryWriter]:
-    """A fresh run directory, or with --resume the run's own, where TensorBoard continues after `start_step` (what a
-    stopped run logged after its checkpoint is discarded)."""
-    name = f"{args.env}__{args.dataset}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = Path(args.resume) if args.resume else unique_dir(Path("runs") / name)
-    write_json(run_dir / "args.json", asdict(args))
-    writer = SummaryWriter(str(run_dir), purge_step=start_step + 1 if args.resume else None)
-    if not args.resume:
-        table = "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items())
-        writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
-    if args.track:
-        import wandb
+def make_runs(args: Args, checkpoint: dict | None) -> tuple[list[Path], list[SummaryWriter]]:
+    """One run directory per seed, fresh, or with --resume the run's own (the first seed's holds model.pt), where
+    TensorBoard continues after the checkpoint's step (what a stopped run logged after its checkpoint is discarded)."""
+    if checkpoint:
+        run_dirs = [Path(args.resume).parent / name for name in checkpoint["run_dirs"]]
+    else:
+        started = int(time.time())
+        run_dirs = [unique_dir(Path("runs") / f"{args.env}__{args.dataset}__{args.exp_name}__{args.seed + k}__{started}")
+                    for k in range(args.num_seeds)]
+    writers = []
+    for k, run_dir in enumerate(run_dirs):
+        seed_args = asdict(replace(args, seed=args.seed + k))
+        write_json(run_dir / "args.json", seed_args)
+        writer = SummaryWriter(str(run_dir), purge_step=checkpoint["step"] + 1 if checkpoint else None)
+        if not checkpoint:
+            table = "\n".join(f"|{key}|{value}|" for key, value in seed_args.items())
+            writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+        if args.track:
+            import wandb
 
-        wandb.init(project=args.wandb_project_name, config=asdict(args), name=run_dir.name, sync_tensorboard=True,
-                   dir=str(run_dir), id=run_dir.name, resume="allow")
-    return run_dir, writer
+            wandb.init(project=args.wandb_project_name, config=seed_args, name=run_dir.name, sync_tensorboard=True,
+                       dir=str(run_dir), id=run_dir.name, resume="allow", reinit="create_new")
+        writers.append(writer)
+    return run_dirs, writers
 
 
 def seed_everything(seed: int, torch_deterministic: bool) -> None:
@@ -516,11 +616,11 @@ def seed_everything(seed: int, torch_deterministic: bool) -> None:
 
 
 if __name__ == "__main__":
-    from common.cli import ONE_SEED_EAGER, StopOnSignal, check_args, check_device, exit_on_user_error, parse_args
+    from common.cli import StopOnSignal, check_args, check_device, exit_on_user_error, parse_args
 
     with exit_on_user_error():
         args, checkpoint = parse_args(Args)
-        check_args(args, ONE_SEED_EAGER)
+        check_args(args)
         seed_everything(args.seed, args.torch_deterministic)
         device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
         check_device(checkpoint, device)
@@ -530,64 +630,78 @@ if __name__ == "__main__":
         dataset = load_dataset(dataset_file, device, args.obs_mode)
         dataset.check_env(env)
     start_step = checkpoint["step"] if checkpoint else 0
-    run_dir, writer = make_run(args, start_step)
-    print(f"{run_dir}: {len(dataset):,} transitions from {dataset_file} on {device}"
+    run_dirs, writers = make_runs(args, checkpoint)
+    seeds = list(range(args.seed, args.seed + args.num_seeds))
+    print(f"{run_dirs[0]}: {len(dataset):,} transitions from {dataset_file} on {device}"
+          + (f", seeds {seeds[0]}..{seeds[-1]} fused" if len(seeds) > 1 else "")
           + (f", resumed at update {start_step}" if checkpoint else ""))
 
-    agents = Agents(env.n_agents, env.obs_dim, env.act_dim, dataset.state_dim, args).to(device)
+    agents = build_seeds(lambda a: Agents(env.n_agents, env.obs_dim, env.act_dim, dataset.state_dim, a), args).to(device)
     optimizers = make_optimizers(agents, args)
-    generator = torch.Generator(device=device).manual_seed(args.seed)
+    generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
     if checkpoint:
-        restore_checkpoint(checkpoint, agents, optimizers, generator)
-    act_fn = make_act_fn(agents.policy, device)
-    eval_seed = 1_000_000 * (args.seed + 1)
-    result = RunResult(run_dir, asdict(args), device, dataset.card(), checkpoint["evaluations"] if checkpoint else [])
+        restore_checkpoint(checkpoint, agents, optimizers, generators)
+    update_step = compile_update(update, args, device)
+    act_fn = make_act_fn(agents.policy, device, len(seeds))
+    eval_seeds = [1_000_000 * (seed + 1) for seed in seeds]
+    results = [RunResult(run_dir, asdict(replace(args, seed=seed)), device, dataset.card(),
+                         checkpoint["evaluations"][k] if checkpoint else []) for k, (run_dir, seed) in enumerate(zip(run_dirs, seeds))]
 
-    last_eval = result.evaluations[-1]["mean"] if result.evaluations else float("nan")
+    def evaluate_and_record(step: int, episodes: int, finished: bool = False) -> np.ndarray:
+        agents.eval()
+        returns = evaluate_seeds(act_fn, env, episodes, eval_seeds)
+        agents.train()
+        for writer, result, seed_returns in zip(writers, results, returns):
+            writer.add_scalar("eval/return_mean", float(seed_returns.mean()), step)
+            writer.add_scalar("eval/return_std", float(seed_returns.std()), step)
+            result.add_evaluation(step, seed_returns, finished)
+        return returns
+
+    last_eval = results[0].evaluations[-1]["mean"] if results[0].evaluations else float("nan")
     last_checked, tick, tick_step = start_step, time.perf_counter(), start_step
     stop = StopOnSignal()
     progress = tqdm(range(start_step + 1, args.total_steps + 1), initial=start_step, total=args.total_steps,
                     mininterval=2.0, desc=args.exp_name)
     for step in progress:
-        metrics = update(agents, optimizers, dataset.sample(args.batch_size, generator),
-                         sample_initial_states(dataset, args.batch_size, generator), args)
+        metrics = update_step(agents, optimizers, dataset.sample(args.batch_size, generators),
+                              sample_initial_states(dataset, args.batch_size, generators), args)
         if step % args.log_every == 0 or step == args.total_steps:
-            values = scalar_metrics(metrics)
-            check_finite(values, step, last_checked)
+            per_seed = seed_metrics(metrics, len(seeds))
+            for values, seed in zip(per_seed, seeds):
+                check_finite(values, step, last_checked, seed)
             last_checked = step
-            seconds = time.perf_counter() - tick
-            updates_per_sec = (step - tick_step) / seconds
-            result.time(step - tick_step, seconds)
+            updates, seconds = step - tick_step, time.perf_counter() - tick
+            updates_per_sec = updates / seconds
             tick, tick_step = time.perf_counter(), step
-            for name, value in values.items():
-                writer.add_scalar(name, value, step)
-            writer.add_scalar("charts/updates_per_sec", updates_per_sec, step)
+            for writer, result, values in zip(writers, results, per_seed):
+                result.time(updates, seconds)
+                for name, value in values.items():
+                    writer.add_scalar(name, value, step)
+                writer.add_scalar("charts/updates_per_sec", updates_per_sec, step)
             progress.set_postfix(ups=f"{updates_per_sec:.0f}", eval=f"{last_eval:.0f}")
         if step % args.eval_every == 0 and step < args.total_steps:
-            agents.eval()
-            returns = evaluate(act_fn, env, args.eval_episodes, eval_seed)
-            agents.train()
-            last_eval = float(returns.mean())
-            writer.add_scalar("eval/return_mean", last_eval, step)
-            writer.add_scalar("eval/return_std", float(returns.std()), step)
-            tqdm.write(f"step {step}: eval return {last_eval:.1f} ± {returns.std():.1f}")
-            result.add_evaluation(step, returns)
+            returns = evaluate_and_record(step, args.eval_episodes)
+            last_eval = float(returns[0].mean())
+            tqdm.write(f"step {step}: eval return " + ", ".join(f"{r.mean():.1f} ± {r.std():.1f}" for r in returns))
             if args.save_model:
-                save_checkpoint(run_dir / "model.pt", agents, optimizers, step, args, generator, result.evaluations)
+                save_checkpoint(run_dirs[0] / "model.pt", agents, optimizers, step, args, generators,
+                                [result.evaluations for result in results], run_dirs)
             tick = time.perf_counter()
         if stop.requested:
             progress.close()
-            save_checkpoint(run_dir / "model.pt", agents, optimizers, step, args, generator, result.evaluations)
-            writer.close()
-            stop.exit(f"stopped after update {step} of {args.total_steps}; checkpoint saved to {run_dir / 'model.pt'}")
+            save_checkpoint(run_dirs[0] / "model.pt", agents, optimizers, step, args, generators,
+                            [result.evaluations for result in results], run_dirs)
+            for writer in writers:
+                writer.close()
+            stop.exit(f"stopped after update {step} of {args.total_steps}; checkpoint saved to {run_dirs[0] / 'model.pt'}")
     stop.restore()
 
-    agents.eval()
-    returns = evaluate(act_fn, env, args.final_eval_episodes, eval_seed)
-    writer.add_scalar("eval/return_mean", float(returns.mean()), args.total_steps)
-    writer.add_scalar("eval/return_std", float(returns.std()), args.total_steps)
-    result.add_evaluation(args.total_steps, returns, finished=True)
+    returns = evaluate_and_record(args.total_steps, args.final_eval_episodes, finished=True)
     if args.save_model:
-        save_checkpoint(run_dir / "model.pt", agents, optimizers, args.total_steps, args, generator, result.evaluations)
-    writer.close()
-    print(f"final return: {returns.mean():.2f} ± {returns.std():.2f} over {len(returns)} episodes")
+        save_checkpoint(run_dirs[0] / "model.pt", agents, optimizers, args.total_steps, args, generators,
+                        [result.evaluations for result in results], run_dirs)
+    for writer in writers:
+        writer.close()
+    for seed, seed_returns in zip(seeds, returns):
+        print(f"final return: {seed_returns.mean():.2f} ± {seed_returns.std():.2f} over {len(seed_returns)} episodes"
+              + (f" (seed {seed})" if len(seeds) > 1 else ""))

@@ -395,24 +395,26 @@ def capture_graph(update_fn):
     the next replay overwrites. Recording needs the optimizers' states to exist, so three warm-up steps run first, on
     the first minibatch; every weight, buffer and optimizer state is then put back as it was, so the run trains from
     the same start as eager."""
-    graph, static_batch, static_metrics = None, None, None
+    graph, static_inputs, static_metrics = None, None, None
 
-    def step(agents: nn.Module, optimizers: dict, batch, args) -> dict[str, torch.Tensor]:
-        nonlocal graph, static_batch, static_metrics
+    def step(agents: nn.Module, optimizers: dict, *inputs) -> dict[str, torch.Tensor]:
+        """inputs: the update's minibatches (Batch), then its arguments."""
+        nonlocal graph, static_inputs, static_metrics
         if graph is None:
             start = {name: value.clone() for name, value in agents.state_dict().items()}
             states = [{param: {key: value.clone() for key, value in state.items()}
                        for param, state in optimizer.state.items()} for optimizer in optimizers.values()]
-            static_batch = type(batch)(**{name: value.clone() for name, value in vars(batch).items()})
+            static_inputs = [type(x)(**{name: value.clone() for name, value in vars(x).items()})
+                             if isinstance(x, Batch) else x for x in inputs]
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(3):
-                    update_fn(agents, optimizers, static_batch, args)
+                    update_fn(agents, optimizers, *static_inputs)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                static_metrics = update_fn(agents, optimizers, static_batch, args)
+                static_metrics = update_fn(agents, optimizers, *static_inputs)
             with torch.no_grad():
                 for name, value in agents.state_dict().items():
                     value.copy_(start[name])
@@ -420,8 +422,10 @@ def capture_graph(update_fn):
                     for param, state in optimizer.state.items():
                         for key, value in state.items():
                             value.copy_(saved[param][key]) if param in saved else value.zero_()
-        for name, value in vars(batch).items():
-            getattr(static_batch, name).copy_(value)
+        for static, given in zip(static_inputs, inputs):
+            if isinstance(given, Batch):
+                for name, value in vars(given).items():
+                    getattr(static, name).copy_(value)
         graph.replay()
         return static_metrics
 

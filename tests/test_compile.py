@@ -12,7 +12,7 @@ import torch
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-@pytest.mark.parametrize("algo", ["omiga", "omcda"])
+@pytest.mark.parametrize("algo", ["omiga", "omcda", "comadice"])
 @pytest.mark.parametrize("seeds", [1, 3])
 def test_compiled_graph_trains_like_eager(algo, seeds):
     from benchmarks.speed import synthetic_dataset
@@ -31,8 +31,13 @@ def test_compiled_graph_trains_like_eager(algo, seeds):
         if algo == "omcda":
             script.pretrain_behaviour(agents, dataset, dataclasses.replace(args, bc_steps=20), generators)
         update = script.compile_update(script.update, args, device)
-        losses = [update(agents, optimizers, dataset.sample(args.batch_size, generators), args)["losses/policy"].clone()
-                  for _ in range(8)]
+        def minibatches() -> list:
+            batches = [dataset.sample(args.batch_size, generators)]
+            if algo == "comadice":
+                batches.append(script.sample_initial_states(dataset, args.batch_size, generators))
+            return batches
+
+        losses = [update(agents, optimizers, *minibatches(), args)["losses/policy"].clone() for _ in range(8)]
         runs.append((agents.state_dict(), torch.stack(losses)))
     (eager, eager_losses), (graph, graph_losses) = runs
     torch.testing.assert_close(graph_losses, eager_losses, rtol=1e-3, atol=1e-4)

@@ -53,3 +53,11 @@ def test_fused_seed_run_sections_differ_only_where_omcda_documents():
                if line[:1] in "+-" and not line.startswith(("+++", "---"))]
     documented = r"check_args|POSITIVE|alpha_|behaviour|bc_loss|agent_summary|if checkpoint|else:|eval return"
     assert len(changed) <= 16 and all(re.search(documented, line) for line in changed), changed
+
+
+def test_comadice_run_section_is_omigas_with_its_initial_states():
+    template, mine = (shared_sections(REPO / script)[1] for script in ("omiga.py", "comadice.py"))
+    assert mine == template.replace(
+        "dataset.sample(args.batch_size, generators), args)",
+        "dataset.sample(args.batch_size, generators),\n"
+        "                              sample_initial_states(dataset, args.batch_size, generators), args)")
