@@ -66,12 +66,12 @@ COMMON_RULES: dict[str, Rule] = {
     "alpha": POSITIVE,  # OMIGA's, ICQ's and ComaDICE's regularisation strength or temperature: each divides by it
     "num_seeds": at_least(1),
 }
-# The rules of the scripts that train one seed at a time, eagerly: --num-seeds and --compile are omiga.py's and
-# omcda.py's so far.
+# The rules of the scripts that train one seed at a time, eagerly: --num-seeds and --compile are omiga.py's,
+# omcda.py's and comadice.py's so far.
 ONE_SEED_EAGER: dict[str, Rule] = {
-    "num_seeds": (lambda value: value == 1, "1 in this script (fused seeds: omiga.py and omcda.py; run the seeds "
+    "num_seeds": (lambda value: value == 1, "1 in this script (fused seeds: omiga.py, omcda.py, comadice.py; run the seeds "
                                             "one by one or with benchmarks/run.py)"),
-    "compile": (lambda value: not value, "off in this script (--compile: omiga.py and omcda.py)"),
+    "compile": (lambda value: not value, "off in this script (--compile: omiga.py, omcda.py, comadice.py)"),
 }
 SUFFIX_RULES: dict[str, Rule] = {"_lr": POSITIVE, "_dim": at_least(1)}  # learning rates, network sizes
 
