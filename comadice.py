@@ -133,7 +133,7 @@ class Args:
     told apart by the one-hot id in their inputs, as in the official OMIGA code)"""
     num_seeds: int = 1
     """train the seeds seed, seed+1, ..., seed+num_seeds-1 as one batched computation, with one run directory each
-    and the numbers of separate runs (omiga.py, omcda.py and comadice.py)"""
+    and the numbers of separate runs (omiga.py, omcda.py, comadice.py and icq.py)"""
     compile: bool = False
     """if toggled, compile the update step with torch.compile (and CUDA graphs on a GPU)"""
 

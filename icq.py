@@ -57,7 +57,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -70,7 +70,7 @@ from tqdm import tqdm
 from common.collect import ensure_dataset
 from common.datasets import Batch, Dataset, load_dataset
 from common.envs import make_env
-from common.evaluation import evaluate
+from common.evaluation import evaluate_seeds
 from common.results import RunResult, write_json
 
 
@@ -123,7 +123,7 @@ class Args:
     told apart by the one-hot id in their inputs, as in the official OMIGA code)"""
     num_seeds: int = 1
     """train the seeds seed, seed+1, ..., seed+num_seeds-1 as one batched computation, with one run directory each
-    and the numbers of separate runs (omiga.py, omcda.py and comadice.py)"""
+    and the numbers of separate runs (omiga.py, omcda.py, comadice.py and icq.py)"""
     compile: bool = False
     """if toggled, compile the update step with torch.compile (and CUDA graphs on a GPU)"""
 
@@ -151,9 +151,10 @@ class Args:
 
 # TRY NOT TO MODIFY: agent networks (shared or per agent, all agents in one matmul) and the mixer
 class BatchedLinear(nn.Module):
-    """A linear layer with G weight sets in one matmul: x [G * k, B, in] -> [G * k, B, out], each consecutive group
-    of k rows using one weight set. G = 1 shares the layer between all agents, told apart by the one-hot id in their
-    inputs (the official OMIGA code's networks); G = n_agents gives every agent its own."""
+    """A linear layer with G weight sets in one matmul: x [..., in] whose rows split into G consecutive equal groups,
+    each using one weight set. On agent inputs [seeds, n_agents, B, in], G = seeds shares the layer between a seed's
+    agents, told apart by the one-hot id in their inputs (the official OMIGA code's networks), and G = seeds *
+    n_agents gives every agent its own; a mixer on states [seeds, B, state_dim] has G = seeds."""
 
     def __init__(self, weight_sets: int, in_dim: int, out_dim: int):
         super().__init__()
@@ -166,9 +167,9 @@ class BatchedLinear(nn.Module):
         return torch.baddbmm(self.bias, grouped, self.weight).reshape(*x.shape[:-1], -1)
 
 
-def count_weight_sets(n_agents: int, per_agent_networks: bool) -> int:
-    """How many weight sets each agent network has: 1 (shared by the agents) or one per agent."""
-    return n_agents if per_agent_networks else 1
+def count_weight_sets(n_agents: int, per_agent_networks: bool, seeds: int = 1) -> int:
+    """How many weight sets each agent network has: per seed, 1 (shared by the agents) or one per agent."""
+    return seeds * (n_agents if per_agent_networks else 1)
 
 
 def batched_mlp(weight_sets: int, in_dim: int, out_dim: int, hidden_dim: int) -> nn.Sequential:
@@ -180,7 +181,7 @@ def batched_mlp(weight_sets: int, in_dim: int, out_dim: int, hidden_dim: int) ->
 
 
 class AgentQ(nn.Module):
-    """Q_i(o_i, a_i) for every agent: obs [n, B, obs_dim], actions [n, B, act_dim] -> [n, B]."""
+    """Q_i(o_i, a_i) for every agent: obs [..., n, B, obs_dim], actions [..., n, B, act_dim] -> [..., n, B]."""
 
     def __init__(self, weight_sets: int, obs_dim: int, act_dim: int, hidden_dim: int):
         super().__init__()
@@ -191,7 +192,7 @@ class AgentQ(nn.Module):
 
 
 def tanh_gaussian_log_prob(mean: torch.Tensor, log_std: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-    """log-density of actions in (-1, 1) under tanh(N(mean, exp(log_std)^2)), summed over action dims: [n, B]."""
+    """log-density of actions in (-1, 1) under tanh(N(mean, exp(log_std)^2)), summed over action dims: [..., n, B]."""
     actions = actions.clamp(-1.0 + 1e-6, 1.0 - 1e-6)
     # Written out rather than torch.distributions.Normal, whose argument validation syncs with the GPU.
     standardised = (torch.atanh(actions) - mean) * torch.exp(-log_std)
@@ -211,7 +212,7 @@ class AgentPolicy(nn.Module):
         return mean, log_std.clamp(-5.0, 2.0)
 
     def log_prob(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        """log pi_i(a_i | o_i) of actions in (-1, 1): [n, B]."""
+        """log pi_i(a_i | o_i) of actions in (-1, 1): [..., n, B]."""
         return tanh_gaussian_log_prob(*self(obs), actions)
 
     def act(self, obs: torch.Tensor) -> torch.Tensor:
@@ -219,27 +220,29 @@ class AgentPolicy(nn.Module):
 
 
 class Mixer(nn.Module):
-    """Hypernetwork on the global state: w(s) = |f(s)| >= 0 per agent and a free bias b(s)."""
+    """Hypernetwork on the global state: w(s) = |f(s)| >= 0 per agent and a free bias b(s); one per seed."""
 
-    def __init__(self, state_dim: int, n_agents: int, hidden_dim: int):
+    def __init__(self, state_dim: int, n_agents: int, hidden_dim: int, seeds: int = 1):
         super().__init__()
-        self.hyper_w = nn.Sequential(nn.Linear(state_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, n_agents))
-        self.hyper_b = nn.Sequential(nn.Linear(state_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, 1))
+        self.hyper_w = nn.Sequential(BatchedLinear(seeds, state_dim, hidden_dim), nn.ReLU(),
+                                     BatchedLinear(seeds, hidden_dim, n_agents))
+        self.hyper_b = nn.Sequential(BatchedLinear(seeds, state_dim, hidden_dim), nn.ReLU(),
+                                     BatchedLinear(seeds, hidden_dim, 1))
 
     def forward(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """states [B, state_dim] -> w [n, B], b [B]."""
-        return self.hyper_w(states).abs().T, self.hyper_b(states).squeeze(-1)
+        """states [..., B, state_dim] -> w [..., n, B], b [..., B]."""
+        return self.hyper_w(states).abs().transpose(-1, -2), self.hyper_b(states).squeeze(-1)
 
 
 def mix(w: torch.Tensor, values: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """sum_i w_i values_i + b: w, values [n, B], b [B] -> [B]   (Eq. 8)."""
-    return (w * values).sum(0) + b
+    """sum_i w_i values_i + b: w, values [..., n, B], b [..., B] -> [..., B]   (Eq. 8)."""
+    return (w * values).sum(-2) + b
 
 
 # ALGO LOGIC: in-sample next actions, networks, losses and the update
 @dataclass
 class ICQBatch(Batch):
-    next_actions: torch.Tensor  # [n_agents, B, act_dim] the dataset's joint action at the next step
+    next_actions: torch.Tensor  # [..., n_agents, B, act_dim] the dataset's joint action at the next step
 
 
 class NextActionSampler:
@@ -261,22 +264,30 @@ class NextActionSampler:
     def __len__(self) -> int:
         return len(self.indices)
 
-    def sample(self, batch_size: int, generator: torch.Generator | None = None) -> ICQBatch:
-        pick = torch.randint(len(self.indices), (batch_size,), device=self.indices.device, generator=generator)
+    def sample(self, batch_size: int, generator: torch.Generator | list[torch.Generator] | None = None) -> ICQBatch:
+        """A minibatch; given a list of generators (fused seeds), one per generator, stacked as the leading dim."""
+        def draw(one: torch.Generator | None) -> torch.Tensor:
+            return torch.randint(len(self.indices), (batch_size,), device=self.indices.device, generator=one)
+
+        pick = torch.stack([draw(one) for one in generator]) if isinstance(generator, list) else draw(generator)
         batch = self.dataset.gather(self.indices[pick])
-        return ICQBatch(**vars(batch), next_actions=self.dataset.actions[:, self.next_indices[pick]])
+        next_actions = self.dataset.actions[:, self.next_indices[pick]].movedim(0, -3)
+        return ICQBatch(**vars(batch), next_actions=next_actions)
 
 
 class TwinAgentQ(nn.Module):
-    """Two independent Q_i(o_i, a_i) per agent, the twins as two groups of weight sets of one batched network:
-    -> [2, n, B]."""
+    """Two independent Q_i(o_i, a_i) per agent, the twins as two groups of weight sets of one batched network, within
+    each seed's: obs [..., n, B, obs_dim] -> [..., 2, n, B]."""
 
     def __init__(self, weight_sets: int, obs_dim: int, act_dim: int, hidden_dim: int):
         super().__init__()
         self.q = AgentQ(2 * weight_sets, obs_dim, act_dim, hidden_dim)
 
     def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        return self.q(obs.repeat(2, 1, 1), actions.repeat(2, 1, 1)).unflatten(0, (2, -1))
+        def twice(x: torch.Tensor) -> torch.Tensor:
+            return x.unsqueeze(-4).expand(*x.shape[:-3], 2, *x.shape[-3:])
+
+        return self.q(twice(obs), twice(actions))
 
 
 class Agents(nn.Module):
@@ -284,17 +295,20 @@ class Agents(nn.Module):
 
     def __init__(self, n_agents: int, obs_dim: int, act_dim: int, state_dim: int, args: Args):
         super().__init__()
-        nets = count_weight_sets(n_agents, args.per_agent_networks)
+        nets = count_weight_sets(n_agents, args.per_agent_networks, args.num_seeds)
         self.q = TwinAgentQ(nets, obs_dim, act_dim, args.hidden_dim)
-        self.mixer = Mixer(state_dim, n_agents, args.mixer_hidden_dim)
+        self.mixer = Mixer(state_dim, n_agents, args.mixer_hidden_dim, args.num_seeds)
         self.policy = AgentPolicy(nets, obs_dim, act_dim, args.hidden_dim)
         self.q_target, self.mixer_target = (copy.deepcopy(m).requires_grad_(False) for m in (self.q, self.mixer))
 
 
 def make_optimizers(agents: Agents, args: Args) -> dict[str, torch.optim.Optimizer]:
+    """Adam is elementwise, so one Adam over the seeds' stacked weights is one independent Adam per seed."""
+    capturable = args.compile and next(agents.parameters()).is_cuda  # a CUDA graph may hold the step counters
     return {
-        "q": torch.optim.Adam([*agents.q.parameters(), *agents.mixer.parameters()], lr=args.q_lr),
-        "policy": torch.optim.Adam(agents.policy.parameters(), lr=args.policy_lr),
+        "q": torch.optim.Adam([*agents.q.parameters(), *agents.mixer.parameters()], lr=args.q_lr,
+                              capturable=capturable),
+        "policy": torch.optim.Adam(agents.policy.parameters(), lr=args.policy_lr, capturable=capturable),
     }
 
 
@@ -317,22 +331,29 @@ def icq_target(rewards: torch.Tensor, dones: torch.Tensor, next_q_tot: torch.Ten
 
 
 def q_loss(q_tot: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """L_Q for one twin: squared error of the mixed Q against the (detached) implicit-constraint target."""
-    return (q_tot - target.detach()).pow(2).mean()
+    """L_Q for one twin: squared error of the mixed Q against the (detached) implicit-constraint target; [..., B] ->
+    [...]."""
+    return (q_tot - target.detach()).pow(2).mean(-1)
 
 
 def policy_loss(log_prob: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """L_pi: behaviour cloning weighted per sample (weights detached); log_prob, weights [n, B], summed over agents."""
-    return -(weights.detach() * log_prob).mean(1).sum()
+    """L_pi: behaviour cloning weighted per sample (weights detached); log_prob, weights [..., n, B], summed over
+    agents."""
+    return -(weights.detach() * log_prob).mean(-1).sum(-1)
 
 
-def clipped_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, clip: float) -> torch.Tensor:
+def clipped_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, clip: float, seeds: int = 1) -> None:
+    """One optimizer step on the sum of the seeds' losses [seeds] (each seed's gradient is its own loss's), with the
+    gradient norm clipped per seed: every parameter's leading dim holds the seeds' weight sets in seed order, and one
+    norm over all seeds (clip_grad_norm_) would couple them. Same formula as clip_grad_norm_ for one seed."""
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    grad_norm = nn.utils.clip_grad_norm_(params, clip)
+    loss.sum().backward()
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    norms = torch.stack([g.reshape(seeds, -1).norm(dim=1) for g in grads]).norm(dim=0)
+    scale = (clip / (norms + 1e-6)).clamp(max=1.0)[:, None]
+    for g in grads:
+        g.view(seeds, -1).mul_(scale)
     optimizer.step()
-    return grad_norm
 
 
 @torch.no_grad()
@@ -345,50 +366,66 @@ def update(agents: Agents, optimizers: dict, batch: ICQBatch, args: Args) -> dic
     behaviour cloning with weights from the critics before their step."""
     with torch.no_grad():
         next_w, next_b = agents.mixer_target(batch.next_states)
-        next_q = agents.q_target(batch.next_obs, batch.next_actions).min(0).values
+        next_q = agents.q_target(batch.next_obs, batch.next_actions).min(-3).values
         target, rho = icq_target(batch.rewards, batch.dones, mix(next_w, next_q, next_b), args.gamma, args.alpha)
 
     w, b = agents.mixer(batch.states)
     q_twins = agents.q(batch.obs, batch.actions)
-    q1_tot, q2_tot = mix(w, q_twins[0], b), mix(w, q_twins[1], b)
+    q1_tot, q2_tot = mix(w, q_twins[..., 0, :, :], b), mix(w, q_twins[..., 1, :, :], b)
     loss_q = q_loss(q1_tot, target) + q_loss(q2_tot, target)
-    policy_weights = batch_softmax_weights(w.detach() * q_twins.detach().min(0).values, args.beta)
-    clipped_step(optimizers["q"], loss_q, args.grad_clip)
+    policy_weights = batch_softmax_weights(w.detach() * q_twins.detach().min(-3).values, args.beta)
+    clipped_step(optimizers["q"], loss_q, args.grad_clip, args.num_seeds)
 
     loss_pi = policy_loss(agents.policy.log_prob(batch.obs, batch.actions), policy_weights)
-    clipped_step(optimizers["policy"], loss_pi, args.grad_clip)
+    clipped_step(optimizers["policy"], loss_pi, args.grad_clip, args.num_seeds)
 
     soft_update(agents.q_target, agents.q, args.tau)
     soft_update(agents.mixer_target, agents.mixer, args.tau)
-    return {"losses/q": loss_q.detach(), "losses/policy": loss_pi.detach(), "values/q_tot": q1_tot.detach().mean(),
-            "values/target_weight_max": rho.max(), "values/policy_weight_max": policy_weights.max()}
+    return {"losses/q": loss_q.detach(), "losses/policy": loss_pi.detach(), "values/q_tot": q1_tot.detach().mean(-1),
+            "values/target_weight_max": rho.amax(-1), "values/policy_weight_max": policy_weights.amax((-2, -1))}
 
 
 # TRY NOT TO MODIFY: running, logging, evaluation, checkpoints
-def make_act_fn(policy: AgentPolicy, device: torch.device):
+def make_act_fn(policy: AgentPolicy, device: torch.device, seeds: int):
     @torch.no_grad()
     def act(obs: np.ndarray) -> np.ndarray:
-        obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device).transpose(0, 1)
-        return policy.act(obs_t).transpose(0, 1).cpu().numpy()
+        """Deterministic actions of every seed's policy: obs [seeds * E, n, obs_dim], seed-major."""
+        obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device)
+        obs_t = obs_t.reshape(seeds, -1, *obs_t.shape[1:]).transpose(1, 2)
+        return policy.act(obs_t).transpose(1, 2).reshape(obs.shape[0], obs.shape[1], -1).cpu().numpy()
 
     return act
 
 
+def build_seeds(build, args: Args) -> nn.Module:
+    """`build(args)` for args.num_seeds fused seeds, seed k's slice of every weight initialised exactly as a run with
+    --seed seed+k alone initialises it: every parameter and buffer holds the seeds' weight sets along its first dim,
+    in seed order."""
+    singles = []
+    for k in range(args.num_seeds):
+        torch.manual_seed(args.seed + k)
+        singles.append(build(replace(args, num_seeds=1)).state_dict())
+    fused = build(args)
+    fused.load_state_dict({name: torch.cat([single[name] for single in singles]) for name in singles[0]})
+    torch.manual_seed(args.seed)
+    return fused
+
+
 def save_checkpoint(path: Path, agents: nn.Module, optimizers: dict, step: int, args: Args,
-                    generator: torch.Generator, evaluations: list[dict]) -> None:
+                    generators: list[torch.Generator], evaluations: list[list[dict]], run_dirs: list[Path]) -> None:
     """Everything `--resume` needs to continue the run as if it had not stopped, written atomically: networks,
-    optimizers, step, every random number generator (the sampling generator, Python's, NumPy's, torch's) and the
-    evaluations so far."""
+    optimizers, step, every random number generator (each seed's sampling generator, Python's, NumPy's, torch's), the
+    evaluations so far and the fused seeds' run directories."""
     rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-           "cuda": torch.cuda.get_rng_state_all(), "sampling": generator.get_state()}
+           "cuda": torch.cuda.get_rng_state_all(), "sampling": [generator.get_state() for generator in generators]}
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save({"agents": agents.state_dict(), "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
-                "step": step, "args": asdict(args), "rng": rng, "device": generator.device.type,
-                "evaluations": evaluations}, tmp)
+                "step": step, "args": asdict(args), "rng": rng, "device": generators[0].device.type,
+                "evaluations": evaluations, "run_dirs": [run_dir.name for run_dir in run_dirs]}, tmp)
     os.replace(tmp, path)
 
 
-def restore_checkpoint(checkpoint: dict, agents: nn.Module, optimizers: dict, generator: torch.Generator) -> None:
+def restore_checkpoint(checkpoint: dict, agents: nn.Module, optimizers: dict, generators: list[torch.Generator]) -> None:
     """Load a `save_checkpoint` into the networks and optimizers and set every random number generator to its state;
     called after everything that draws random numbers at start-up."""
     agents.load_state_dict(checkpoint["agents"])
@@ -399,24 +436,82 @@ def restore_checkpoint(checkpoint: dict, agents: nn.Module, optimizers: dict, ge
     np.random.set_state(rng["numpy"])
     torch.set_rng_state(rng["torch"])
     torch.cuda.set_rng_state_all(rng["cuda"])
-    generator.set_state(rng["sampling"])
+    for generator, state in zip(generators, rng["sampling"], strict=True):
+        generator.set_state(state)
 
 
-def scalar_metrics(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Host copies of the metrics (log intervals only); a per-agent vector `name` becomes `name_0`, `name_1`, ..."""
-    values = {}
-    for name, value in metrics.items():
-        if value.ndim == 0:
-            values[name] = value.item()
-        else:
-            values.update({f"{name}_{i}": x for i, x in enumerate(value.tolist())})
-    return values
+def capture_graph(update_fn):
+    """`update_fn` recorded once as one CUDA graph and replayed at every step: the step's hundreds of small kernels
+    become one launch. Each replay reads the minibatch from fixed buffers and returns the same metric tensors, which
+    the next replay overwrites. Recording needs the optimizers' states to exist, so three warm-up steps run first, on
+    the first minibatch; every weight, buffer and optimizer state is then put back as it was, so the run trains from
+    the same start as eager."""
+    graph, static_inputs, static_metrics = None, None, None
+
+    def step(agents: nn.Module, optimizers: dict, *inputs) -> dict[str, torch.Tensor]:
+        """inputs: the update's minibatches (Batch), then its arguments."""
+        nonlocal graph, static_inputs, static_metrics
+        if graph is None:
+            start = {name: value.clone() for name, value in agents.state_dict().items()}
+            states = [{param: {key: value.clone() for key, value in state.items()}
+                       for param, state in optimizer.state.items()} for optimizer in optimizers.values()]
+            static_inputs = [type(x)(**{name: value.clone() for name, value in vars(x).items()})
+                             if isinstance(x, Batch) else x for x in inputs]
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    update_fn(agents, optimizers, *static_inputs)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_metrics = update_fn(agents, optimizers, *static_inputs)
+            with torch.no_grad():
+                for name, value in agents.state_dict().items():
+                    value.copy_(start[name])
+                for optimizer, saved in zip(optimizers.values(), states):
+                    for param, state in optimizer.state.items():
+                        for key, value in state.items():
+                            value.copy_(saved[param][key]) if param in saved else value.zero_()
+        for static, given in zip(static_inputs, inputs):
+            if isinstance(given, Batch):
+                for name, value in vars(given).items():
+                    getattr(static, name).copy_(value)
+        graph.replay()
+        return static_metrics
+
+    return step
 
 
-def check_finite(metrics: dict[str, float], step: int, last_checked: int) -> None:
+def compile_update(update_fn, args: Args, device: torch.device):
+    """The update step as it runs: eager, or with --compile through torch.compile and, on a GPU, captured as one CUDA
+    graph (capture_graph)."""
+    if not args.compile:
+        return update_fn
+    compiled = torch.compile(update_fn, dynamic=False)
+    return capture_graph(compiled) if device.type == "cuda" else compiled
+
+
+def seed_metrics(metrics: dict[str, torch.Tensor], seeds: int) -> list[dict[str, float]]:
+    """Host copies of every seed's metrics (log intervals only): each metric is [seeds] or, per agent, [seeds, n];
+    a per-agent vector `name` becomes `name_0`, `name_1`, ..."""
+    host = {name: value.reshape(seeds, -1).cpu() for name, value in metrics.items()}
+    per_seed = []
+    for k in range(seeds):
+        values = {}
+        for name, value in host.items():
+            if metrics[name].ndim <= 1:
+                values[name] = value[k, 0].item()
+            else:
+                values.update({f"{name}_{i}": x for i, x in enumerate(value[k].tolist())})
+        per_seed.append(values)
+    return per_seed
+
+
+def check_finite(metrics: dict[str, float], step: int, last_checked: int, seed: int) -> None:
     for name, value in metrics.items():
         if not math.isfinite(value):
-            raise FloatingPointError(f"training diverged: {name} = {value} at the log of update {step} "
+            raise FloatingPointError(f"training diverged: {name} = {value} at the log of update {step} of seed {seed} "
                                      f"(finite at update {last_checked}); try a smaller learning rate or larger alpha")
 
 
@@ -432,22 +527,30 @@ def unique_dir(base: Path) -> Path:
     raise FileExistsError(f"could not create a fresh run directory next to {base}")
 
 
-def make_run(args: Args, start_step: int) -> tuple[Path, SummaryWriter]:
-    """A fresh run directory, or with --resume the run's own, where TensorBoard continues after `start_step` (what a
-    stopped run logged after its checkpoint is discarded)."""
-    name = f"{args.env}__{args.dataset}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = Path(args.resume) if args.resume else unique_dir(Path("runs") / name)
-    write_json(run_dir / "args.json", asdict(args))
-    writer = SummaryWriter(str(run_dir), purge_step=start_step + 1 if args.resume else None)
-    if not args.resume:
-        table = "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items())
-        writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
-    if args.track:
-        import wandb
+def make_runs(args: Args, checkpoint: dict | None) -> tuple[list[Path], list[SummaryWriter]]:
+    """One run directory per seed, fresh, or with --resume the run's own (the first seed's holds model.pt), where
+    TensorBoard continues after the checkpoint's step (what a stopped run logged after its checkpoint is discarded)."""
+    if checkpoint:
+        run_dirs = [Path(args.resume).parent / name for name in checkpoint["run_dirs"]]
+    else:
+        started = int(time.time())
+        run_dirs = [unique_dir(Path("runs") / f"{args.env}__{args.dataset}__{args.exp_name}__{args.seed + k}__{started}")
+                    for k in range(args.num_seeds)]
+    writers = []
+    for k, run_dir in enumerate(run_dirs):
+        seed_args = asdict(replace(args, seed=args.seed + k))
+        write_json(run_dir / "args.json", seed_args)
+        writer = SummaryWriter(str(run_dir), purge_step=checkpoint["step"] + 1 if checkpoint else None)
+        if not checkpoint:
+            table = "\n".join(f"|{key}|{value}|" for key, value in seed_args.items())
+            writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+        if args.track:
+            import wandb
 
-        wandb.init(project=args.wandb_project_name, config=asdict(args), name=run_dir.name, sync_tensorboard=True,
-                   dir=str(run_dir), id=run_dir.name, resume="allow")
-    return run_dir, writer
+            wandb.init(project=args.wandb_project_name, config=seed_args, name=run_dir.name, sync_tensorboard=True,
+                       dir=str(run_dir), id=run_dir.name, resume="allow", reinit="create_new")
+        writers.append(writer)
+    return run_dirs, writers
 
 
 def seed_everything(seed: int, torch_deterministic: bool) -> None:
@@ -458,11 +561,11 @@ def seed_everything(seed: int, torch_deterministic: bool) -> None:
 
 
 if __name__ == "__main__":
-    from common.cli import ONE_SEED_EAGER, POSITIVE, StopOnSignal, check_args, check_device, exit_on_user_error, parse_args
+    from common.cli import POSITIVE, StopOnSignal, check_args, check_device, exit_on_user_error, parse_args
 
     with exit_on_user_error():
         args, checkpoint = parse_args(Args)
-        check_args(args, {**ONE_SEED_EAGER, "beta": POSITIVE})
+        check_args(args, {"beta": POSITIVE})
         seed_everything(args.seed, args.torch_deterministic)
         device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
         check_device(checkpoint, device)
@@ -471,66 +574,80 @@ if __name__ == "__main__":
                                       generate=not args.no_generate)
         dataset = load_dataset(dataset_file, device, args.obs_mode)
         dataset.check_env(env)
-    transitions = NextActionSampler(dataset)
     start_step = checkpoint["step"] if checkpoint else 0
-    run_dir, writer = make_run(args, start_step)
-    print(f"{run_dir}: {len(dataset):,} transitions ({len(transitions):,} with a next action) from {dataset_file} "
+    run_dirs, writers = make_runs(args, checkpoint)
+    seeds = list(range(args.seed, args.seed + args.num_seeds))
+    transitions = NextActionSampler(dataset)
+    print(f"{run_dirs[0]}: {len(dataset):,} transitions ({len(transitions):,} with a next action) from {dataset_file} "
           f"on {device}"
+          + (f", seeds {seeds[0]}..{seeds[-1]} fused" if len(seeds) > 1 else "")
           + (f", resumed at update {start_step}" if checkpoint else ""))
 
-    agents = Agents(env.n_agents, env.obs_dim, env.act_dim, dataset.state_dim, args).to(device)
+    agents = build_seeds(lambda a: Agents(env.n_agents, env.obs_dim, env.act_dim, dataset.state_dim, a), args).to(device)
     optimizers = make_optimizers(agents, args)
-    generator = torch.Generator(device=device).manual_seed(args.seed)
+    generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
     if checkpoint:
-        restore_checkpoint(checkpoint, agents, optimizers, generator)
-    act_fn = make_act_fn(agents.policy, device)
-    eval_seed = 1_000_000 * (args.seed + 1)
-    result = RunResult(run_dir, asdict(args), device, dataset.card(), checkpoint["evaluations"] if checkpoint else [])
+        restore_checkpoint(checkpoint, agents, optimizers, generators)
+    update_step = compile_update(update, args, device)
+    act_fn = make_act_fn(agents.policy, device, len(seeds))
+    eval_seeds = [1_000_000 * (seed + 1) for seed in seeds]
+    results = [RunResult(run_dir, asdict(replace(args, seed=seed)), device, dataset.card(),
+                         checkpoint["evaluations"][k] if checkpoint else []) for k, (run_dir, seed) in enumerate(zip(run_dirs, seeds))]
 
-    last_eval = result.evaluations[-1]["mean"] if result.evaluations else float("nan")
+    def evaluate_and_record(step: int, episodes: int, finished: bool = False) -> np.ndarray:
+        agents.eval()
+        returns = evaluate_seeds(act_fn, env, episodes, eval_seeds)
+        agents.train()
+        for writer, result, seed_returns in zip(writers, results, returns):
+            writer.add_scalar("eval/return_mean", float(seed_returns.mean()), step)
+            writer.add_scalar("eval/return_std", float(seed_returns.std()), step)
+            result.add_evaluation(step, seed_returns, finished)
+        return returns
+
+    last_eval = results[0].evaluations[-1]["mean"] if results[0].evaluations else float("nan")
     last_checked, tick, tick_step = start_step, time.perf_counter(), start_step
     stop = StopOnSignal()
     progress = tqdm(range(start_step + 1, args.total_steps + 1), initial=start_step, total=args.total_steps,
                     mininterval=2.0, desc=args.exp_name)
     for step in progress:
-        metrics = update(agents, optimizers, transitions.sample(args.batch_size, generator), args)
+        metrics = update_step(agents, optimizers, transitions.sample(args.batch_size, generators), args)
         if step % args.log_every == 0 or step == args.total_steps:
-            values = scalar_metrics(metrics)
-            check_finite(values, step, last_checked)
+            per_seed = seed_metrics(metrics, len(seeds))
+            for values, seed in zip(per_seed, seeds):
+                check_finite(values, step, last_checked, seed)
             last_checked = step
-            seconds = time.perf_counter() - tick
-            updates_per_sec = (step - tick_step) / seconds
-            result.time(step - tick_step, seconds)
+            updates, seconds = step - tick_step, time.perf_counter() - tick
+            updates_per_sec = updates / seconds
             tick, tick_step = time.perf_counter(), step
-            for name, value in values.items():
-                writer.add_scalar(name, value, step)
-            writer.add_scalar("charts/updates_per_sec", updates_per_sec, step)
+            for writer, result, values in zip(writers, results, per_seed):
+                result.time(updates, seconds)
+                for name, value in values.items():
+                    writer.add_scalar(name, value, step)
+                writer.add_scalar("charts/updates_per_sec", updates_per_sec, step)
             progress.set_postfix(ups=f"{updates_per_sec:.0f}", eval=f"{last_eval:.0f}")
         if step % args.eval_every == 0 and step < args.total_steps:
-            agents.eval()
-            returns = evaluate(act_fn, env, args.eval_episodes, eval_seed)
-            agents.train()
-            last_eval = float(returns.mean())
-            writer.add_scalar("eval/return_mean", last_eval, step)
-            writer.add_scalar("eval/return_std", float(returns.std()), step)
-            tqdm.write(f"step {step}: eval return {last_eval:.1f} ± {returns.std():.1f}")
-            result.add_evaluation(step, returns)
+            returns = evaluate_and_record(step, args.eval_episodes)
+            last_eval = float(returns[0].mean())
+            tqdm.write(f"step {step}: eval return " + ", ".join(f"{r.mean():.1f} ± {r.std():.1f}" for r in returns))
             if args.save_model:
-                save_checkpoint(run_dir / "model.pt", agents, optimizers, step, args, generator, result.evaluations)
+                save_checkpoint(run_dirs[0] / "model.pt", agents, optimizers, step, args, generators,
+                                [result.evaluations for result in results], run_dirs)
             tick = time.perf_counter()
         if stop.requested:
             progress.close()
-            save_checkpoint(run_dir / "model.pt", agents, optimizers, step, args, generator, result.evaluations)
-            writer.close()
-            stop.exit(f"stopped after update {step} of {args.total_steps}; checkpoint saved to {run_dir / 'model.pt'}")
+            save_checkpoint(run_dirs[0] / "model.pt", agents, optimizers, step, args, generators,
+                            [result.evaluations for result in results], run_dirs)
+            for writer in writers:
+                writer.close()
+            stop.exit(f"stopped after update {step} of {args.total_steps}; checkpoint saved to {run_dirs[0] / 'model.pt'}")
     stop.restore()
 
-    agents.eval()
-    returns = evaluate(act_fn, env, args.final_eval_episodes, eval_seed)
-    writer.add_scalar("eval/return_mean", float(returns.mean()), args.total_steps)
-    writer.add_scalar("eval/return_std", float(returns.std()), args.total_steps)
-    result.add_evaluation(args.total_steps, returns, finished=True)
+    returns = evaluate_and_record(args.total_steps, args.final_eval_episodes, finished=True)
     if args.save_model:
-        save_checkpoint(run_dir / "model.pt", agents, optimizers, args.total_steps, args, generator, result.evaluations)
-    writer.close()
-    print(f"final return: {returns.mean():.2f} ± {returns.std():.2f} over {len(returns)} episodes")
+        save_checkpoint(run_dirs[0] / "model.pt", agents, optimizers, args.total_steps, args, generators,
+                        [result.evaluations for result in results], run_dirs)
+    for writer in writers:
+        writer.close()
+    for seed, seed_returns in zip(seeds, returns):
+        print(f"final return: {seed_returns.mean():.2f} ± {seed_returns.std():.2f} over {len(seed_returns)} episodes"
+              + (f" (seed {seed})" if len(seeds) > 1 else ""))

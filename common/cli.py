@@ -66,12 +66,12 @@ COMMON_RULES: dict[str, Rule] = {
     "alpha": POSITIVE,  # OMIGA's, ICQ's and ComaDICE's regularisation strength or temperature: each divides by it
     "num_seeds": at_least(1),
 }
-# The rules of the scripts that train one seed at a time, eagerly: --num-seeds and --compile are omiga.py's,
-# omcda.py's and comadice.py's so far.
+# The rules of the scripts that train one seed at a time, eagerly: --num-seeds and --compile are those of the
+# benchmark grid's four scripts (omiga.py, omcda.py, comadice.py, icq.py) so far.
 ONE_SEED_EAGER: dict[str, Rule] = {
-    "num_seeds": (lambda value: value == 1, "1 in this script (fused seeds: omiga.py, omcda.py, comadice.py; run the seeds "
+    "num_seeds": (lambda value: value == 1, "1 in this script (fused seeds: omiga, omcda, comadice, icq; run the seeds "
                                             "one by one or with benchmarks/run.py)"),
-    "compile": (lambda value: not value, "off in this script (--compile: omiga.py, omcda.py, comadice.py)"),
+    "compile": (lambda value: not value, "off in this script (--compile: omiga, omcda, comadice, icq)"),
 }
 SUFFIX_RULES: dict[str, Rule] = {"_lr": POSITIVE, "_dim": at_least(1)}  # learning rates, network sizes
 

@@ -12,7 +12,7 @@ import torch
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-@pytest.mark.parametrize("algo", ["omiga", "omcda", "comadice"])
+@pytest.mark.parametrize("algo", ["omiga", "omcda", "comadice", "icq"])
 @pytest.mark.parametrize("seeds", [1, 3])
 def test_compiled_graph_trains_like_eager(algo, seeds):
     from benchmarks.speed import synthetic_dataset
@@ -32,7 +32,8 @@ def test_compiled_graph_trains_like_eager(algo, seeds):
             script.pretrain_behaviour(agents, dataset, dataclasses.replace(args, bc_steps=20), generators)
         update = script.compile_update(script.update, args, device)
         def minibatches() -> list:
-            batches = [dataset.sample(args.batch_size, generators)]
+            sampler = script.NextActionSampler(dataset) if algo == "icq" else dataset
+            batches = [sampler.sample(args.batch_size, generators)]
             if algo == "comadice":
                 batches.append(script.sample_initial_states(dataset, args.batch_size, generators))
             return batches

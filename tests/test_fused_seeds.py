@@ -9,7 +9,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import run_forked
 
-SCRIPTS = ["omiga.py", "omcda.py", "comadice.py"]
+SCRIPTS = ["omiga.py", "omcda.py", "comadice.py", "icq.py"]
 SEEDS = 3
 TINY_RUN = ["--no-generate", "--batch-size", "8", "--hidden-dim", "16", "--eval-every", "10", "--eval-episodes", "2",
             "--final-eval-episodes", "2", "--log-every", "5", "--save-model", "--total-steps", "20", "--seed", "4"]

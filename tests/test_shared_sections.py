@@ -61,3 +61,18 @@ def test_comadice_run_section_is_omigas_with_its_initial_states():
         "dataset.sample(args.batch_size, generators), args)",
         "dataset.sample(args.batch_size, generators),\n"
         "                              sample_initial_states(dataset, args.batch_size, generators), args)")
+
+
+def test_icq_network_section_is_omigas_without_the_state_value_network():
+    template, mine = (shared_sections(REPO / script)[0] for script in ("omiga.py", "icq.py"))
+    value_network = template[template.index("class AgentValue("):template.index("class AgentQ(")]
+    assert mine == template.replace(value_network, "")
+
+
+def test_icq_run_section_is_omigas_with_its_next_action_sampler():
+    template, mine = (shared_sections(REPO / script)[1].splitlines() for script in ("omiga.py", "icq.py"))
+    changed = [line for line in difflib.unified_diff(template, mine, lineterm="", n=0)
+               if line[:1] in "+-" and not line.startswith(("+++", "---"))]
+    documented = (r"from common\.cli|POSITIVE|beta|check_args\(args\)|transitions|dataset\.sample|on \{device\}|"
+                  r"print\(f\"\{run_dirs\[0\]\}")
+    assert len(changed) <= 10 and all(re.search(documented, line) for line in changed), changed
