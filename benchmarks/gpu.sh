@@ -2,7 +2,7 @@
 # What a session with a GPU lease runs, in commands that each end inside the lease's 10 minutes per command:
 #
 #   bash benchmarks/gpu.sh OUT_DIR data                        # generate the four Hopper datasets (background)
-#   bash benchmarks/gpu.sh OUT_DIR speed                       # the speed table -> OUT_DIR/speed.md
+#   bash benchmarks/gpu.sh OUT_DIR speed                       # the speed table -> OUT_DIR/speed.md (about 8 min)
 #   bash benchmarks/gpu.sh OUT_DIR grid ALGO SECONDS [DATASET...]  # train or continue ALGO on Hopper datasets
 #
 # data: the datasets are not in the repository (1.3 GB) and a lease's machine starts bare; generating all four with
@@ -29,10 +29,8 @@ data)
     done
     ;;
 speed)
-    python benchmarks/speed.py --algos omiga omcda --envs Hopper --num-seeds 1 5 20 --modes eager cudagraphs \
-        --repeats 3 --updates 300 | tee "$out/speed.md"
-    python benchmarks/speed.py --algos omiga omcda --envs Hopper --modes compile --repeats 3 --updates 300 \
-        | tee -a "$out/speed.md"
+    python benchmarks/speed.py --algos omiga omcda comadice icq --envs Hopper --num-seeds 1 5 20 \
+        --modes eager compile+graph --repeats 3 --updates 300 | tee "$out/speed.md"
     python benchmarks/speed.py --envs Hopper --repeats 3 --updates 100 | tee -a "$out/speed.md"
     ;;
 grid)
