@@ -2,7 +2,7 @@
 # What a session with a GPU lease runs, in commands that each end inside the lease's 10 minutes per command:
 #
 #   bash benchmarks/gpu.sh OUT_DIR data                        # generate the four Hopper datasets (background)
-#   bash benchmarks/gpu.sh OUT_DIR speed                       # the speed table -> OUT_DIR/speed.md (about 8 min)
+#   bash benchmarks/gpu.sh OUT_DIR speed                       # the speed table -> OUT_DIR/speed.md (12 compilations of 30-60 s)
 #   bash benchmarks/gpu.sh OUT_DIR grid ALGO SECONDS [DATASET...]  # train or continue ALGO on Hopper datasets
 #
 # data: the datasets are not in the repository (1.3 GB) and a lease's machine starts bare; generating all four with
