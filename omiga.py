@@ -479,8 +479,9 @@ def unique_dir(base: Path) -> Path:
 def make_runs(args: Args, checkpoint: dict | None) -> tuple[list[Path], list[SummaryWriter]]:
     """One run directory per seed, fresh, or with --resume the run's own (the first seed's holds model.pt), where
     TensorBoard continues after the checkpoint's step (what a stopped run logged after its checkpoint is discarded)."""
-    if checkpoint:
-        run_dirs = [Path(args.resume).parent / name for name in checkpoint["run_dirs"]]
+    if checkpoint:  # the first seed's directory is the one resumed; the other seeds' are its siblings
+        resumed = Path(args.resume)
+        run_dirs = [resumed] + [resumed.parent / name for name in checkpoint["run_dirs"][1:]]
     else:
         started = int(time.time())
         run_dirs = [unique_dir(Path("runs") / f"{args.env}__{args.dataset}__{args.exp_name}__{args.seed + k}__{started}")
