@@ -197,10 +197,10 @@ def test_speed_prints_a_table_for_every_algorithm(capsys):
     for algo in run.ALGOS:
         assert re.search(rf"^\| {algo} \| eager \| 1 \| [\d,]+ \|$", out, re.M), out
     # fused seeds: updates/s of each seed, and in brackets the seed-updates/s, twice that
-    for algo in ("omiga", "omcda"):
+    for algo in ("omiga", "omcda", "comadice", "icq"):
         per_seed, total = re.search(rf"^\| {algo} \| eager \| 2 \| ([\d,]+) \(([\d,]+)\) \|$", out, re.M).groups()
         assert abs(2 * int(per_seed.replace(",", "")) - int(total.replace(",", ""))) <= 2
-    assert not re.search(r"^\| (icq|bc) \| eager \| 2 ", out, re.M)  # single-seed scripts run K = 1 only
+    assert not re.search(r"^\| (bc|cql_ma) \| eager \| 2 ", out, re.M)  # single-seed scripts run K = 1 only
 
 
 def test_allocation_table_and_rank_correlation(tmp_path):
