@@ -597,11 +597,15 @@ if __name__ == "__main__":
 
     def evaluate_and_record(step: int, episodes: int, finished: bool = False) -> np.ndarray:
         agents.eval()
+        started = time.perf_counter()
         returns = evaluate_seeds(act_fn, env, episodes, eval_seeds)
+        seconds = time.perf_counter() - started
         agents.train()
         for writer, result, seed_returns in zip(writers, results, returns):
             writer.add_scalar("eval/return_mean", float(seed_returns.mean()), step)
             writer.add_scalar("eval/return_std", float(seed_returns.std()), step)
+            writer.add_scalar("charts/evaluation_seconds", seconds, step)
+            result.time_evaluation(seconds)
             result.add_evaluation(step, seed_returns, finished)
         return returns
 
@@ -652,3 +656,6 @@ if __name__ == "__main__":
     for seed, seed_returns in zip(seeds, returns):
         print(f"final return: {seed_returns.mean():.2f} ± {seed_returns.std():.2f} over {len(seed_returns)} episodes"
               + (f" (seed {seed})" if len(seeds) > 1 else ""))
+    training, evaluating = results[0].timed_seconds, results[0].evaluation_seconds
+    print(f"time: {training:.0f} s training, {evaluating:.0f} s evaluating "
+          f"({evaluating / max(training + evaluating, 1e-9):.0%} of both)")

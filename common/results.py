@@ -2,10 +2,13 @@
 
     {"args": {...}, "commit": "<git HEAD>" or null, "device": "NVIDIA H100 ..." or "<CPU> (2 cores)",
      "dataset": {dataset card}, "evaluations": [{"step", "mean", "std", "episodes"}, ...], "last": {...},
-     "best": {...}, "updates_per_sec": ..., "finished": true or false, "written_at": <unix time>}
+     "best": {...}, "updates_per_sec": ..., "training_seconds": ..., "evaluation_seconds": ... or null,
+     "finished": true or false, "written_at": <unix time>}
 
 The scripts rewrite it atomically at every evaluation and after the final one (then `finished` is true).
-`updates_per_sec` is the training speed (evaluations excluded) of the session that wrote it. benchmarks/report.py
+`updates_per_sec` is the training speed (evaluations excluded) of the session that wrote it; `training_seconds` and
+`evaluation_seconds` are that session's time in updates (between logs) and in evaluations (null where the script
+does not time them), from which the share of time spent evaluating follows. benchmarks/report.py
 builds its tables and learning curves from these files alone.
 """
 
@@ -75,10 +78,14 @@ class RunResult:
     commit: str | None = field(default_factory=git_commit)  # of the code this process started with
     timed_updates: int = 0
     timed_seconds: float = 0.0
+    evaluation_seconds: float | None = None
 
     def time(self, updates: int, seconds: float) -> None:
         self.timed_updates += updates
         self.timed_seconds += seconds
+
+    def time_evaluation(self, seconds: float) -> None:
+        self.evaluation_seconds = (self.evaluation_seconds or 0.0) + seconds
 
     def add_evaluation(self, step: int, returns: np.ndarray, finished: bool = False) -> None:
         self.evaluations.append(dict(step=step, mean=float(returns.mean()), std=float(returns.std()),
@@ -88,4 +95,4 @@ class RunResult:
             evaluations=self.evaluations, last=self.evaluations[-1],
             best=max(self.evaluations, key=lambda evaluation: evaluation["mean"]),
             updates_per_sec=self.timed_updates / self.timed_seconds if self.timed_seconds > 0 else None,
-            finished=finished, written_at=time.time()))
+            training_seconds=self.timed_seconds, evaluation_seconds=self.evaluation_seconds, finished=finished, written_at=time.time()))
