@@ -78,7 +78,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from common.collect import ensure_dataset
-from common.datasets import Batch, Dataset, load_dataset
+from common.datasets import Batch, Dataset, draw_indices, load_dataset
 from common.envs import make_env
 from common.evaluation import evaluate_seeds
 from common.results import RunResult, write_json
@@ -392,10 +392,7 @@ def sample_initial_states(dataset: Dataset, batch_size: int,
                           generator: torch.Generator | list[torch.Generator]) -> Batch:
     """A minibatch of the episodes' first steps (s0 ~ D0 in Eq. 11), drawn on the dataset's device; given a list of
     generators (fused seeds), one minibatch per generator, stacked as the seeds' leading dim."""
-    def draw(one: torch.Generator) -> torch.Tensor:
-        return torch.randint(len(dataset.episode_starts), (batch_size,), device=dataset.device, generator=one)
-
-    pick = torch.stack([draw(one) for one in generator]) if isinstance(generator, list) else draw(generator)
+    pick = draw_indices(len(dataset.episode_starts), batch_size, generator, dataset.device)
     return dataset.gather(dataset.episode_starts[pick])
 
 

@@ -68,7 +68,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from common.collect import ensure_dataset
-from common.datasets import Batch, Dataset, load_dataset
+from common.datasets import Batch, Dataset, draw_indices, load_dataset
 from common.envs import make_env
 from common.evaluation import evaluate_seeds
 from common.results import RunResult, write_json
@@ -266,10 +266,7 @@ class NextActionSampler:
 
     def sample(self, batch_size: int, generator: torch.Generator | list[torch.Generator] | None = None) -> ICQBatch:
         """A minibatch; given a list of generators (fused seeds), one per generator, stacked as the leading dim."""
-        def draw(one: torch.Generator | None) -> torch.Tensor:
-            return torch.randint(len(self.indices), (batch_size,), device=self.indices.device, generator=one)
-
-        pick = torch.stack([draw(one) for one in generator]) if isinstance(generator, list) else draw(generator)
+        pick = draw_indices(len(self.indices), batch_size, generator, self.indices.device)
         batch = self.dataset.gather(self.indices[pick])
         next_actions = self.dataset.actions[:, self.next_indices[pick]].movedim(0, -3)
         return ICQBatch(**vars(batch), next_actions=next_actions)

@@ -151,6 +151,15 @@ def episode_bounds(terminals: np.ndarray, timeouts: np.ndarray) -> tuple[np.ndar
     return starts, ends
 
 
+def draw_indices(high: int, batch_size: int, generator: torch.Generator | list[torch.Generator] | None,
+                 device: torch.device) -> torch.Tensor:
+    """Uniform indices in [0, high) on `device`: [batch_size], or given a list of K generators (fused seeds) [K,
+    batch_size], row k drawn by generator k exactly as a run with that generator alone would draw it."""
+    if isinstance(generator, list):
+        return torch.stack([torch.randint(high, (batch_size,), device=device, generator=one) for one in generator])
+    return torch.randint(high, (batch_size,), device=device, generator=generator)
+
+
 @dataclass
 class Batch:
     """A minibatch, agent-major so the batched per-agent networks take it as is; fused seeds add a leading [K] to
@@ -207,13 +216,8 @@ class Dataset:
 
     def sample(self, batch_size: int, generator: torch.Generator | list[torch.Generator] | None = None) -> Batch:
         """A minibatch of uniformly drawn transitions; given a list of K generators (fused seeds), K minibatches with
-        a leading seed dim [K, ...], minibatch k drawn by generator k exactly as a run with that generator alone."""
-        if isinstance(generator, list):
-            idx = torch.stack([torch.randint(self.size, (batch_size,), device=self.device, generator=one)
-                               for one in generator])
-        else:
-            idx = torch.randint(self.size, (batch_size,), device=self.device, generator=generator)
-        return self.gather(idx)
+        a leading seed dim [K, ...] (see draw_indices)."""
+        return self.gather(draw_indices(self.size, batch_size, generator, self.device))
 
     def gather(self, idx: torch.Tensor) -> Batch:
         """The transitions at idx [B] or [K, B]; agent tensors come agent-major within a seed, [K, n_agents, B, ...]."""

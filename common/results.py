@@ -95,4 +95,5 @@ class RunResult:
             evaluations=self.evaluations, last=self.evaluations[-1],
             best=max(self.evaluations, key=lambda evaluation: evaluation["mean"]),
             updates_per_sec=self.timed_updates / self.timed_seconds if self.timed_seconds > 0 else None,
-            training_seconds=self.timed_seconds, evaluation_seconds=self.evaluation_seconds, finished=finished, written_at=time.time()))
+            training_seconds=self.timed_seconds, evaluation_seconds=self.evaluation_seconds, finished=finished,
+            written_at=time.time()))
