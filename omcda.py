@@ -62,7 +62,11 @@ Choices the seeds leave open (OMIGA's published values where they apply; otherwi
 - alpha_i starts at 10 (OMIGA's MuJoCo alpha) and lives in [0.1, 100], log-alpha Adam lr 1e-3. The budget, not the
   floor, is the regulariser: on Hopper medium-replay (30k updates, d_tot 0.3 / 1.2 / 3) alpha_i fell to about 0.3
   within 5k updates, then rose with the scale of Q^r, and no logged step had every alpha_i on the floor. A floor of 1
-  did not rescue d_tot 3, which is too loose for that dataset either way.
+  did not rescue d_tot 3.
+- Known limitation, measured there: at d_tot 1.2 (one of two seeds) and 3 the decoupled reward backup inflated
+  (mean Q^r_tot on the data past 200 at the collapse, up to 3,220; the data's discounted returns average 109) and
+  the returns collapsed; --no-decouple, whose backed-up soft value pays alpha_i KL_i, did not collapse on the same
+  runs, and neither LayerNorm critics nor clipped double Q^r prevented it. The README has the runs.
 """
 
 from __future__ import annotations
