@@ -7,46 +7,55 @@ through its Lagrangian, the return of r_t - sum_i alpha_i KL(pi_i || pi_b,i), pi
 
  1. Behaviour cloning [seed]: pi_b,i = argmax E_D[log pi_b,i(a_i | o_i)] for --bc-steps, then frozen; pi_i starts as
     a copy of pi_b,i.
- 2. Decoupled values [seed 001, key design 1]: Q_tot = Q^r_tot + sum_i alpha_i Q^{c,i}_tot with
-      Q^r_tot(s, a)     = sum_i w^r_i(s) Q^r_i(o_i, a_i) + b^r(s)     (return of the rewards; OMIGA's mixer, Eq. 8)
-      Q^{c,i}_tot(s, a) = Q^c_i(o_i, a_i) + b^c_i(s)                   (minus agent i's discounted future KL)
-    [ours] The seed's conservative mixer W^c (n x n, Q^{c,i}_tot = sum_j W^c_ij Q^c_j + b^c_i) is the identity here.
-    Agent i's conservative value accounts for agent i's own KL only, so the Lagrangian separates per agent and
-    V^{c,i}_tot = E_{pi*}[Q^{c,i}_tot] - KL_i holds exactly; with a full W^c row i would pay a mixture of every agent's
-    KL, and pi*_j would carry the coefficient sum_i alpha_i W^c_ij on Q^c_j instead of alpha_j.
- 3. Consistent local policy [seed 001, Prop. 3.1, 3.2, Thm. 3.3]: the Lagrangian's per-agent maximiser is
-      pi*_i ∝ pi_b,i exp(z_i),   z_i = x_i + y_i,   x_i = w̄^r_i (Q̄^r_i - V^r_i) / alpha_i,   y_i = Q̄^c_i - V^c_i.
- 4. Value losses [seed 001, Prop. 3.4 (Eq. 25) for V^c; ours the in-sample forms, as OMIGA Eq. 11-13]:
-      L_Vc = E_D[ exp(z_i - c_i) + exp(-c_i) V^c_i ]     -> E_{pi_b}[exp(z_i) | o_i] = 1: pi*_i is normalised
-      L_Vr = E_D[ sg(exp(z_i)) (Q̄^r_i - V^r_i)^2 ]        -> V^r_i = E_{pi*}[Q^r_i | o_i]
-    so that V^c_i = E_{pi*}[Q^c_i] - KL(pi*_i || pi_b,i): the deviation enters the values implicitly.
-      L_Qr = E_D[ (r + gamma (1 - done) V̄^r_tot(s') - Q^r_tot(s, a))^2 ],          V^r_tot = sum_i w^r_i V^r_i + b^r
-      L_Qc = sum_i E_D[ (gamma (1 - done) V̄^{c,i}_tot(s') - Q^{c,i}_tot(s, a))^2 ],   V^{c,i}_tot = V^c_i + b^c_i
+ 2. Decoupled values [seed 001, key design 1]: Q_tot = Q^r_tot + sum_i alpha_i Q^{c,i}_tot, the soft return of
+    r - sum_i alpha_i KL_i split into the return of the rewards Q^r_tot and minus agent i's discounted future KL
+    Q^{c,i}_tot. [ours] Two of the three are learned, each with OMIGA's mixer (Eq. 8), the third is their difference:
+      Q_tot(s, a)   = sum_i w_i(s) Q_i(o_i, a_i) + b(s)           (soft value: sets pi*, as OMIGA)
+      Q^r_tot(s, a) = sum_i w^r_i(s) Q^r_i(o_i, a_i) + b^r(s)     (reward value of pi*: measures influence)
+      sum_i alpha_i Q^{c,i}_tot = Q_tot - Q^r_tot                  (logged as values/q_conservative_tot)
+    Why not back up Q^r and Q^c separately and read pi* off their sum: V^r = E_{pi*}[Q^r] is a Boltzmann mean of the
+    critic that pi* itself tilts towards, an operator that is not a non-expansion (Asadi & Littman, ICML 2017),
+    whose upward bias from critic noise of variance s^2 is s^2 / alpha to second order, twice that of the soft
+    value's log-sum-exp, which also pays alpha_i KL_i per step. Measured on Hopper medium-replay (README): that form
+    inflated Q^r_tot past 1,000 and collapsed the returns at d_tot 1.2 and 3. Here pi* comes from the soft chain and
+    Q^r evaluates that pi*, with no feedback into control.
+ 3. Consistent local policy [seed 001, Prop. 3.1, 3.2, Thm. 3.3; OMIGA Eq. 10 with per-agent alpha_i]:
+      pi*_i ∝ pi_b,i exp(z_i),   z_i = w̄_i (Q̄_i - V_i) / alpha_i = x_i + y_i,   x_i = w̄^r_i (Q̄^r_i - V^r_i) / alpha_i,
+    x_i the reward part of Prop. 3.2's exponent and y_i = z_i - x_i its conservative part Q^{c,i} - V^{c,i}. With
+    per-agent alpha_i the soft value pays exactly sum_i alpha_i KL_i: V_tot = E_{pi*}[Q_tot] - sum_i alpha_i KL_i.
+ 4. Value losses [OMIGA Eq. 11-13 with per-agent alpha_i; seed 001 Prop. 3.4: V normalises pi*_i]:
+      L_V  = E_D[ exp(z_i - c_i) + exp(-c_i) w̄_i V_i / alpha_i ]   -> E_{pi_b}[exp(z_i) | o_i] = 1: pi*_i is normalised
+      L_Vr = E_D[ sg(exp(z_i)) (Q̄^r_i - V^r_i)^2 ]                -> V^r_i = E_{pi*}[Q^r_i | o_i]
+      L_Q  = E_D[ (r + gamma (1 - done) V̄_tot(s') - Q_tot(s, a))^2 ],       V_tot = sum_i w_i V_i + b
+      L_Qr = E_D[ (r + gamma (1 - done) V̄^r_tot(s') - Q^r_tot(s, a))^2 ],   V^r_tot = sum_i w^r_i V^r_i + b^r
  5. KL_i [ours: in-sample, of the policy the values define]: KL(pi*_i || pi_b,i) = E_{pi*}[z_i] = E_D[exp(z_i) z_i],
     no policy action needed (estimated self-normalised, see below). The KL of the extracted Gaussian pi_i to pi_b,i
     is logged beside it as a diagnostic.
  6. Influence [seed 001, key design 2: m_i = dV^r_tot / dKL(pi_i || pi_b,i), by the chain rule through pi_i].
-    [ours] The family pi_i moves on is pi_i(alpha_i) ∝ pi_b,i exp(z_i(alpha_i)); with the critics held fixed,
-      dV^r_tot / dalpha_i = -Var_{pi*}(x_i),   dKL_i / dalpha_i = -Cov_{pi*}(x_i, z_i) / alpha_i,
-      m_i = (dV^r_tot / dalpha_i) / (dKL_i / dalpha_i) = alpha_i E_D[exp(z_i) x_i^2] / E_D[exp(z_i) x_i z_i]
-    (E_{pi*}[x_i | o_i] = 0 since V^r_i = E_{pi*}[Q^r_i]; both moments are averaged over the data, then divided).
-    Coordinate-free and in-sample: no critic is queried off the data. Without the conservative part, m_i = alpha_i:
-    the envelope theorem, the marginal return of KL is its price. y_i moves m_i by how agent i's deviation now
-    correlates with its future deviation. With --no-decouple there is no reward part to isolate: x_i = z_i, m_i = alpha_i.
+    [ours] The family pi_i moves on is pi_i(beta_i) ∝ pi_b,i exp(beta_i z_i), sharpening (beta_i > 1) or flattening
+    agent i's policy, at beta_i = 1; with the critics held fixed and K_i(o_i) = E_{pi*}[z_i | o_i] = KL_i(o_i),
+      dV^r_tot / dbeta_i = alpha_i Cov_{pi*}(x_i, z_i | o_i),   dKL_i / dbeta_i = Var_{pi*}(z_i | o_i),
+      m_i = alpha_i E_D[exp(z_i) x_i (z_i - K_i)] / E_D[exp(z_i) (z_i - K_i)^2]      (each moment averaged over o_i)
+      L_K = E_D[ sg(exp(z_i)) (sg(z_i) - K_i(o_i))^2 ]                               -> K_i(o_i) = KL_i(o_i)
+    Coordinate-free and in-sample: no critic is queried off the data. Without a conservative part (x_i = z_i - K_i)
+    m_i = alpha_i: the envelope theorem, the marginal return of KL is its price. The denominator is positive whenever
+    pi*_i deviates, and |m_i| <= alpha_i sd(x_i) / sd(z_i); moving alpha_i instead (Prop. 3.2's reward part alone)
+    divides by Cov(x_i, z_i), which crossed zero on Hopper and sent m_i to -40. With --no-decouple there is no
+    reward part to isolate: m_i = alpha_i.
  7. Allocation [seed]: d = softmax(m̂ / tau_m) d_tot with m̂ = m / max_i |m_i| [ours: scale-free], so sum_i d_i = d_tot.
  8. alpha_i [seed 001]: min_{alpha_i >= 0} alpha_i (d_i - KL_i), by dual descent on log alpha_i (loss
     log alpha_i sg(d_i - KL_i)) within [--alpha-min, --alpha-max]: alpha_i rises while agent i exceeds its budget.
  9. Policy [OMIGA Eq. 14]: L_pi = -E_D[ sg(exp(clamp(z_i, -z_clip, z_clip))) log pi_i(a_i | o_i) ].
 Ablations (seed 001): --allocation uniform (w/o-CDA), --allocation random (rd: one Dirichlet(1) draw per run), and
---no-decouple (w/o-dq: one entangled Q_i, V_i and mixer as in OMIGA, z_i = w̄_i (Q̄_i - V_i) / alpha_i).
+--no-decouple (w/o-dq: the soft chain alone, as OMIGA with per-agent alpha_i; no Q^r to measure influence with).
 
 Agent inputs follow --obs-mode: "state" (default) gives every agent the global state plus a one-hot id, the setting
 of the seeds' MuJoCo experiments; "local" gives each agent its local observation (agent_obsk=1) plus the id.
 
 Choices the seeds leave open (OMIGA's published values where they apply; otherwise ours):
-- gamma 0.99, tau 0.005 (targets of Q^r, Q^c, V^r, V^c, the mixer and b^c), Adam lr 5e-4, batch 128, 1e6 updates,
+- gamma 0.99, tau 0.005 (targets of Q, V, Q^r, V^r and both mixers), Adam lr 5e-4, batch 128, 1e6 updates,
   2x256 ReLU networks, hypernetworks with one hidden layer of 64 on the global state, gradient-norm clip 1.0.
-- The shift c_i of L_Vc (and of the entangled L_V) is a running average of the minibatch maximum of z_i at rate tau,
+- The shift c_i of L_V is a running average of the minibatch maximum of z_i at rate tau,
   raised to max_B z_i - 50 only where exp would overflow float32. A constant shift is a positive rescaling, so the
   minimiser is unchanged; shifting by each minibatch's own maximum (OMIGA's published code) scales each minibatch's
   gradient by exp(-max_B z), smallest when the batch says "raise V", and moves SGD's fixed point to
@@ -55,18 +64,17 @@ Choices the seeds leave open (OMIGA's published values where they apply; otherwi
 - KL_i and the influence moments are expectations under pi*, estimated self-normalised over the minibatch
   (sum_B exp(z) f / sum_B exp(z), consistent because E_D[exp(z)] = 1) and smoothed by an exponential moving average
   (--estimate-ema, a 20-update window at 0.05); they use clamp(z) as the policy weights do. KL_i is the KL of the
-  minibatch tilt softmax_B(z) to the minibatch, so an offset in V^c cannot make it small or negative. Measured on
+  minibatch tilt softmax_B(z) to the minibatch, so an offset in V cannot make it small or negative. Measured on
   Hopper medium-replay: the plain mean E_B[exp(z) z] is heavy-tailed (one sample at the clamp adds
   e^10 * 10 / 128 = 1,700), and Adam's dual step turned its spikes into an upward drift of alpha_i; the self-normalised
-  mean without the log term went negative once V^c lagged (d_tot 3: alpha_i fell to the floor, then Q^r diverged).
+  mean without the log term went negative once the normaliser lagged (alpha_i fell to the floor).
 - alpha_i starts at 10 (OMIGA's MuJoCo alpha) and lives in [0.1, 100], log-alpha Adam lr 1e-3. The budget, not the
-  floor, is the regulariser: on Hopper medium-replay (30k updates, d_tot 0.3 / 1.2 / 3) alpha_i fell to about 0.3
-  within 5k updates, then rose with the scale of Q^r, and no logged step had every alpha_i on the floor. A floor of 1
-  did not rescue d_tot 3.
-- Known limitation, measured there: at d_tot 1.2 (one of two seeds) and 3 the decoupled reward backup inflated
-  (mean Q^r_tot on the data past 200 at the collapse, up to 3,220; the data's discounted returns average 109) and
-  the returns collapsed; --no-decouple, whose backed-up soft value pays alpha_i KL_i, did not collapse on the same
-  runs, and neither LayerNorm critics nor clipped double Q^r prevented it. The README has the runs.
+  floor, is the regulariser: on Hopper medium-replay (30k updates, d_tot 0.3 / 1.2 / 3) alpha_i fell to 0.15-1 within
+  5k updates, then rose with the scale of Q (to 1-9 at 30k), and no logged step had every alpha_i on the floor.
+- Known limitation, measured there: at d_tot 3 (about 1 nat per agent) the returns of both seeds run fell far below
+  OMIGA's at some evaluations (seed 1: 7.5 at 30k; seed 2: 0.52 of OMIGA's at 15k) while z's spread grew to 7-15, so
+  that a few samples carry the policy's weighted likelihood; at d_tot 0.3 and 1.2 every evaluation from 10k on was
+  0.83-1.17 of OMIGA's. The README has the runs.
 """
 
 from __future__ import annotations
@@ -291,23 +299,11 @@ def mix(w: torch.Tensor, values: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 # ALGO LOGIC: networks, losses and the update
-class ConservativeBias(nn.Module):
-    """Hypernetwork on the global state: b^c(s) [n, B], the state part of every agent's Q^{c,i}_tot = Q^c_i + b^c_i."""
-
-    def __init__(self, state_dim: int, n_agents: int, hidden_dim: int, seeds: int = 1):
-        super().__init__()
-        self.hyper_b = nn.Sequential(BatchedLinear(seeds, state_dim, hidden_dim), nn.ReLU(),
-                                     BatchedLinear(seeds, hidden_dim, n_agents))
-
-    def forward(self, states: torch.Tensor) -> torch.Tensor:
-        """states [..., B, state_dim] -> b^c [..., n, B]."""
-        return self.hyper_b(states).transpose(-1, -2)
-
-
 class Agents(nn.Module):
     """Every network of OMCDA, the frozen behaviour policy, log alpha_i and the allocation state; targets are Polyak
-    copies. `v`, `q`, `mixer` are the reward part V^r, Q^r, (w^r, b^r); with `decouple=False` (w/o-dq) they hold the
-    entangled V, Q and mixer, and the conservative networks do not exist."""
+    copies. `v`, `q`, `mixer` are the soft values Q_tot = Q^r_tot + sum_i alpha_i Q^{c,i}_tot and V that set pi*;
+    `v_reward`, `q_reward`, `mixer_reward` the reward part V^r, Q^r, (w^r, b^r) and `state_kl` the per-state
+    KL_i(o_i) of pi*_i, all absent with `decouple=False` (w/o-dq)."""
 
     def __init__(self, n_agents: int, obs_dim: int, act_dim: int, state_dim: int, args: Args):
         super().__init__()
@@ -320,11 +316,12 @@ class Agents(nn.Module):
         self.v_target, self.q_target, self.mixer_target = (copy.deepcopy(m).requires_grad_(False) for m in (self.v, self.q, self.mixer))
         self.register_buffer("value_shift", torch.zeros(seeds, n_agents))
         if self.decouple:
-            self.v_conservative = AgentValue(nets, obs_dim, args.hidden_dim)
-            self.q_conservative = AgentQ(nets, obs_dim, act_dim, args.hidden_dim)
-            self.bias_conservative = ConservativeBias(state_dim, n_agents, args.mixer_hidden_dim, seeds)
-            self.v_conservative_target, self.q_conservative_target, self.bias_conservative_target = (
-                copy.deepcopy(m).requires_grad_(False) for m in (self.v_conservative, self.q_conservative, self.bias_conservative))
+            self.v_reward = AgentValue(nets, obs_dim, args.hidden_dim)
+            self.q_reward = AgentQ(nets, obs_dim, act_dim, args.hidden_dim)
+            self.mixer_reward = Mixer(state_dim, n_agents, args.mixer_hidden_dim, seeds)
+            self.v_reward_target, self.q_reward_target, self.mixer_reward_target = (
+                copy.deepcopy(m).requires_grad_(False) for m in (self.v_reward, self.q_reward, self.mixer_reward))
+            self.state_kl = AgentValue(nets, obs_dim, args.hidden_dim)
         self.behaviour = AgentPolicy(nets, obs_dim, act_dim, args.hidden_dim)
         self.log_alpha = nn.Parameter(torch.full((seeds, n_agents), math.log(args.alpha_init)))
         self.register_buffer("kl", torch.zeros(seeds, n_agents))
@@ -345,11 +342,10 @@ def make_optimizers(agents: Agents, args: Args) -> dict[str, torch.optim.Optimiz
         "alpha": torch.optim.Adam([agents.log_alpha], lr=args.alpha_lr, capturable=capturable),
     }
     if agents.decouple:
-        optimizers["v_conservative"] = torch.optim.Adam(agents.v_conservative.parameters(), lr=args.v_lr,
-                                                        capturable=capturable)
-        optimizers["q_conservative"] = torch.optim.Adam(
-            [*agents.q_conservative.parameters(), *agents.bias_conservative.parameters()], lr=args.q_lr,
-            capturable=capturable)
+        optimizers["v_reward"] = torch.optim.Adam(agents.v_reward.parameters(), lr=args.v_lr, capturable=capturable)
+        optimizers["state_kl"] = torch.optim.Adam(agents.state_kl.parameters(), lr=args.v_lr, capturable=capturable)
+        optimizers["q_reward"] = torch.optim.Adam([*agents.q_reward.parameters(), *agents.mixer_reward.parameters()],
+                                                  lr=args.q_lr, capturable=capturable)
     return optimizers
 
 
@@ -357,20 +353,12 @@ EXP_HEADROOM = 50.0  # exp(z - c) <= e^50 in the exp value losses; float32 overf
 
 
 def value_loss(v: torch.Tensor, q_target: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """OMIGA's L_V (seed 002, Eq. 12) with per-agent alpha [..., n, 1]: the entangled V of --no-decouple; [...].
-    Scaled by exp(-c) with c the running shift [..., n] (see conservative_value_loss)."""
+    """OMIGA's L_V (seed 002, Eq. 12) with per-agent alpha [..., n, 1]: E_D[exp(z_i - c_i) + exp(-c_i) w_i V_i / alpha_i],
+    z_i = w_i (Q̄_i - V_i) / alpha_i, summed over agents: [...]. Its minimiser is the soft value, E_{pi_b}[exp(z_i) | o_i]
+    = 1. c_i is the running shift [..., n], the same for every minibatch, so minibatch gradients stay unbiased."""
     z = w * (q_target - v) / alpha
     c = torch.maximum(shift, z.detach().max(-1).values - EXP_HEADROOM)[..., None]
     return (torch.exp(z - c) + torch.exp(-c) * w * v / alpha).mean(-1).sum(-1)
-
-
-def conservative_value_loss(v_conservative: torch.Tensor, z_without_v: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """L_Vc = E_D[exp(z_i) + V^c_i] with z_i = z_without_v - V^c_i; minimiser: E_{pi_b}[exp(z_i) | o_i] = 1. Scaled by
-    exp(-c) with c the running shift [..., n], the same for every minibatch, so minibatch gradients stay unbiased;
-    summed over agents: [...]."""
-    z = z_without_v.detach() - v_conservative
-    c = torch.maximum(shift, z.detach().max(-1).values - EXP_HEADROOM)[..., None]
-    return (torch.exp(z - c) + torch.exp(-c) * v_conservative).mean(-1).sum(-1)
 
 
 @torch.no_grad()
@@ -385,16 +373,16 @@ def reward_value_loss(v_reward: torch.Tensor, q_target: torch.Tensor, z: torch.T
     return (weight * (q_target - v_reward).pow(2)).mean(-1).sum(-1)
 
 
+def state_kl_loss(state_kl: torch.Tensor, z: torch.Tensor, z_clip: float) -> torch.Tensor:
+    """L_K = E_D[sg(exp(z_i)) (sg(z_i) - K_i(o_i))^2]: K_i(o_i) -> E_{pi*}[z_i | o_i] = KL(pi*_i(.|o_i) || pi_b,i(.|o_i))."""
+    z = z.detach().clamp(-z_clip, z_clip)
+    return (torch.exp(z) * (z - state_kl).pow(2)).mean(-1).sum(-1)
+
+
 def q_loss(q_tot: torch.Tensor, rewards: torch.Tensor, dones: torch.Tensor, next_v_tot: torch.Tensor, gamma: float) -> torch.Tensor:
-    """L_Qr (OMIGA Eq. 13 on the reward part): squared TD error of Q^r_tot against r + gamma (1 - done) V̄^r_tot(s')."""
+    """L_Q and L_Qr (OMIGA Eq. 13): squared TD error of a mixed Q_tot against r + gamma (1 - done) V̄_tot(s')."""
     target = rewards + gamma * (1.0 - dones) * next_v_tot
     return (q_tot - target.detach()).pow(2).mean(-1)
-
-
-def conservative_q_loss(q_tot: torch.Tensor, dones: torch.Tensor, next_v_tot: torch.Tensor, gamma: float) -> torch.Tensor:
-    """L_Qc = sum_i E_D[(gamma (1 - done) V̄^{c,i}_tot(s') - Q^{c,i}_tot(s, a))^2]; q_tot, next_v_tot [..., n, B]."""
-    target = gamma * (1.0 - dones[..., None, :]) * next_v_tot
-    return (q_tot - target.detach()).pow(2).mean(-1).sum(-1)
 
 
 def policy_loss(log_prob: torch.Tensor, z: torch.Tensor, z_clip: float) -> torch.Tensor:
@@ -411,15 +399,17 @@ def in_sample_kl(z: torch.Tensor) -> torch.Tensor:
     return (torch.softmax(z, -1) * z).sum(-1) - (torch.logsumexp(z, -1) - math.log(z.shape[-1]))
 
 
-def influence_moments(reward_part: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """(E_{pi*}[x_i^2], E_{pi*}[x_i z_i]) [2, n] of the reward part x [n, B] of z [n, B], self-normalised like
-    in_sample_kl: Var_{pi*}(x_i) and Cov_{pi*}(x_i, z_i), as E_{pi*}[x_i | o_i] = 0 because V^r_i = E_{pi*}[Q^r_i]."""
+def influence_moments(reward_part: torch.Tensor, z: torch.Tensor, state_kl: torch.Tensor) -> torch.Tensor:
+    """(Cov_{pi*}(x_i, z_i | o_i), Var_{pi*}(z_i | o_i)) [2, n], averaged over the data, of the reward part x [n, B] and
+    z [n, B], z centred per state by its conditional mean state_kl = E_{pi*}[z_i | o_i] [n, B]; expectations under pi*
+    estimated self-normalised like in_sample_kl."""
     weight = torch.softmax(z, -1)
-    return torch.stack([(weight * reward_part.pow(2)).sum(-1), (weight * reward_part * z).sum(-1)], -2)
+    centred = z - state_kl
+    return torch.stack([(weight * reward_part * centred).sum(-1), (weight * centred.pow(2)).sum(-1)], -2)
 
 
 def influence(alpha: torch.Tensor, moments: torch.Tensor) -> torch.Tensor:
-    """m_i = (dV^r_tot / dalpha_i) / (dKL_i / dalpha_i) = alpha_i Var_{pi*}(x_i) / Cov_{pi*}(x_i, z_i) [n]."""
+    """m_i = (dV^r_tot / dbeta_i) / (dKL_i / dbeta_i) = alpha_i Cov_{pi*}(x_i, z_i) / Var_{pi*}(z_i) [n]."""
     return alpha * moments[..., 0, :] / moments[..., 1, :]
 
 
@@ -495,8 +485,8 @@ def pretrain_behaviour(agents: Agents, dataset: Dataset, args: Args,
 
 
 def update(agents: Agents, optimizers: dict, batch: Batch, args: Args) -> dict[str, torch.Tensor]:
-    """One OMCDA update: V^c and V^r, then Q^r and Q^c, then the policy, then KL_i, influence, allocation and the
-    alpha_i step."""
+    """One OMCDA update: V and V^r, then Q and Q^r, then the policy, then KL_i, influence, allocation and the alpha_i
+    step."""
     alpha = agents.log_alpha.detach().exp()[..., None]
     with torch.no_grad():
         w_target, _ = agents.mixer_target(batch.states)
@@ -504,39 +494,48 @@ def update(agents: Agents, optimizers: dict, batch: Batch, args: Args) -> dict[s
         next_w, next_b = agents.mixer_target(batch.next_states)
         next_v_tot = mix(next_w, agents.v_target(batch.next_obs), next_b)
         if agents.decouple:
-            q_conservative_target = agents.q_conservative_target(batch.obs, batch.actions)
-            next_v_conservative_tot = (agents.v_conservative_target(batch.next_obs)
-                                       + agents.bias_conservative_target(batch.next_states))
+            w_reward_target, _ = agents.mixer_reward_target(batch.states)
+            q_reward_target = agents.q_reward_target(batch.obs, batch.actions)
+            next_w_reward, next_b_reward = agents.mixer_reward_target(batch.next_states)
+            next_v_reward_tot = mix(next_w_reward, agents.v_reward_target(batch.next_obs), next_b_reward)
 
     v = agents.v(batch.obs)
-    reward_part = w_target * (q_target - v.detach()) / alpha
+    z = w_target * (q_target - v.detach()) / alpha
+    loss_v = value_loss(v, q_target, w_target, alpha, agents.value_shift)
     metrics = {}
     if agents.decouple:
-        v_conservative = agents.v_conservative(batch.obs)
-        loss_v_conservative = conservative_value_loss(v_conservative, reward_part + q_conservative_target,
-                                                      agents.value_shift)
-        z = reward_part + q_conservative_target - v_conservative.detach()
-        loss_v = reward_value_loss(v, q_target, z, args.z_clip)
-        # V^c and V^r share no weights, and L_Vr sees V^c only through the detached z: one backward for both.
-        clipped_steps([optimizers["v_conservative"], optimizers["v"]], loss_v_conservative + loss_v, args.grad_clip,
-                      args.num_seeds)
-        metrics["losses/v_conservative"] = loss_v_conservative.detach()
-        metrics["values/v_conservative"] = v_conservative.detach().mean((-2, -1))
-    else:
-        loss_v = value_loss(v, q_target, w_target, alpha, agents.value_shift)
-        z = reward_part
+        v_reward = agents.v_reward(batch.obs)
+        reward_part = w_reward_target * (q_reward_target - v_reward.detach()) / alpha
+        loss_v_reward = reward_value_loss(v_reward, q_reward_target, z, args.z_clip)
+        state_kl = agents.state_kl(batch.obs)
+        loss_state_kl = state_kl_loss(state_kl, z, args.z_clip)
+        # V, V^r and K share no weights and see each other only through the detached z: one backward for all three.
+        clipped_steps([optimizers["v"], optimizers["v_reward"], optimizers["state_kl"]],
+                      loss_v + loss_v_reward + loss_state_kl, args.grad_clip, args.num_seeds)
+        state_kl = state_kl.detach()
+        metrics["losses/v_reward"] = loss_v_reward.detach()
+        metrics["losses/state_kl"] = loss_state_kl.detach()
+        metrics["values/v_reward"] = v_reward.detach().mean((-2, -1))
+    else:  # no reward part to isolate: m_i = alpha_i E[z^2] / E[z^2] = alpha_i
+        reward_part, state_kl = z, torch.zeros_like(z)
         clipped_step(optimizers["v"], loss_v, args.grad_clip, args.num_seeds)
     track_shift(agents.value_shift, z, args.tau)
 
     w, b = agents.mixer(batch.states)
     q_tot = mix(w, agents.q(batch.obs, batch.actions), b)
     loss_q = q_loss(q_tot, batch.rewards, batch.dones, next_v_tot, args.gamma)
-    clipped_step(optimizers["q"], loss_q, args.grad_clip, args.num_seeds)
     if agents.decouple:
-        q_conservative_tot = agents.q_conservative(batch.obs, batch.actions) + agents.bias_conservative(batch.states)
-        loss_q_conservative = conservative_q_loss(q_conservative_tot, batch.dones, next_v_conservative_tot, args.gamma)
-        clipped_step(optimizers["q_conservative"], loss_q_conservative, args.grad_clip, args.num_seeds)
-        metrics["losses/q_conservative"] = loss_q_conservative.detach()
+        w_reward, b_reward = agents.mixer_reward(batch.states)
+        q_reward_tot = mix(w_reward, agents.q_reward(batch.obs, batch.actions), b_reward)
+        loss_q_reward = q_loss(q_reward_tot, batch.rewards, batch.dones, next_v_reward_tot, args.gamma)
+        clipped_steps([optimizers["q"], optimizers["q_reward"]], loss_q + loss_q_reward, args.grad_clip, args.num_seeds)
+        metrics["losses/q_reward"] = loss_q_reward.detach()
+        metrics["values/q_reward_tot"] = q_reward_tot.detach().mean(-1)
+        metrics["values/q_conservative_tot"] = (q_tot - q_reward_tot).detach().mean(-1)
+        reward_value = w_reward.detach() * v_reward.detach()
+    else:
+        clipped_step(optimizers["q"], loss_q, args.grad_clip, args.num_seeds)
+        reward_value = w.detach() * v.detach()
 
     mean, log_std = agents.policy(batch.obs)
     loss_pi = policy_loss(tanh_gaussian_log_prob(mean, log_std, batch.actions), z, args.z_clip)
@@ -545,7 +544,7 @@ def update(agents: Agents, optimizers: dict, batch: Batch, args: Args) -> dict[s
     with torch.no_grad():
         z_clipped = z.clamp(-args.z_clip, args.z_clip)
         agents.kl.lerp_(in_sample_kl(z_clipped), args.estimate_ema)
-        agents.influence_moments.lerp_(influence_moments(reward_part, z_clipped), args.estimate_ema)
+        agents.influence_moments.lerp_(influence_moments(reward_part, z_clipped, state_kl), args.estimate_ema)
         agents.influence.copy_(influence(alpha[..., 0], agents.influence_moments))
         agents.budget.copy_(allocate_budget(agents.influence, args.d_tot, args.allocation, args.influence_temperature,
                                             agents.random_allocation))
@@ -560,16 +559,16 @@ def update(agents: Agents, optimizers: dict, batch: Batch, args: Args) -> dict[s
     soft_update(agents.q_target, agents.q, args.tau)
     soft_update(agents.mixer_target, agents.mixer, args.tau)
     if agents.decouple:
-        soft_update(agents.v_conservative_target, agents.v_conservative, args.tau)
-        soft_update(agents.q_conservative_target, agents.q_conservative, args.tau)
-        soft_update(agents.bias_conservative_target, agents.bias_conservative, args.tau)
-    part = "reward" if agents.decouple else "entangled"
-    return {f"losses/v_{part}": loss_v.detach(), f"losses/q_{part}": loss_q.detach(), "losses/policy": loss_pi.detach(),
-            **metrics, f"values/q_{part}_tot": q_tot.detach().mean(-1), f"values/v_{part}": v.detach().mean((-2, -1)),
+        soft_update(agents.v_reward_target, agents.v_reward, args.tau)
+        soft_update(agents.q_reward_target, agents.q_reward, args.tau)
+        soft_update(agents.mixer_reward_target, agents.mixer_reward, args.tau)
+    return {"losses/v_soft": loss_v.detach(), "losses/q_soft": loss_q.detach(), "losses/policy": loss_pi.detach(),
+            **metrics, "values/q_soft_tot": q_tot.detach().mean(-1), "values/v_soft": v.detach().mean((-2, -1)),
             "agents/alpha": agents.log_alpha.detach().exp(), "agents/budget": agents.budget.clone(),
             "agents/influence": agents.influence.clone(), "agents/kl": agents.kl.clone(), "agents/policy_kl": policy_kl,
+            "agents/state_kl": state_kl.mean(-1),
             "agents/normaliser": torch.exp(z_clipped).mean(-1), "agents/z_std": z.std(-1),
-            "agents/reward_value": (w.detach() * v.detach()).mean(-1)}
+            "agents/reward_value": reward_value.mean(-1)}
 
 
 def agent_summary(agents: Agents) -> str:

@@ -59,19 +59,21 @@ def test_gaussian_kl_matches_torch_distributions():
     torch.testing.assert_close(omcda.gaussian_kl(mean, log_std, ref_mean, ref_log_std), expected)
 
 
-def test_exp_value_losses_reach_their_minimiser_under_minibatches():
+def test_exp_value_loss_reaches_its_minimiser_under_minibatches():
     """std(z) = 3, minibatches of 128, plain SGD: the fixed point normalises, E[exp(z)] = 1 (a per-minibatch max shift
     gives about 2.9 here)."""
-    entangled = exp_loss_fixed_point(lambda v, q, shift: omcda.value_loss(v, q, torch.ones_like(q), torch.ones(1, 1), shift),
-                                     omcda.track_shift)
-    conservative = exp_loss_fixed_point(omcda.conservative_value_loss, omcda.track_shift)
-    assert abs(entangled - 1.0) < 0.05 and abs(conservative - 1.0) < 0.05, (entangled, conservative)
+    normaliser = exp_loss_fixed_point(lambda v, q, shift: omcda.value_loss(v, q, torch.ones_like(q), torch.ones(1, 1), shift),
+                                      omcda.track_shift)
+    assert abs(normaliser - 1.0) < 0.05, normaliser
 
 
-def tilted_policy(alpha, q_reward, q_conservative, w_reward, behaviour):
-    """pi_i(alpha_i) ∝ pi_b,i exp(w^r_i Q^r_i / alpha_i + Q^c_i) at every state: [n, S, A]."""
-    logits = torch.log(behaviour) + w_reward[..., None] * q_reward / alpha[:, None, None] + q_conservative
-    return torch.softmax(logits, -1)
+def tilted_policy(alpha, q_reward, q_conservative, w_reward, behaviour, sharpness=None):
+    """pi_i(beta_i) ∝ pi_b,i exp(beta_i z_i), z_i = w^r_i Q^r_i / alpha_i + Q^c_i up to a per-state constant, at every
+    state: [n, S, A]. beta_i = 1 (default) is pi*_i in Prop. 3.2's form, whose exponent the script's soft z_i equals,
+    with y_i = Q^c_i - V^c_i its conservative part."""
+    sharpness = torch.ones_like(alpha) if sharpness is None else sharpness
+    exponent = w_reward[..., None] * q_reward / alpha[:, None, None] + q_conservative
+    return torch.softmax(torch.log(behaviour) + sharpness[:, None, None] * exponent, -1)
 
 
 def enumerated_toy(with_conservative: bool = True):
@@ -87,19 +89,21 @@ def enumerated_toy(with_conservative: bool = True):
 
 def in_sample_parts(alpha, q_reward, q_conservative, w_reward, behaviour):
     """The data as the script sees it: every (s, a_i) repeated 10 pi_b,i(a_i | s) times, with the exact V^r_i (the
-    fixed point of L_Vr) and V^c_i (of L_Vc); returns the reward part x and z [n, N]."""
+    fixed point of L_Vr), normaliser (that of L_V) and K_i(s) (that of L_K); returns the reward part x, z and K [n, N]."""
     pi = tilted_policy(alpha, q_reward, q_conservative, w_reward, behaviour)
     v_reward = (pi * q_reward).sum(-1, keepdim=True)
     x = w_reward[..., None] * (q_reward - v_reward) / alpha[:, None, None]
-    v_conservative = torch.log((behaviour * torch.exp(x + q_conservative)).sum(-1, keepdim=True))
-    z = x + q_conservative - v_conservative
+    normaliser = torch.log((behaviour * torch.exp(x + q_conservative)).sum(-1, keepdim=True))
+    z = x + q_conservative - normaliser
+    state_kl = (pi * z).sum(-1, keepdim=True).expand_as(z)
     counts = (10 * behaviour).round().long()
-    return (torch.stack([torch.repeat_interleave(t[i].flatten(), counts[i].flatten()) for i in range(2)]) for t in (x, z))
+    return (torch.stack([torch.repeat_interleave(t[i].flatten(), counts[i].flatten()) for i in range(2)])
+            for t in (x, z, state_kl))
 
 
-def exact_reward_value_and_kl(alpha, q_reward, q_conservative, w_reward, behaviour):
-    """Per agent: E_s[w^r_i V^r_i] under pi_i(alpha_i) and E_s[KL(pi_i(alpha_i) || pi_b,i)], enumerated: [n], [n]."""
-    pi = tilted_policy(alpha, q_reward, q_conservative, w_reward, behaviour)
+def exact_reward_value_and_kl(alpha, q_reward, q_conservative, w_reward, behaviour, sharpness):
+    """Per agent: E_s[w^r_i V^r_i] under pi_i(beta_i) and E_s[KL(pi_i(beta_i) || pi_b,i)], enumerated: [n], [n]."""
+    pi = tilted_policy(alpha, q_reward, q_conservative, w_reward, behaviour, sharpness)
     reward_value = (w_reward * (pi * q_reward).sum(-1)).mean(-1)
     kl = (pi * torch.log(pi / behaviour)).sum(-1).mean(-1)
     return reward_value, kl
@@ -107,24 +111,24 @@ def exact_reward_value_and_kl(alpha, q_reward, q_conservative, w_reward, behavio
 
 @pytest.mark.parametrize("with_conservative", [True, False])
 def test_influence_and_kl_estimators_match_exact_enumeration(with_conservative):
-    """m_i from the in-sample moments equals dV^r_tot/dKL_i by finite differences along pi_i(alpha_i); the in-sample KL
+    """m_i from the in-sample moments equals dV^r_tot/dKL_i by finite differences along pi_i(beta_i); the in-sample KL
     equals the enumerated KL(pi*_i || pi_b,i); without a conservative part m_i = alpha_i (envelope theorem)."""
     toy = enumerated_toy(with_conservative)
     alpha = toy[-1]
-    x, z = in_sample_parts(alpha, *toy[:-1])
-    measured = omcda.influence(alpha, omcda.influence_moments(x, z))
+    x, z, state_kl = in_sample_parts(alpha, *toy[:-1])
+    measured = omcda.influence(alpha, omcda.influence_moments(x, z, state_kl))
     h = 1e-5
     finite_difference = torch.zeros(2, dtype=torch.float64)
     for i in range(2):
         step = torch.zeros(2, dtype=torch.float64)
         step[i] = h
-        value_up, kl_up = exact_reward_value_and_kl(alpha + step, *toy[:-1])
-        value_down, kl_down = exact_reward_value_and_kl(alpha - step, *toy[:-1])
+        value_up, kl_up = exact_reward_value_and_kl(alpha, *toy[:-1], 1 + step)
+        value_down, kl_down = exact_reward_value_and_kl(alpha, *toy[:-1], 1 - step)
         finite_difference[i] = (value_up[i] - value_down[i]) / (kl_up[i] - kl_down[i])
     torch.testing.assert_close(measured, finite_difference, rtol=1e-5, atol=0)
-    _, exact_kl = exact_reward_value_and_kl(alpha, *toy[:-1])
+    _, exact_kl = exact_reward_value_and_kl(alpha, *toy[:-1], torch.ones(2, dtype=torch.float64))
     torch.testing.assert_close(omcda.in_sample_kl(z), exact_kl, rtol=1e-9, atol=1e-12)
-    # An offset in V^c (z shifted by a constant) does not move the estimate, and it is never negative.
+    # An offset in V (z shifted by a constant) does not move the estimate, and it is never negative.
     torch.testing.assert_close(omcda.in_sample_kl(z + 3.0), exact_kl, rtol=1e-9, atol=1e-12)
     assert (omcda.in_sample_kl(z - 3.0) >= 0).all()
     if with_conservative:  # the conservative part really moves the measurement away from the price alpha_i
@@ -133,25 +137,43 @@ def test_influence_and_kl_estimators_match_exact_enumeration(with_conservative):
         torch.testing.assert_close(measured, alpha)
 
 
+def test_state_kl_loss_minimiser_is_the_conditional_kl():
+    """L_K's minimiser over a free K per state is E_{pi*}[z | s] = KL(pi*(.|s) || pi_b(.|s)) on the enumerated toy."""
+    toy = enumerated_toy()
+    _, z, state_kl = in_sample_parts(toy[-1], *toy[:-1])
+    states = torch.stack([torch.repeat_interleave(torch.arange(3).repeat_interleave(3), (10 * toy[3][i]).round().long().flatten())
+                          for i in range(2)])
+    free = torch.zeros(2, 3, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([free], max_iter=200, tolerance_grad=1e-12, tolerance_change=1e-14)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = omcda.state_kl_loss(free.gather(1, states), z, z_clip=10.0)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    torch.testing.assert_close(free.detach().gather(1, states), state_kl, rtol=0, atol=1e-6)
+
+
 CHAIN_ALPHA = np.array([0.5, 2.0])
 
 
 def chain_exact_values() -> dict:
-    """pi*_i of r_i - alpha_i KL on the chain (conftest), then Q^r, V^r, Q^c, V^c of pi*_i by linear solves."""
+    """pi*_i of r_i - alpha_i KL on the chain (conftest): its soft Q_i, V_i, then Q^r_i, V^r_i of pi*_i by linear solves."""
     exact = {}
     for i in range(2):
-        _, _, pi = chain_soft_optimum(i, CHAIN_ALPHA[i])
-        kl = (pi * np.log(pi / CHAIN_BEHAVIOUR[i])).sum(1)
+        q_soft, v_soft, pi = chain_soft_optimum(i, CHAIN_ALPHA[i])
         v_reward = np.linalg.solve(np.eye(2) - CHAIN_GAMMA * pi, (pi * CHAIN_REWARD[i]).sum(1))
-        v_conservative = np.linalg.solve(np.eye(2) - CHAIN_GAMMA * pi, -kl)
-        exact[i] = dict(v_reward=v_reward, q_reward=CHAIN_REWARD[i] + CHAIN_GAMMA * v_reward[None, :],
-                        v_conservative=v_conservative, q_conservative=np.tile(CHAIN_GAMMA * v_conservative, (2, 1)))
+        exact[i] = dict(q_soft=q_soft, v_soft=v_soft, v_reward=v_reward,
+                        q_reward=CHAIN_REWARD[i] + CHAIN_GAMMA * v_reward[None, :])
     return exact
 
 
 def test_values_match_the_closed_form_on_a_multi_step_chain():
-    """gamma 0.8, no terminals, alpha = (0.5, 2) held fixed: the trained Q^r_tot, V^r_tot, Q^{c,i}_tot, V^{c,i}_tot equal
-    those of pi*, so bootstrapping, both backups, alpha_i and Q^c inside z_i and the weights of L_Vr all count."""
+    """gamma 0.8, no terminals, alpha = (0.5, 2) held fixed: the trained soft Q_tot, V_tot and the reward values
+    Q^r_tot, V^r_tot equal those of pi*, so bootstrapping, both backups, the KL payment, alpha_i inside z_i and the
+    weights of L_Vr all count."""
     torch.manual_seed(0)
     dataset = chain_dataset()
     args = omcda.Args(gamma=CHAIN_GAMMA, tau=0.05, hidden_dim=64, mixer_hidden_dim=32, q_lr=2e-3, v_lr=2e-3,
@@ -167,11 +189,11 @@ def test_values_match_the_closed_form_on_a_multi_step_chain():
     def values() -> dict[str, torch.Tensor]:
         with torch.no_grad():
             w, b = agents.mixer(batch.states)
-            bias_conservative = agents.bias_conservative(batch.states)
-            return dict(q_reward=omcda.mix(w, agents.q(batch.obs, batch.actions), b),
-                        v_reward=omcda.mix(w, agents.v(batch.obs), b)[..., ::4],
-                        q_conservative=agents.q_conservative(batch.obs, batch.actions) + bias_conservative,
-                        v_conservative=(agents.v_conservative(batch.obs) + bias_conservative)[..., ::4])
+            w_reward, b_reward = agents.mixer_reward(batch.states)
+            return dict(q_soft=omcda.mix(w, agents.q(batch.obs, batch.actions), b),
+                        v_soft=omcda.mix(w, agents.v(batch.obs), b)[..., ::4],
+                        q_reward=omcda.mix(w_reward, agents.q_reward(batch.obs, batch.actions), b_reward),
+                        v_reward=omcda.mix(w_reward, agents.v_reward(batch.obs), b_reward)[..., ::4])
 
     # Iterates averaged over the last 1,000 updates: at lr 2e-3 a single iterate still moves by about 0.05.
     snapshots = []
@@ -182,15 +204,16 @@ def test_values_match_the_closed_form_on_a_multi_step_chain():
     learned = {name: torch.stack([snapshot[name] for snapshot in snapshots]).mean(0).squeeze(0) for name in snapshots[0]}
     exact = chain_exact_values()
     local = CHAIN_JOINT
-    expected = dict(
-        q_reward=[exact[0]["q_reward"][s0, a0] + exact[1]["q_reward"][s1, a1] for s0, s1, a0, a1 in local],
-        v_reward=[exact[0]["v_reward"][s0] + exact[1]["v_reward"][s1] for s0, s1, _, _ in local[::4]],
-        q_conservative=[[exact[i]["q_conservative"][(s0, s1)[i], (a0, a1)[i]] for s0, s1, a0, a1 in local] for i in range(2)],
-        v_conservative=[[exact[i]["v_conservative"][(s0, s1)[i]] for s0, s1, _, _ in local[::4]] for i in range(2)])
+    expected = {name: [exact[0][name][s0, a0] + exact[1][name][s1, a1] for s0, s1, a0, a1 in local]
+                for name in ("q_soft", "q_reward")}
+    expected.update({name: [exact[0][name][s0] + exact[1][name][s1] for s0, s1, _, _ in local[::4]]
+                     for name in ("v_soft", "v_reward")})
     for name, value in expected.items():
         torch.testing.assert_close(learned[name], torch.tensor(value, dtype=torch.float32), atol=0.08, rtol=0,
                                    msg=lambda m, name=name: f"{name}: {m}")
-    assert exact[0]["v_conservative"].min() < -1.0  # agent 0's discounted KL is far from zero: the chain is tested
+    # Agent 0's discounted KL is far from zero, so the soft and reward values differ: the KL payment is tested.
+    assert (exact[0]["v_reward"] - exact[0]["v_soft"]).min() > 0.5
+
 
 def heterogeneous_dataset(n_samples: int = 3000, seed: int = 0):
     """r = -(a_0 - 0.6)^2 - 0.05 (a_1 + 0.6)^2: agent 0 drives the reward, agent 1 barely does.
@@ -241,7 +264,7 @@ def test_headline_command_smoke(tiny_hopper_dir, tmp_path):
                     "1.2", "--bc-steps", "20", total_steps=40)
     assert re.search(r"step 20: eval return .*\| alpha \[.*\]  budget \[.*\]  kl \[.*\]  influence \[.*\]", run.stdout)
     assert run.args["d_tot"] == 1.2
-    assert {"alpha", "v_conservative", "q_conservative"} <= set(run.checkpoint["optimizers"])
+    assert {"alpha", "v", "q", "v_reward", "q_reward"} <= set(run.checkpoint["optimizers"])
     assert "log_alpha" in run.checkpoint["agents"] and "budget" in run.checkpoint["agents"]
     assert {f"agents/{name}_{i}" for name in ("alpha", "budget", "influence", "kl") for i in range(3)} <= run.scalars
 
