@@ -164,7 +164,8 @@ class Args:
     allocation: Literal["influence", "uniform", "random"] = "influence"
     """how d_tot is split: influence (OMCDA), uniform (w/o-CDA), random (rd)"""
     no_decouple: bool = False
-    """if toggled, one entangled Q, V and mixer with per-agent alpha_i (the w/o-dq ablation)"""
+    """if toggled, no reward value Q^r beside the soft value, so the influence is the price, m_i = alpha_i (the w/o-dq
+    ablation)"""
     influence_temperature: float = 1.0
     """softmax temperature tau_m of the allocation over normalised influences"""
     estimate_ema: float = 0.05
