@@ -3,9 +3,9 @@
 Reads a run's TensorBoard scalars and prints, per run, a markdown table of every agent's alpha_i, in-sample KL_i,
 budget d_i, influence m_i and reward value w^r_i V^r_i at the given steps (the logged values nearest at or before
 each step), with whether agent i's budget binds there (KL_i within 20 % of d_i and alpha_i strictly inside its
-range), and the evaluation returns. Then seed 001's Figure 3 claim, measured: the Spearman rank correlation between
-w^r_i V^r_i and m_i over every (agent, evaluation step) pair of all the runs given, and the mean over evaluation steps
-of the rank correlation across agents at one step.
+range), and the evaluation returns, then at how many of all its logs a budget binds. Then seed 001's Figure 3
+claim, measured: the Spearman rank correlation between w^r_i V^r_i and m_i over every (agent, evaluation step)
+pair of all the runs given, and the mean over evaluation steps of the rank correlation across agents at one step.
 """
 
 from __future__ import annotations
@@ -59,6 +59,28 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.corrcoef(rx, ry)[0, 1])
 
 
+def budget_binds(kl: float, budget: float, alpha: float, args: dict) -> bool:
+    """KL_i within 20 % of d_i and alpha_i strictly inside its range."""
+    return (abs(kl - budget) <= BINDING_TOLERANCE * budget
+            and args["alpha_min"] * 1.001 < alpha < args["alpha_max"] * 0.999)
+
+
+def binding_counts(scalars: dict, args: dict) -> tuple[int, int, list[int], int]:
+    """Over every logged step of agents/kl_0: (logs, logs where at least one budget binds, logs where each agent's
+    binds, logs with every alpha_i on its floor)."""
+    agents = range(n_agents(scalars))
+    any_binds, each_binds, all_on_floor = 0, [0] * len(agents), 0
+    steps = scalars["agents/kl_0"][0]
+    for step in steps:
+        alphas = [value_at(scalars, f"agents/alpha_{i}", step) for i in agents]
+        binding = [budget_binds(value_at(scalars, f"agents/kl_{i}", step), value_at(scalars, f"agents/budget_{i}", step),
+                                alphas[i], args) for i in agents]
+        any_binds += any(binding)
+        each_binds = [count + b for count, b in zip(each_binds, binding)]
+        all_on_floor += all(alpha <= args["alpha_min"] * 1.001 for alpha in alphas)
+    return len(steps), any_binds, each_binds, all_on_floor
+
+
 def allocation_table(run_dir: Path, scalars: dict, steps: list[int]) -> str:
     args = json.loads((run_dir / "args.json").read_text())
     lines = [f"{run_dir.name}: d_tot {args['d_tot']}, allocation {args['allocation']}, "
@@ -70,8 +92,7 @@ def allocation_table(run_dir: Path, scalars: dict, steps: list[int]) -> str:
         for agent in range(n_agents(scalars)):
             alpha, kl, budget, influence, reward_value = (value_at(scalars, f"agents/{field}_{agent}", step)
                                                           for field in AGENT_FIELDS)
-            binds = (abs(kl - budget) <= BINDING_TOLERANCE * budget
-                     and args["alpha_min"] * 1.001 < alpha < args["alpha_max"] * 0.999)
+            binds = budget_binds(kl, budget, alpha, args)
             lines.append(f"| {step} | {eval_return:.1f} | {agent} | {alpha:.3g} | {kl:.3g} | {budget:.3g} | "
                          f"{'yes' if binds else 'no'} | {influence:.3g} | {reward_value:.3g} |")
     return "\n".join(lines)
@@ -101,7 +122,10 @@ def main(argv: list[str] | None = None) -> None:
         if "agents/influence_0" not in scalars:
             parser.error(f"{run_dir} has no agents/influence_0 scalars: not an OMCDA run directory")
         all_scalars.append(scalars)
-        print(allocation_table(run_dir, scalars, args.steps), end="\n\n")
+        print(allocation_table(run_dir, scalars, args.steps))
+        logs, any_binds, each_binds, all_on_floor = binding_counts(scalars, json.loads((run_dir / "args.json").read_text()))
+        print(f"\nover {logs} logs: a budget binds at {any_binds} (agent by agent: {', '.join(map(str, each_binds))}); "
+              f"every alpha_i on its floor at {all_on_floor}", end="\n\n")
     pooled, per_step, pairs = figure3_correlation(all_scalars)
     print(f"Figure 3 (w^r_i V^r_i against m_i): Spearman {pooled:.3f} over {pairs} (agent, evaluation) pairs; "
           f"mean per-evaluation Spearman across agents {per_step:.3f}")

@@ -222,6 +222,9 @@ def test_allocation_table_and_rank_correlation(tmp_path):
             if line.startswith("| 1") or line.startswith("| 2")]
     assert [(row[0], row[2], row[6]) for row in rows] == [("| 10", "0", "yes"), ("| 10", "1", "no"),
                                                           ("| 20", "0", "no"), ("| 20", "1", "yes")]
+    assert allocation.binding_counts(scalars, dict(alpha_min=0.1, alpha_max=100.0)) == (2, 2, [1, 1], 0)
+    assert allocation.binding_counts(scalars, dict(alpha_min=1.0, alpha_max=100.0)) == (2, 1, [0, 1], 0)
+    assert allocation.binding_counts(scalars, dict(alpha_min=2.0, alpha_max=100.0)) == (2, 0, [0, 0], 2)
     pooled, per_step, pairs = allocation.figure3_correlation([scalars])
     assert pairs == 4 and per_step == 0.0  # +1 at step 10, -1 at step 20
     assert abs(pooled - allocation.spearman([1.0, 3.0, 1.0, 3.0], [0.4, 1.5, 2.0, 1.0])) < 1e-12
