@@ -375,7 +375,8 @@ def reward_value_loss(v_reward: torch.Tensor, q_target: torch.Tensor, z: torch.T
 
 
 def state_kl_loss(state_kl: torch.Tensor, z: torch.Tensor, z_clip: float) -> torch.Tensor:
-    """L_K = E_D[sg(exp(z_i)) (sg(z_i) - K_i(o_i))^2]: K_i(o_i) -> E_{pi*}[z_i | o_i] = KL(pi*_i(.|o_i) || pi_b,i(.|o_i))."""
+    """L_K = E_D[sg(exp(z_i)) (sg(z_i) - K_i(o_i))^2]: K_i(o_i) -> E_{pi*}[z_i | o_i] = KL(pi*_i(.|o_i) || pi_b,i(.|o_i)),
+    with z clamped to [-z_clip, z_clip] as in the policy weights and the other pi* estimates."""
     z = z.detach().clamp(-z_clip, z_clip)
     return (torch.exp(z) * (z - state_kl).pow(2)).mean(-1).sum(-1)
 
@@ -516,6 +517,7 @@ def update(agents: Agents, optimizers: dict, batch: Batch, args: Args) -> dict[s
         state_kl = state_kl.detach()
         metrics["losses/v_reward"] = loss_v_reward.detach()
         metrics["losses/state_kl"] = loss_state_kl.detach()
+        metrics["agents/state_kl"] = state_kl.mean(-1)
         metrics["values/v_reward"] = v_reward.detach().mean((-2, -1))
     else:  # no reward part to isolate: m_i = alpha_i E[z^2] / E[z^2] = alpha_i
         reward_part, state_kl = z, torch.zeros_like(z)
@@ -567,7 +569,6 @@ def update(agents: Agents, optimizers: dict, batch: Batch, args: Args) -> dict[s
             **metrics, "values/q_soft_tot": q_tot.detach().mean(-1), "values/v_soft": v.detach().mean((-2, -1)),
             "agents/alpha": agents.log_alpha.detach().exp(), "agents/budget": agents.budget.clone(),
             "agents/influence": agents.influence.clone(), "agents/kl": agents.kl.clone(), "agents/policy_kl": policy_kl,
-            "agents/state_kl": state_kl.mean(-1),
             "agents/normaliser": torch.exp(z_clipped).mean(-1), "agents/z_std": z.std(-1),
             "agents/reward_value": reward_value.mean(-1)}
 
