@@ -137,6 +137,8 @@ class Args:
     and the numbers of separate runs (omiga.py, omcda.py, comadice.py and icq.py)"""
     compile: bool = False
     """if toggled, compile the update step with torch.compile (and CUDA graphs on a GPU)"""
+    tf32: bool = True
+    """if toggled, float32 matmuls on a GPU run on TensorFloat-32 tensor cores (`--no-tf32`: full float32)"""
 
     # Algorithm specific arguments
     gamma: float = 0.99
@@ -547,6 +549,7 @@ if __name__ == "__main__":
         check_args(args, ONE_SEED_EAGER)
         seed_everything(args.seed, args.torch_deterministic)
         device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+        torch.backends.cuda.matmul.allow_tf32 = args.tf32
         check_device(checkpoint, device)
         env = make_env(args.env, args.agent_conf, args.obs_mode)
         dataset_file = ensure_dataset(args.data_dir, args.env, env.agent_conf, args.dataset,

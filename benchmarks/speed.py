@@ -2,6 +2,7 @@
 
     python benchmarks/speed.py [--algos ...] [--envs Hopper Ant HalfCheetah] [--batch-size 128] [--repeats 5]
                                [--updates 200] [--device auto] [--num-seeds 1 5 20] [--modes eager compile cudagraphs]
+                               [--no-tf32]
 
 For each (algo, env) the script's own Agents, optimizers and update run at the env's shapes in obs mode "state", on a
 synthetic Dataset of random transitions held on the device and sampled the way the script's training loop samples it,
@@ -138,8 +139,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--num-seeds", nargs="+", type=positive_int, default=[1], help="fused seeds K per cell")
     parser.add_argument("--modes", nargs="+", choices=tuple(COMPILE_MODES), default=["eager"])
+    parser.add_argument("--no-tf32", action="store_true", help="full float32 matmuls on a GPU (the scripts' --no-tf32)")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = not args.no_tf32
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
 
@@ -167,7 +170,8 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"Updates per second (per seed; seed-updates/s = K x that in brackets), batch {args.batch_size}, obs mode "
           f"state, median of {args.repeats} x {args.updates} updates after {args.warmup} warm-up; "
-          f"{device_name(device)}, torch {torch.__version__}, {torch.get_num_threads()} threads\n")
+          f"{device_name(device)}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+          + (f", {'float32' if args.no_tf32 else 'TF32'} matmuls" if device.type == "cuda" else "") + "\n")
     print("| algorithm | mode | K | " + " | ".join(f"{name} {envs[name].agent_conf}" for name in args.envs) + " |")
     print("| --- | --- | ---: |" + " ---: |" * len(args.envs))
     for algo in args.algos:
