@@ -8,9 +8,11 @@
 # data: the datasets are not in the repository (1.3 GB) and a lease's machine starts bare; generating all four with
 # 16 cores took about 6.5 min (medium-expert, 2e6 transitions, about 11 min), so start it first, in the background.
 # grid: one process per dataset (default: all four), each with 5 fused seeds (1..5), --compile, the seeds' 1e6
-# updates and an evaluation every 50,000 (the default 5,000 would spend more time evaluating than training). Every
+# updates and an evaluation every 50,000 (at the default 5,000, evaluating took 17 % of an H100 run's wall time;
+# every 50,000, about 2 %). Every
 # process gets SECONDS and then stops with a checkpoint (SIGTERM), so the next `grid` command continues it with
-# --resume; checkpoints stay on the machine, so a run must finish within one lease (30 min). On the H100, omiga with
+# --resume (timeout --foreground: the signal goes to the script alone, which then closes its evaluation workers
+# itself); checkpoints stay on the machine, so a run must finish within one lease (30 min). On the H100, omiga with
 # 5 fused seeds trains 1,477 updates/s alone: 1e6 updates take about 11 min of the GPU, and processes sharing it
 # share that rate. Finished and unfinished runs' result.json files go to OUT_DIR/results-ALGO.tar.gz (paths as
 # benchmarks/report.py --collect reads them).
@@ -50,7 +52,7 @@ grid)
             run=(--env Hopper --dataset "$quality" --data-dir "$(realpath data)" --no-generate --seed 1 --num-seeds 5
                  --compile --total-steps 1000000 --eval-every 50000 --save-model --exp-name "$algo")
         fi
-        (cd "$cell" && timeout --signal TERM --kill-after 60 "$seconds" \
+        (cd "$cell" && timeout --foreground --signal TERM --kill-after 60 "$seconds" \
             python "$OLDPWD/$algo.py" "${run[@]}" >>"run.log" 2>&1 || true) &
     done
     wait
