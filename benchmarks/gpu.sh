@@ -4,6 +4,7 @@
 #   bash benchmarks/gpu.sh OUT_DIR data                        # generate the four Hopper datasets (background)
 #   bash benchmarks/gpu.sh OUT_DIR speed                       # the speed table -> OUT_DIR/speed.md (12 compilations of 30-60 s)
 #   bash benchmarks/gpu.sh OUT_DIR grid ALGO SECONDS [DATASET...]  # train or continue ALGO on Hopper datasets
+#   bash benchmarks/gpu.sh OUT_DIR baselines SECONDS            # the slow baselines' 30k-update runs (below)
 #
 # data: the datasets are not in the repository (1.3 GB) and a lease's machine starts bare; generating all four with
 # 16 cores took about 6.5 min (medium-expert, 2e6 transitions, about 11 min), so start it first, in the background.
@@ -16,12 +17,35 @@
 # 5 fused seeds trains 1,477 updates/s alone: 1e6 updates take about 11 min of the GPU, and processes sharing it
 # share that rate. Finished and unfinished runs' result.json files go to OUT_DIR/results-ALGO.tar.gz (paths as
 # benchmarks/report.py --collect reads them).
+# baselines: the runs the baselines need that cost 80+ min each on a CPU core: omar.py on the four datasets and
+# bcq_ma.py's four flag settings (BCQ, w/ value deviation, w/ transition normalization, MABCQ) on medium and
+# medium-replay; 12 processes, seed 1, 30,000 updates, evaluation every 5,000, eager (these scripts have no
+# --num-seeds or --compile); resumable like grid. Their result.json files go to OUT_DIR/results-baselines.tar.gz.
 set -euo pipefail
 out=$(realpath "$1")
 task=$2
 cd "$(dirname "$0")/.."
 datasets=(medium-replay medium expert medium-expert)
 mkdir -p "$out" runs/gpu
+
+# train_cell CELL SECONDS ALGO ARGS...: start ALGO in CELL with ARGS, or continue CELL's latest checkpoint; nothing
+# if CELL's run has finished. Stops with a checkpoint after SECONDS.
+train_cell() {
+    local cell=$1 seconds=$2 algo=$3
+    shift 3
+    mkdir -p "$cell"
+    local checkpoint run
+    checkpoint=$(ls -t "$cell"/runs/*/model.pt 2>/dev/null | head -1 || true)
+    if ls "$cell"/runs/*/result.json >/dev/null 2>&1 && grep -q '"finished": true' "$cell"/runs/*/result.json; then
+        return
+    elif [ -n "$checkpoint" ]; then
+        run=(--resume "$(realpath "$(dirname "$checkpoint")")" --data-dir "$(realpath data)")
+    else
+        run=("$@" --data-dir "$(realpath data)" --no-generate --save-model)
+    fi
+    (cd "$cell" && timeout --foreground --signal TERM --kill-after 60 "$seconds" \
+        python "$OLDPWD/$algo.py" "${run[@]}" >>"run.log" 2>&1 || true)
+}
 
 case "$task" in
 data)
@@ -41,26 +65,37 @@ grid)
     shift 4
     [ $# -gt 0 ] && datasets=("$@")
     for quality in "${datasets[@]}"; do
-        cell="runs/gpu/$algo/$quality"
-        mkdir -p "$cell"
-        checkpoint=$(ls -t "$cell"/runs/*/model.pt 2>/dev/null | head -1 || true)
-        if ls "$cell"/runs/*/result.json >/dev/null 2>&1 && grep -q '"finished": true' "$cell"/runs/*/result.json; then
-            continue
-        elif [ -n "$checkpoint" ]; then
-            run=(--resume "$(realpath "$(dirname "$checkpoint")")" --data-dir "$(realpath data)")
-        else
-            run=(--env Hopper --dataset "$quality" --data-dir "$(realpath data)" --no-generate --seed 1 --num-seeds 5
-                 --compile --total-steps 1000000 --eval-every 50000 --save-model --exp-name "$algo")
-        fi
-        (cd "$cell" && timeout --foreground --signal TERM --kill-after 60 "$seconds" \
-            python "$OLDPWD/$algo.py" "${run[@]}" >>"run.log" 2>&1 || true) &
+        train_cell "runs/gpu/$algo/$quality" "$seconds" "$algo" --env Hopper --dataset "$quality" --seed 1 \
+            --num-seeds 5 --compile --total-steps 1000000 --eval-every 50000 --exp-name "$algo" &
     done
     wait
     find "runs/gpu/$algo" -name result.json -print0 | tar -czf "$out/results-$algo.tar.gz" --null -T -
     tail -n 3 runs/gpu/"$algo"/*/run.log
     ;;
+baselines)
+    seconds=$3
+    for quality in "${datasets[@]}"; do
+        train_cell "runs/gpu/baselines/omar/$quality" "$seconds" omar --env Hopper --dataset "$quality" --seed 1 \
+            --total-steps 30000 &
+    done
+    for quality in medium medium-replay; do
+        for variant in bcq_ma bcq_ma_vd bcq_ma_tn mabcq; do
+            case $variant in
+            bcq_ma) flags=() ;;
+            bcq_ma_vd) flags=(--value-deviation) ;;
+            bcq_ma_tn) flags=(--transition-normalization) ;;
+            mabcq) flags=(--value-deviation --transition-normalization) ;;
+            esac
+            train_cell "runs/gpu/baselines/$variant/$quality" "$seconds" bcq_ma --env Hopper --dataset "$quality" \
+                --seed 1 --total-steps 30000 --exp-name "$variant" "${flags[@]}" &
+        done
+    done
+    wait
+    find runs/gpu/baselines -name result.json -print0 | tar -czf "$out/results-baselines.tar.gz" --null -T -
+    tail -n 3 runs/gpu/baselines/*/*/run.log
+    ;;
 *)
-    echo "unknown task $task: data, speed or grid" >&2
+    echo "unknown task $task: data, speed, grid or baselines" >&2
     exit 2
     ;;
 esac

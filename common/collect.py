@@ -14,9 +14,10 @@ step 0 to the medium one and the expert one, chosen as the nearest by evaluation
 
 Datasets (native format of `common.datasets`):
     expert / medium   rollouts of that checkpoint, deterministic action + N(0, 0.1^2) noise, clipped to [-1, 1]
-    medium-replay     each checkpoint before the medium one, run for as many steps as training spent on it with
-                      the training exploration (uniform random before learning starts; TD3 N(0, 0.1^2); SAC sampled):
-                      a stand-in for that run's replay buffer
+    medium-replay     each checkpoint before the medium one, run for REPLAY_REPEAT (5) times as many steps as training
+                      spent on it, with the training exploration (uniform random before learning starts; TD3
+                      N(0, 0.1^2); SAC sampled): a stand-in for that run's replay buffer, enlarged because at 1x
+                      (Hopper: 80k transitions) every OMIGA-family learner collapses after ~100k updates
     medium-expert     medium and expert in equal parts
 """
 
@@ -49,6 +50,10 @@ DEFAULT_ALGO = {"Hopper": "td3", "Ant": "sac", "HalfCheetah": "td3"}
 DATASET_NOISE = 0.1
 TD3_EXPLORATION = 0.1
 DEFAULT_SIZE = 1_000_000
+# medium-replay runs every checkpoint for this many times the steps its training spent on it: on the 1x file (Hopper,
+# 80k transitions) omiga.py, omcda.py and the official OMIGA code all collapse after about 100k updates; on the 5x
+# file omiga.py ran 160k updates without collapsing (README, "Long runs").
+REPLAY_REPEAT = 5
 LEARNING_STARTS = 10_000
 
 
@@ -377,7 +382,7 @@ def quality_segments(bundle: dict, quality: str, size: int | None, state_dim: in
     if quality == "medium-replay":
         sequence = bundle["sequence"][:-1] or bundle["sequence"]
         every = bundle["checkpoint_every"] or 10_000
-        scale = (size / (every * len(sequence))) if size else 1.0
+        scale = (size / (every * len(sequence))) if size else REPLAY_REPEAT
         segments = []
         for record in sequence:
             for start in range(record["step"], record["step"] + every, every):
@@ -445,7 +450,7 @@ def main(argv: list[str] | None = None) -> None:
     ds.add_argument("--quality", required=True, choices=QUALITIES)
     ds.add_argument("--agent-conf", default=None)
     ds.add_argument("--size", type=int, default=None, help="transitions (default 1e6; medium-expert 2e6; "
-                                                            "medium-replay: the medium checkpoint's training steps)")
+                                                            "medium-replay: 5 times the medium checkpoint's training steps)")
     ds.add_argument("--data-dir", default="data")
     ds.add_argument("--seed", type=int, default=0)
     ds.add_argument("--num-envs", type=int, default=16)

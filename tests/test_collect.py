@@ -122,8 +122,8 @@ def test_select_keeps_sequence_medium_and_expert(hand_made_bundle):
     assert bundle["checkpoint_every"] == 10_000 and bundle["learning_starts"] == 10_000
     assert [c[1] for c in bundle["curve"]] == HAND_EVALS
     segments, _ = quality_segments(bundle, "medium-replay", None, 11, 3)
-    # Every checkpoint before the medium one, for as many steps as training spent on it, with its exploration.
-    assert [(explore, steps) for _, explore, steps in segments] == [("uniform", 10_000), ("train", 10_000)]
+    # Every checkpoint before the medium one, for 5 times the steps training spent on it, with its exploration.
+    assert [(explore, steps) for _, explore, steps in segments] == [("uniform", 50_000), ("train", 50_000)]
     segments, _ = quality_segments(bundle, "medium-replay", 2000, 11, 3)
     assert [steps for _, _, steps in segments] == [1000, 1000]
     with pytest.raises(ValueError, match="unknown quality"):
