@@ -44,6 +44,8 @@ Seed 003's weights w_i = lambda_vd_i lambda_tn_i (each 1 when its flag is off), 
     L_Q or L_xi (Sec. 3.3); `reweighted_transitions` computes hat-P_B for a tabular P_B (the matrix game of seed 003's
     Tables 1-4, in the tests). Seed 003's ablation rows are the four flag settings: BCQ (neither flag),
     BCQ w/ lambda_vd (--value-deviation), BCQ w/ lambda_tn (--transition-normalization), MABCQ (both).
+    Logged as values/value_spread: seed 003's Table 6 measure, mean_s [max_i V*_i(s) - min_i V*_i(s)], on the batch's
+    next observations (the target's V*_i, a uniform sample of dataset states; the paper's subset is not specified).
 
 Choices the papers leave open (BCQ's published code unless marked otherwise):
 - Phi 0.05, lam 0.75, n 10 candidates for the target and for acting (the code acts with 100), latent dim 2 x act_dim,
@@ -454,6 +456,12 @@ def objective_weights(lambda_vd: torch.Tensor | None, lambda_tn: torch.Tensor | 
     return weight
 
 
+def value_spread(values: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of max_i V*_i(s) - min_i V*_i(s), values [n, B]: how far the agents' value estimates of
+    the same sampled states disagree (seed 003, Table 6: transition normalization is meant to lower it)."""
+    return (values.max(0).values - values.min(0).values).mean()
+
+
 def reweighted_transitions(probs: torch.Tensor, next_values: torch.Tensor, expected_value: torch.Tensor | None,
                            value_dev: bool, transition_norm: bool, optimism: float) -> torch.Tensor:
     """seed 003's hat-P_B(s' | s, a) = P_B lambda_tn lambda_vd / z (Sec. 3.3) for a tabular P_B: probs and next_values
@@ -531,7 +539,8 @@ def update(agents: Agents, optimizers: dict, batch: Batch, args: Args) -> dict[s
     soft_update(agents.perturbation_target, agents.perturbation, args.tau)
     metrics.update({"losses/vae": loss_vae.detach(), "losses/critic": loss_critic.detach(),
                     "losses/perturbation": loss_perturbation.detach(), "values/q": q1.detach().mean(),
-                    "values/target": target.mean(), "agents/q": q1.detach().mean(1)})
+                    "values/target": target.mean(), "values/value_spread": value_spread(next_value),
+                    "agents/q": q1.detach().mean(1)})
     if lambda_vd is not None:
         metrics["values/lambda_vd"] = lambda_vd.mean()
         metrics["agents/lambda_vd"] = lambda_vd.mean(1)

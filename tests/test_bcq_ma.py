@@ -241,8 +241,15 @@ def test_update_with_both_weights_returns_finite_weighted_metrics():
         metrics = bcq_ma.update(agents, optimizers, batch, args)
     assert all(torch.isfinite(value).all() for value in metrics.values())
     assert 0.5 <= metrics["values/lambda_vd"] <= 1.5 and metrics["agents/lambda_tn"].shape == (2,)
-    assert {"losses/vae", "losses/transition_vae", "losses/critic", "losses/perturbation"} <= set(metrics)
+    assert {"losses/vae", "losses/transition_vae", "losses/critic", "losses/perturbation",
+            "values/value_spread"} <= set(metrics)
     assert set(optimizers) == {"vae", "critic", "perturbation"}
+
+
+def test_value_spread_is_the_batch_mean_of_each_states_max_minus_min_over_agents():
+    values = torch.tensor([[1.0, 5.0, 0.0], [3.0, 2.0, 0.0], [2.0, 4.0, 6.0]])  # [agents, states]
+    # Per state: 3 - 1, 5 - 2, 6 - 0; the spread of the agents' batch means would be 4 - 2.
+    assert bcq_ma.value_spread(values).item() == pytest.approx((2.0 + 3.0 + 6.0) / 3)
 
 
 @pytest.mark.parametrize("flags", [(False, False), (True, False), (False, True), (True, True)],
