@@ -16,9 +16,9 @@ through its Lagrangian, the return of r_t - sum_i alpha_i KL(pi_i || pi_b,i), pi
     Why not back up Q^r and Q^c separately and read pi* off their sum: V^r = E_{pi*}[Q^r] is a Boltzmann mean of the
     critic that pi* itself tilts towards, an operator that is not a non-expansion (Asadi & Littman, ICML 2017),
     whose upward bias from critic noise of variance s^2 is s^2 / alpha to second order, twice that of the soft
-    value's log-sum-exp, which also pays alpha_i KL_i per step. Measured on Hopper medium-replay (README): that form
-    inflated Q^r_tot past 1,000 and collapsed the returns at d_tot 1.2 and 3. Here pi* comes from the soft chain and
-    Q^r evaluates that pi*, with no feedback into control.
+    value's log-sum-exp, which also pays alpha_i KL_i per step. Measured on Hopper medium-replay
+    (benchmarks/history.md): that form inflated Q^r_tot past 1,000 and collapsed the returns at d_tot 1.2 and 3. Here
+    pi* comes from the soft chain and Q^r evaluates that pi*, with no feedback into control.
  3. Consistent local policy [seed 001, Prop. 3.1, 3.2, Thm. 3.3; OMIGA Eq. 10 with per-agent alpha_i]:
       pi*_i ∝ pi_b,i exp(z_i),   z_i = w̄_i (Q̄_i - V_i) / alpha_i = x_i + y_i,   x_i = w̄^r_i (Q̄^r_i - V^r_i) / alpha_i,
     x_i the reward part of Prop. 3.2's exponent and y_i = z_i - x_i its conservative part Q^{c,i} - V^{c,i}. With
