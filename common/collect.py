@@ -27,9 +27,12 @@ import argparse
 import copy
 import math
 import os
+import re
+import sys
 import time
 from pathlib import Path
 
+import h5py
 import numpy as np
 import torch
 import torch.nn as nn
@@ -419,10 +422,28 @@ def generate_dataset(env: str, quality: str, data_dir: str | Path = "data", size
     return write_dataset(dataset_path(data_dir, env, agent_conf, quality), arrays, attrs)
 
 
+def replay_size_warning(path: Path) -> str | None:
+    """A warning when a generated medium-replay file ran its checkpoints for other than REPLAY_REPEAT times their
+    training steps: a file made before the definition changed (1x), or with --size, which a run would otherwise use
+    without saying so."""
+    with h5py.File(path, "r") as file:
+        source = str(file.attrs.get("source", ""))
+    match = re.search(r"\(every (\d+)\) each run for (\d+) steps", source)
+    if match is None or int(match[2]) == REPLAY_REPEAT * int(match[1]):
+        return None
+    return (f"warning: {path} runs each checkpoint for {match[2]} steps; the default medium-replay runs each for "
+            f"{REPLAY_REPEAT * int(match[1])} (5 times its training steps, since 2026-11-23). If that file predates "
+            f"the change, delete it and it is generated again; keep it if you made it so with --size.")
+
+
 def ensure_dataset(data_dir: str | Path, env: str, agent_conf: str | None, quality: str, generate: bool = True) -> Path:
-    """The dataset's path; generate it from the committed behaviour policies if it is missing and `generate`."""
+    """The dataset's path; generate it from the committed behaviour policies if it is missing and `generate`.
+    An existing medium-replay file of another size than the default gets a warning (`replay_size_warning`)."""
     path = dataset_path(data_dir, env, agent_conf, quality)
     if path.exists():
+        warning = replay_size_warning(path) if quality == "medium-replay" else None
+        if warning:
+            print(warning, file=sys.stderr)
         return path
     if not generate:
         raise FileNotFoundError(missing_dataset_message(path))

@@ -256,6 +256,21 @@ def test_omiga_import_missing_file(tmp_path):
 
 # --- bad input -----------------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("steps, warned", [(10_000, True), (50_000, False)], ids=["former-1x", "default-5x"])
+def test_existing_medium_replay_of_another_size_is_flagged(tmp_path, capsys, steps, warned):
+    source = (f"common.collect, sac behaviour policy; checkpoints at steps 0..70000 (every 10000) each run for {steps} "
+              "steps with the training exploration (sac); seed 0")
+    path = write_dataset(dataset_path(tmp_path, "Hopper", "3x1", "medium-replay"), hand_made_arrays(),
+                         {**ATTRS, "source": source})
+    assert ensure_dataset(tmp_path, "Hopper", None, "medium-replay", generate=False) == path
+    message = capsys.readouterr().err
+    assert ("runs each checkpoint for 10000 steps; the default medium-replay runs each for 50000" in message) == warned
+    assert bool(message) == warned
+    write_dataset(dataset_path(tmp_path, "Hopper", "3x1", "medium"), hand_made_arrays(), {**ATTRS, "source": source})
+    ensure_dataset(tmp_path, "Hopper", None, "medium", generate=False)
+    assert capsys.readouterr().err == ""  # only medium-replay's definition changed
+
+
 def test_missing_file_says_path_command_and_omiga_import(tmp_path):
     expected = tmp_path / "Hopper-3x1-medium.hdf5"
     with pytest.raises(FileNotFoundError) as error:
