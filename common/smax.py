@@ -170,6 +170,13 @@ class _SMAXMap:
         self.obs_dim = smax.obs_size + self.n_agents
         self.state_dim = smax.state_size
         self.episode_limit = smax.max_steps + 1
+        self._avail: np.ndarray | None = None
+
+    def avail_actions(self) -> np.ndarray:
+        """bool [(num_envs,) n_agents, act_dim]: the actions each agent may take after the last reset or step."""
+        if self._avail is None:
+            raise RuntimeError("call reset() before avail_actions()")
+        return self._avail
 
 
 def _fresh_key():
@@ -186,7 +193,6 @@ class SMAXEnv(_SMAXMap):
         self._seed = seed
         self._key = _fresh_key()
         self._env_state = None
-        self._avail: np.ndarray | None = None
         self.won = False
         self._copies: list[SMAXEnv] = []
 
@@ -207,11 +213,6 @@ class SMAXEnv(_SMAXMap):
         observation = jax.device_get(observation)
         self._avail, self.won = observation.avail, False
         return observation.obs, observation.state
-
-    def avail_actions(self) -> np.ndarray:
-        if self._avail is None:
-            raise RuntimeError("call reset() before avail_actions()")
-        return self._avail
 
     def step(self, actions):
         actions = check_actions(actions, self.avail_actions())
@@ -237,7 +238,6 @@ class BatchedSMAX(_SMAXMap):
         self.num_envs, self._seed = num_envs, seed
         self._keys = jax.random.split(_fresh_key(), num_envs)
         self._env_states = None
-        self._avail: np.ndarray | None = None
         self.won = np.zeros(num_envs, bool)
         self.final_obs = self.final_state = None
 
@@ -250,12 +250,6 @@ class BatchedSMAX(_SMAXMap):
         observation = jax.device_get(observation)
         self._avail, self.won = observation.avail, np.zeros(self.num_envs, bool)
         return observation.obs, observation.state
-
-    def avail_actions(self) -> np.ndarray:
-        """bool [num_envs, n_agents, act_dim] for the observations the last call returned."""
-        if self._avail is None:
-            raise RuntimeError("call reset() before avail_actions()")
-        return self._avail
 
     def step(self, actions):
         """actions [num_envs, n_agents] int -> obs, state, team_reward, terminated, truncated, each with a leading
