@@ -7,10 +7,19 @@ Native format: one HDF5 file per (env, agent_conf, quality), e.g. `Hopper-3x1-me
     states             float32 [N, state_dim]           global state (the single-agent MuJoCo observation)
     next_states        float32 [N, state_dim]
     actions            float32 [N, n_agents, act_dim]   in [-1, 1], zero-padded
+                       (discrete envs: int32 [N, n_agents], the action indices)
     rewards            float32 [N]                      team reward
     terminals          bool    [N]                      true termination: do not bootstrap
     timeouts           bool    [N]                      episode cut by the time limit or the collector: bootstrap
-    attrs: env, agent_conf, obs_mode, n_agents, obs_dims, act_dims, state_dim, source, plus how it was made.
+    avail_actions      bool    [N, n_agents, n_actions] discrete envs only: the actions each agent could take
+    next_avail_actions bool    [N, n_agents, n_actions] discrete envs only: the same at the next observation
+    attrs: env, agent_conf, obs_mode, n_agents, obs_dims, act_dims, state_dim, source, plus how it was made; discrete
+           files add discrete = True and win_rate.
+
+Files are named `{env}-{agent_conf}-{quality}.hdf5` (MuJoCo: expert, medium, medium-replay, medium-expert) and
+`{map}-{quality}.hdf5` (SMAX: good, medium, poor, the seeds' names for SMAC data). Loaded, a discrete file's actions
+become one-hot rows [n_agents, N, n_actions], so critics take (observation, one-hot action) as they take continuous
+actions, and its masks come with every minibatch.
 
 Transitions of an episode are contiguous; an episode ends where `terminals | timeouts`.
 Agent inputs for `--obs-mode state|omiga` are built from `states` (+ one-hot id) at load time, so one file serves
@@ -30,28 +39,46 @@ import h5py
 import numpy as np
 import torch
 
-from common.envs import ENV_SPECS, build_agent_obs, check_env_name, check_obs_mode, with_agent_id
+from common.envs import ENV_SPECS, SMAX_MAPS, build_agent_obs, check_env_name, check_obs_mode, with_agent_id
 
 QUALITIES = ("expert", "medium", "medium-replay", "medium-expert")
+SMAX_QUALITIES = ("good", "medium", "poor")
 ARRAY_KEYS = ("observations", "next_observations", "states", "next_states", "actions", "rewards", "terminals", "timeouts")
+MASK_KEYS = ("avail_actions", "next_avail_actions")  # discrete files only
 
 
 class DatasetError(ValueError):
     """A dataset file that is missing, malformed, or does not fit the environment."""
 
 
-def dataset_filename(env: str, agent_conf: str, quality: str) -> str:
-    return f"{env}-{agent_conf}-{quality}.hdf5"
+def dataset_filename(env: str, agent_conf: str | None, quality: str) -> str:
+    return f"{env}-{quality}.hdf5" if env in SMAX_MAPS else f"{env}-{agent_conf}-{quality}.hdf5"
 
 
 def dataset_path(data_dir: str | Path, env: str, agent_conf: str | None, quality: str) -> Path:
-    agent_conf = agent_conf or check_env_name(env).default_agent_conf
+    if env not in SMAX_MAPS:
+        agent_conf = agent_conf or check_env_name(env).default_agent_conf
     return Path(data_dir) / dataset_filename(env, agent_conf, quality)
+
+
+def array_dtype(key: str, discrete: bool) -> np.dtype:
+    """The stored dtype of a native array."""
+    if key in ("terminals", "timeouts") or key in MASK_KEYS:
+        return np.dtype(bool)
+    return np.dtype(np.int32 if key == "actions" and discrete else np.float32)
+
+
+def array_keys(discrete: bool) -> tuple[str, ...]:
+    return ARRAY_KEYS + MASK_KEYS if discrete else ARRAY_KEYS
 
 
 def remake_commands(path: Path) -> str:
     """How to make the file at `path` again: generate it, or import OMIGA's file. The env, partition and quality come
     from the file's name when it follows the native naming, as ENV and QUALITY placeholders otherwise."""
+    smax = re.fullmatch(r"(.+)-(good|medium|poor)\.hdf5", path.name)
+    if smax and smax[1] in SMAX_MAPS:
+        return (f"  generate it from the committed behaviour policies (needs pip install -r requirements-smax.txt):\n"
+                f"    python -m common.smax_collect dataset --map {smax[1]} --quality {smax[2]} --data-dir {path.parent}")
     match = re.fullmatch(r"([A-Za-z]+)-([^-]+)-(.+)\.hdf5", path.name)
     named = match is not None and match[1] in ENV_SPECS and match[3] in QUALITIES
     env, conf, quality = match.groups() if named else ("ENV", None, "QUALITY")
@@ -73,13 +100,15 @@ def write_dataset(path: str | Path, arrays: dict[str, np.ndarray], attrs: dict) 
     """Validate and write a native dataset atomically (temporary file in the same folder, then rename)."""
     path = Path(path)
     validate_arrays(arrays, path)
+    discrete = "avail_actions" in arrays
+    if discrete:
+        attrs = {**attrs, "discrete": True}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with h5py.File(tmp, "w") as f:
-            for key in ARRAY_KEYS:
-                dtype = bool if key in ("terminals", "timeouts") else np.float32
-                f.create_dataset(key, data=np.asarray(arrays[key], dtype=dtype))
+            for key in array_keys(discrete):
+                f.create_dataset(key, data=np.asarray(arrays[key], dtype=array_dtype(key, discrete)))
             for key, value in attrs.items():
                 f.attrs[key] = value
         os.replace(tmp, path)
@@ -89,20 +118,29 @@ def write_dataset(path: str | Path, arrays: dict[str, np.ndarray], attrs: dict) 
 
 
 def validate_arrays(arrays: dict[str, np.ndarray], path: Path | str = "<arrays>") -> None:
-    missing = [k for k in ARRAY_KEYS if k not in arrays]
+    """Shapes, finiteness and, for discrete actions (arrays with `avail_actions`), that every action is an available
+    one."""
+    discrete = "avail_actions" in arrays
+    keys = array_keys(discrete)
+    missing = [k for k in keys if k not in arrays]
     if missing:
-        raise DatasetError(f"{path}: missing keys {missing}; a native dataset needs {list(ARRAY_KEYS)}")
+        raise DatasetError(f"{path}: missing keys {missing}; a native dataset needs {list(keys)}")
     obs, states, actions = arrays["observations"], arrays["states"], arrays["actions"]
-    if obs.ndim != 3 or actions.ndim != 3 or states.ndim != 2:
+    if obs.ndim != 3 or actions.ndim != (2 if discrete else 3) or states.ndim != 2:
+        action_shape = "[N, n_agents] (discrete)" if discrete else "[N, n_agents, dim]"
         raise DatasetError(
-            f"{path}: observations and actions must be [N, n_agents, dim] and states [N, state_dim]; "
+            f"{path}: observations must be [N, n_agents, dim], actions {action_shape} and states [N, state_dim]; "
             f"got observations {obs.shape}, actions {actions.shape}, states {states.shape}"
         )
     n = obs.shape[0]
     expected = {
-        "next_observations": obs.shape, "next_states": states.shape, "actions": (n, obs.shape[1], actions.shape[2]),
+        "next_observations": obs.shape, "next_states": states.shape,
+        "actions": (n, obs.shape[1]) if discrete else (n, obs.shape[1], actions.shape[2]),
         "states": (n, states.shape[1]), "rewards": (n,), "terminals": (n,), "timeouts": (n,),
     }
+    if discrete:
+        n_actions = arrays["avail_actions"].shape[-1]
+        expected.update(avail_actions=(n, obs.shape[1], n_actions), next_avail_actions=(n, obs.shape[1], n_actions))
     for key, shape in expected.items():
         if tuple(arrays[key].shape) != tuple(shape):
             raise DatasetError(f"{path}: {key} has shape {tuple(arrays[key].shape)}, expected {tuple(shape)}")
@@ -113,6 +151,16 @@ def validate_arrays(arrays: dict[str, np.ndarray], path: Path | str = "<arrays>"
         if not np.isfinite(values).all():
             bad = int((~np.isfinite(values)).reshape(n, -1).any(-1).nonzero()[0][0])
             raise DatasetError(f"{path}: {key} holds NaN or inf (first at transition {bad})")
+    if discrete:
+        if not np.issubdtype(np.asarray(actions).dtype, np.integer):
+            raise DatasetError(f"{path}: discrete actions must be integer indices, got dtype {actions.dtype}")
+        in_range = (actions >= 0) & (actions < n_actions)
+        taken = np.take_along_axis(arrays["avail_actions"], np.clip(actions, 0, n_actions - 1)[..., None], -1)[..., 0]
+        bad = np.argwhere(~(in_range & taken))
+        if len(bad):
+            t, agent = bad[0]
+            raise DatasetError(f"{path}: agent {agent} took action {actions[t, agent]} at transition {t}, which its "
+                               f"avail_actions mark unavailable ({len(bad)} such actions in all)")
 
 
 def read_dataset(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
@@ -123,18 +171,20 @@ def read_dataset(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
         raise DatasetError(missing_dataset_message(path))
     try:
         with h5py.File(path, "r") as f:
-            missing = [k for k in ARRAY_KEYS if k not in f]
+            attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}
+            discrete = bool(attrs.get("discrete", False))
+            keys = array_keys(discrete)
+            missing = [k for k in keys if k not in f]
             if missing:
-                raise DatasetError(f"{path}: missing keys {missing}; a native dataset needs {list(ARRAY_KEYS)}; "
+                raise DatasetError(f"{path}: missing keys {missing}; a native dataset needs {list(keys)}; "
                                    f"if it is OMIGA's file, import it instead\n{remake_commands(path)}")
-            for key in ARRAY_KEYS:
-                expected = np.dtype(bool if key in ("terminals", "timeouts") else np.float32)
+            for key in keys:
+                expected = array_dtype(key, discrete)
                 stored = getattr(f[key], "dtype", None)  # None: a group, not an array
-                if stored is None or stored.kind != expected.kind:  # other float widths are converted on loading
+                if stored is None or stored.kind != expected.kind:  # other widths are converted on loading
                     raise DatasetError(f"{path}: {key} is stored as {'a group' if stored is None else stored}, "
                                        f"expected {expected}\n{remake_commands(path)}")
-            arrays = {k: f[k][()] for k in ARRAY_KEYS}
-            attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}
+            arrays = {k: f[k][()] for k in keys}
     except OSError as error:  # h5py's error for a file that is not HDF5, truncated, or corrupt inside
         raise DatasetError(f"{path}: not a readable HDF5 file ({error}); delete it and make it again\n"
                            f"{remake_commands(path)}") from None
@@ -174,6 +224,14 @@ class Batch:
     next_states: torch.Tensor  # [B, state_dim]
 
 
+@dataclass
+class DiscreteBatch(Batch):
+    """A minibatch of a discrete-action dataset: actions are one-hot [n_agents, B, n_actions], with the masks."""
+
+    avail: torch.Tensor  # bool [n_agents, B, n_actions]: the actions each agent could take at obs
+    next_avail: torch.Tensor  # bool [n_agents, B, n_actions]: the same at next_obs
+
+
 class Dataset:
     """Every array as a tensor on `device`; `sample` draws indices there, so training never copies from the host."""
 
@@ -199,7 +257,14 @@ class Dataset:
 
         self.obs = to_device(obs.transpose(1, 0, 2))
         self.next_obs = to_device(next_obs.transpose(1, 0, 2))
-        self.actions = to_device(arrays["actions"].transpose(1, 0, 2))
+        self.discrete = bool(attrs.get("discrete", False))
+        if self.discrete:
+            n_actions = arrays["avail_actions"].shape[-1]
+            self.actions = to_device(np.eye(n_actions, dtype=np.float32)[arrays["actions"].T])
+            self.avail = to_device(arrays["avail_actions"].transpose(1, 0, 2), torch.bool)
+            self.next_avail = to_device(arrays["next_avail_actions"].transpose(1, 0, 2), torch.bool)
+        else:
+            self.actions = to_device(arrays["actions"].transpose(1, 0, 2))
         self.rewards = to_device(arrays["rewards"])
         self.dones = to_device(arrays["terminals"])
         self.states = to_device(arrays["states"])
@@ -224,8 +289,11 @@ class Dataset:
         def agent_major(x: torch.Tensor) -> torch.Tensor:
             return x[:, idx].movedim(0, -3)
 
-        return Batch(agent_major(self.obs), agent_major(self.actions), self.rewards[idx], agent_major(self.next_obs),
-                     self.dones[idx], self.states[idx], self.next_states[idx])
+        fields = (agent_major(self.obs), agent_major(self.actions), self.rewards[idx], agent_major(self.next_obs),
+                  self.dones[idx], self.states[idx], self.next_states[idx])
+        if self.discrete:
+            return DiscreteBatch(*fields, agent_major(self.avail), agent_major(self.next_avail))
+        return Batch(*fields)
 
     def episode_returns(self) -> np.ndarray:
         cumulative = np.concatenate([[0.0], np.cumsum(self.rewards.double().cpu().numpy())])
@@ -258,10 +326,14 @@ def load_dataset(path: str | Path, device: torch.device | str = "cpu", obs_mode:
 
 
 def returns_card(path: str | Path, transitions: int, returns: np.ndarray, attrs: dict) -> dict:
-    return dict(file=str(path), transitions=transitions, episodes=len(returns),
+    """Size and returns of a dataset; discrete (SMAX) files add the win rate their generator recorded."""
+    card = dict(file=str(path), transitions=transitions, episodes=len(returns),
                 return_mean=float(returns.mean()), return_std=float(returns.std()),
                 return_min=float(returns.min()), return_max=float(returns.max()),
                 source=str(attrs.get("source", "unknown")))
+    if "win_rate" in attrs:
+        card["win_rate"] = float(attrs["win_rate"])
+    return card
 
 
 def dataset_card(path: str | Path) -> dict:
@@ -333,9 +405,11 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"| {Path(file).name} | {card['episodes']:,} | {card['transitions']:,} | {card['return_mean']:.1f} ± "
                       f"{card['return_std']:.1f} | {card['return_min']:.1f} | {card['return_max']:.1f} | {card['source']} |")
             else:
+                win_rate = f"   win rate {card['win_rate']:.2f}" if "win_rate" in card else ""
                 print(f"{card['file']}\n  transitions {card['transitions']:,}   episodes {card['episodes']:,}\n"
                       f"  episode return {card['return_mean']:.1f} ± {card['return_std']:.1f}   "
-                      f"min {card['return_min']:.1f}   max {card['return_max']:.1f}\n  source: {card['source']}")
+                      f"min {card['return_min']:.1f}   max {card['return_max']:.1f}{win_rate}\n"
+                      f"  source: {card['source']}")
     else:
         out = dataset_path(args.data_dir, args.env, args.agent_conf, args.quality)
         print(f"wrote {import_omiga(args.file, out, args.env, args.agent_conf)}")

@@ -32,6 +32,8 @@ with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
     from gymnasium_robotics import mamujoco_v1
 
 OBS_MODES = ("state", "local", "omiga")
+# SMAX maps (discrete actions; common.smax, which needs jax) the project makes data for; 3m is the tests' tiny map.
+SMAX_MAPS = ("5m_vs_6m", "6h_vs_8z", "3m")
 
 
 @dataclass(frozen=True)

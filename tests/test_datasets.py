@@ -300,7 +300,7 @@ def test_missing_key(tmp_path, key):
     ("actions", (N, N_AGENTS + 1, ACT_DIM), r"actions has shape \(9, 3, 2\), expected \(9, 2, 2\)"),
     ("next_observations", (N, N_AGENTS, OBS_DIM + 1), r"next_observations has shape \(9, 2, 4\), expected \(9, 2, 3\)"),
     ("terminals", (N - 1,), r"terminals has shape \(8,\), expected \(9,\)"),
-    ("observations", (N, N_AGENTS * OBS_DIM), r"observations and actions must be \[N, n_agents, dim\]"),
+    ("observations", (N, N_AGENTS * OBS_DIM), r"observations must be \[N, n_agents, dim\], actions \[N, n_agents, dim\]"),
 ])
 def test_wrong_shape(tmp_path, key, shape, message):
     arrays = hand_made_arrays()
@@ -335,3 +335,63 @@ def test_check_env_rejects_a_dataset_that_does_not_fit(tmp_path):
         load_dataset(path, "cpu", "state").check_env(make_env("Ant"))
     with pytest.raises(DatasetError, match=r"does not match env Hopper 3x1 \(obs_mode=local\)"):
         load_dataset(path, "cpu", "state").check_env(make_env("Hopper", obs_mode="local"))
+
+
+# --- discrete actions (SMAX) ---------------------------------------------------------------------------------------
+
+N_ACTIONS = 4
+
+
+def hand_made_discrete_arrays(seed: int = 0) -> dict:
+    """hand_made_arrays with integer actions, each drawn among its agent's available ones."""
+    rng = np.random.default_rng(seed)
+    arrays = hand_made_arrays(seed)
+    avail = rng.random((N + 1, N_AGENTS, N_ACTIONS)) < 0.5
+    avail[..., 0] = True  # every agent has at least one action
+    arrays["actions"] = (rng.random((N, N_AGENTS, N_ACTIONS)) * avail[:-1]).argmax(-1).astype(np.int32)
+    arrays["avail_actions"], arrays["next_avail_actions"] = avail[:-1], avail[1:]
+    return arrays
+
+
+DISCRETE_ATTRS = dict(ATTRS, env="3m", win_rate=0.25, source="tests: hand-made discrete")
+
+
+def test_discrete_round_trip_one_hot_actions_and_masks_in_every_minibatch(tmp_path):
+    arrays = hand_made_discrete_arrays()
+    path = write_dataset(dataset_path(tmp_path, "3m", None, "good"), arrays, DISCRETE_ATTRS)
+    assert path.name == "3m-good.hdf5"
+    loaded, attrs = read_dataset(path)
+    assert attrs["discrete"] and loaded["actions"].dtype == np.int32 and loaded["avail_actions"].dtype == np.bool_
+    for key in ("actions", "avail_actions", "next_avail_actions"):
+        np.testing.assert_array_equal(loaded[key], arrays[key])
+    dataset = load_dataset(path, "cpu", "local")
+    assert dataset.discrete and dataset.act_dim == N_ACTIONS
+    batch = dataset.gather(torch.tensor([4, 0, 7]))
+    assert batch.actions.shape == batch.avail.shape == batch.next_avail.shape == (N_AGENTS, 3, N_ACTIONS)
+    np.testing.assert_array_equal(batch.actions.argmax(-1).numpy(), arrays["actions"][[4, 0, 7]].T)
+    assert (batch.actions.sum(-1) == 1).all()
+    np.testing.assert_array_equal(batch.avail.numpy(), arrays["avail_actions"][[4, 0, 7]].transpose(1, 0, 2))
+    np.testing.assert_array_equal(batch.next_avail.numpy(), arrays["next_avail_actions"][[4, 0, 7]].transpose(1, 0, 2))
+    assert (batch.avail & batch.actions.bool()).any(-1).all(), "every dataset action is an available one"
+    fused = dataset.sample(5, [torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)])
+    assert fused.avail.shape == fused.actions.shape == (2, N_AGENTS, 5, N_ACTIONS)
+    card = dataset.card()
+    assert card["win_rate"] == 0.25 and card["episodes"] == 3
+
+
+def test_discrete_action_that_was_unavailable_is_rejected(tmp_path):
+    arrays = hand_made_discrete_arrays()
+    arrays["avail_actions"][5, 1, arrays["actions"][5, 1]] = False
+    with pytest.raises(DatasetError, match="agent 1 took action .* at transition 5, which its avail_actions mark"):
+        write_dataset(tmp_path / "3m-good.hdf5", arrays, DISCRETE_ATTRS)
+    arrays = hand_made_discrete_arrays()
+    arrays["actions"] = arrays["actions"].astype(np.float32)
+    with pytest.raises(DatasetError, match="integer indices"):
+        write_dataset(tmp_path / "3m-good.hdf5", arrays, DISCRETE_ATTRS)
+
+
+def test_missing_smax_file_says_how_to_generate_it(tmp_path):
+    with pytest.raises(DatasetError) as error:
+        read_dataset(dataset_path(tmp_path, "5m_vs_6m", None, "poor"))
+    assert "python -m common.smax_collect dataset --map 5m_vs_6m --quality poor" in str(error.value)
+    assert "requirements-smax.txt" in str(error.value)

@@ -9,7 +9,7 @@ pytest.importorskip("jaxmarl")
 import jax  # noqa: E402
 import jaxmarl  # noqa: E402
 
-from common.smax import BatchedSMAX, SMAXEnv, smax_functions  # noqa: E402
+from common.smax import REWARD_SCALE, BatchedSMAX, SMAXEnv, smax_functions  # noqa: E402
 
 EAST, STOP, FIRST_ATTACK = 1, 4, 5  # SMAX's actions: 0-3 move north, east, south, west; 4 stop; 5 + j attack enemy j
 UNIT_FEATURES = 10  # world-state entries per unit, health first
@@ -156,7 +156,7 @@ def test_won_exactly_when_every_enemy_dies_and_an_ally_lives(env_3m):
         state, reward, terminated, truncated, won = steps[-1]
         allies, enemies = health(env_3m, state)
         assert won == (terminated and not enemies.any() and allies.any())
-        assert won == (reward >= 1)  # SMAX's win bonus
+        assert won == (reward >= REWARD_SCALE)  # SMAX's win bonus, scaled
         outcomes.add(won)
         env_3m.reset(seed)
         assert not env_3m.won
@@ -191,12 +191,13 @@ def test_matches_smax_itself(env_3m):
         smax_obs, smax_state, rewards, dones, _ = smax.step_env(step_key, smax_state, dict(zip(smax.agents, actions)))
         obs, state, reward, terminated, truncated = env_3m.step(actions)
         ally_rewards = {float(rewards[agent]) for agent in smax.agents}
-        assert ally_rewards == {reward}, "SMAX gives every ally the same reward"
+        assert len(ally_rewards) == 1, "SMAX gives every ally the same reward"
+        assert reward == pytest.approx(REWARD_SCALE * ally_rewards.pop(), rel=1e-6)
         assert (terminated or truncated) == bool(dones["__all__"])
         total += reward
         if terminated or truncated:
             break
-    assert env_3m.won and total == pytest.approx(2.0)
+    assert env_3m.won and total == pytest.approx(2.0 * REWARD_SCALE)
 
 
 def test_batched_env_resets_finished_episodes():
@@ -213,11 +214,15 @@ def test_batched_env_resets_finished_episodes():
         assert (lengths[done] <= batched.episode_limit).all()
         # Running episodes return what they reached; finished ones the start of the next: full health, no target.
         np.testing.assert_array_equal(obs[~done], batched.final_obs[~done])
+        np.testing.assert_array_equal(batched.avail_actions()[~done], batched.final_avail[~done])
         for e in np.flatnonzero(done):
             allies, enemies = health(batched, state[e])
             assert (allies == 1).all() and (enemies == 1).all()
             assert not batched.avail_actions()[e, :, FIRST_ATTACK:].any()
             allies, enemies = health(batched, batched.final_state[e])
+            # where the episode ended: a dead ally may only stop
+            only_stop = np.eye(batched.act_dim, dtype=bool)[STOP]
+            assert (batched.final_avail[e][allies == 0] == only_stop).all()
             assert terminated[e] == (not allies.any() or not enemies.any())
             assert batched.won[e] == (terminated[e] and not enemies.any() and allies.any())
             outcomes.append(batched.won[e])

@@ -1,0 +1,97 @@
+"""common/smax_collect.py: MAPPO's advantage estimate and losses and masked sampling (no jax needed), and, where jaxmarl
+is installed, episodes rolled out on SMAX into the native format."""
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+
+from common.datasets import load_dataset, read_dataset
+from common.smax_collect import Actor, gae, masked_logits, ppo_losses, sample_actions
+
+needs_smax = pytest.mark.skipif(importlib.util.find_spec("jaxmarl") is None,
+                                reason="needs jaxmarl (pip install -r requirements-smax.txt)")
+
+
+def test_gae_on_a_hand_computed_rollout():
+    """gamma = lambda = 0.5. Env 0 terminates at t = 1 (its next value must be ignored); env 1 is cut by the time
+    limit at t = 1 (it bootstraps from the state it reached, and the sum stops there)."""
+    rewards = torch.tensor([[1.0, 1.0], [2.0, 1.0], [3.0, 1.0]])
+    values = torch.tensor([[0.5, 0.0], [1.0, 0.0], [1.5, 0.0]])
+    next_values = torch.tensor([[1.0, 2.0], [9.0, 4.0], [2.0, 8.0]])
+    terminated = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 0.0]])
+    ends = torch.tensor([[0.0, 0.0], [1.0, 1.0], [0.0, 0.0]])
+    # env 0: deltas 1, 1, 2.5 -> A = (1 + 0.25 * 1, 1, 2.5); env 1: deltas 2, 3, 5 -> A = (2 + 0.25 * 3, 3, 5)
+    expected = torch.tensor([[1.25, 2.75], [1.0, 3.0], [2.5, 5.0]])
+    torch.testing.assert_close(gae(rewards, values, next_values, terminated, ends, 0.5, 0.5), expected)
+
+
+def test_ppo_policy_gradient_and_clipping():
+    """At ratio 1 the policy loss's gradient on the logits is -A (onehot(a) - p) / rows; a row whose ratio lies past
+    1 + clip with A > 0 gives none; the entropy counts only available actions."""
+    avail = torch.tensor([[[True, True, True]], [[True, True, False]]])
+    logits = torch.zeros(2, 1, 3, requires_grad=True)
+    actions = torch.tensor([[0], [1]])
+    masked = masked_logits(logits, avail)
+    log_prob = torch.log_softmax(masked, -1).gather(-1, actions[..., None]).squeeze(-1).detach()
+    advantages = torch.tensor([2.0, 3.0])
+    zeros = torch.zeros(2)
+    policy_loss, entropy, _ = ppo_losses(masked, actions, log_prob, advantages, zeros, zeros, clip=0.2)
+    policy_loss.backward()
+    probs = torch.tensor([[1 / 3, 1 / 3, 1 / 3], [0.5, 0.5, 0.0]])
+    onehot = torch.nn.functional.one_hot(actions[:, 0], 3).float()
+    torch.testing.assert_close(logits.grad[:, 0], -advantages[:, None] * (onehot - probs) / 2)
+    torch.testing.assert_close(entropy, torch.tensor((np.log(3) + np.log(2)) / 2, dtype=torch.float32))
+
+    logits.grad = None
+    past_clip = log_prob - torch.tensor([[np.log(1.5)], [np.log(1.1)]], dtype=torch.float32)  # ratios 1.5 and 1.1
+    policy_loss, _, _ = ppo_losses(masked_logits(logits, avail), actions, past_clip, advantages, zeros, zeros, 0.2)
+    policy_loss.backward()
+    assert logits.grad[0].abs().max() == 0 and logits.grad[1].abs().max() > 0
+
+
+def test_value_loss_is_the_squared_error_to_the_returns():
+    values, returns = torch.tensor([1.0, 2.0]), torch.tensor([0.0, 5.0])
+    logits = torch.zeros(2, 1, 2)
+    _, _, value_loss = ppo_losses(logits, torch.zeros(2, 1, dtype=torch.long), torch.full((2, 1), -np.log(2)),
+                                  torch.zeros(2), values, returns, 0.2)
+    assert value_loss.item() == pytest.approx((1 + 9) / 2)
+
+
+def test_masked_sampling_never_draws_an_unavailable_action_and_follows_the_softmax():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 6, generator=generator)
+    avail = torch.rand(4, 6, generator=generator) < 0.5
+    avail[:, 2] = True
+    draws = sample_actions(masked_logits(logits, avail).expand(4000, 4, 6), generator)
+    assert avail.gather(1, draws.T).all()
+    probs = torch.softmax(logits.masked_fill(~avail, -torch.inf), -1)
+    frequencies = torch.nn.functional.one_hot(draws, 6).float().mean(0)
+    torch.testing.assert_close(frequencies, probs, atol=0.03, rtol=0)
+
+
+@needs_smax
+def test_rollout_episodes_whole_round_robin_and_consistent(tmp_path):
+    from common.datasets import write_dataset
+    from common.smax import SMAXEnv
+    from common.smax_collect import rollout_episodes
+
+    env = SMAXEnv("3m")
+    torch.manual_seed(0)
+    actor = Actor(env.obs_dim, env.act_dim)
+    arrays, wins = rollout_episodes(actor, "3m", episodes=6, seed=3, num_envs=4)
+    ends = np.flatnonzero(arrays["terminals"] | arrays["timeouts"])
+    assert len(ends) == 6 == len(wins) and ends[-1] == len(arrays["rewards"]) - 1
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    for start, end in zip(starts, ends):  # within an episode, each step starts where the last one ended
+        np.testing.assert_array_equal(arrays["observations"][start + 1:end + 1], arrays["next_observations"][start:end])
+        np.testing.assert_array_equal(arrays["states"][start + 1:end + 1], arrays["next_states"][start:end])
+        np.testing.assert_array_equal(arrays["avail_actions"][start + 1:end + 1], arrays["next_avail_actions"][start:end])
+    assert arrays["observations"].shape[1:] == (3, env.obs_dim - 3)  # stored without the one-hot id
+    returns = np.add.reduceat(arrays["rewards"], starts)
+    np.testing.assert_array_equal(wins, [arrays["rewards"][end] >= 10 for end in ends])  # the win bonus, scaled
+    assert np.all((returns >= 0) & (returns <= 20))
+    path = write_dataset(tmp_path / "3m-poor.hdf5", arrays, dict(env="3m", obs_mode="local", win_rate=wins.mean()))
+    assert read_dataset(path)[1]["discrete"]
+    assert load_dataset(path, "cpu", "local").obs.shape == (3, len(arrays["rewards"]), env.obs_dim)
