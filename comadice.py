@@ -26,6 +26,10 @@ f-divergences (--f-divergence), y = A_tot / alpha:
 Agent inputs follow --obs-mode: "state" (default) gives every agent the global state plus a one-hot id, the setting
 of the seeds' MuJoCo experiments; "local" gives each agent its local observation (agent_obsk=1) plus the id.
 
+Discrete actions (SMAX maps, --env 5m_vs_6m): pi_i is categorical over the actions available at o_i (the others
+masked to probability 0) and the critics take the one-hot action; the losses above are unchanged, and evaluation takes the
+most probable available action. Agents then see their local observation + id (--obs-mode local, SMAC's setting).
+
 The losses above follow the paper. Its published trainer (vietbt/ComaDICE, runner/madice/continuous.py) differs
 from the paper in ways this script does not copy:
 - its advantage is per agent, e_i = w_i(s) (q_i - nu_i), without the mixer's bias, and two Lagrange multipliers
@@ -98,14 +102,16 @@ class Args:
     """if toggled, log to Weights & Biases (needs `pip install wandb`)"""
     wandb_project_name: str = "offline-marl"
     """the wandb project name"""
-    env: Literal["Hopper", "Ant", "HalfCheetah"] = "Hopper"
-    """the Multi-Agent MuJoCo task: Hopper, Ant or HalfCheetah"""
+    env: Literal["Hopper", "Ant", "HalfCheetah", "5m_vs_6m", "6h_vs_8z", "3m"] = "Hopper"
+    """the task: a Multi-Agent MuJoCo env (Hopper, Ant, HalfCheetah) or a SMAX map (5m_vs_6m, 6h_vs_8z, the tiny 3m;
+    needs `pip install -r requirements-smax.txt`)"""
     agent_conf: str | None = None
-    """agent partition (default per env: Hopper 3x1, Ant 2x4, HalfCheetah 6x1)"""
-    obs_mode: Literal["state", "local", "omiga"] = "state"
-    """agent inputs: state (global state + id, the seeds' setting), local (local observation + id), omiga"""
-    dataset: Literal["expert", "medium", "medium-replay", "medium-expert"] = "medium-replay"
-    """dataset quality: expert, medium, medium-replay, medium-expert"""
+    """MuJoCo agent partition (default per env: Hopper 3x1, Ant 2x4, HalfCheetah 6x1)"""
+    obs_mode: Literal["state", "local", "omiga"] | None = None
+    """agent inputs: state (global state + id, the seeds' MuJoCo setting), local (local observation + id, the only
+    mode on SMAX), omiga; default: state on MuJoCo, local on SMAX"""
+    dataset: Literal["expert", "medium", "medium-replay", "medium-expert", "good", "poor"] = "medium-replay"
+    """dataset quality: MuJoCo expert, medium, medium-replay, medium-expert; SMAX good, medium, poor"""
     data_dir: str = "data"
     """folder of the dataset files"""
     no_generate: bool = False
@@ -235,12 +241,40 @@ class AgentPolicy(nn.Module):
         mean, log_std = self.net(obs).chunk(2, -1)
         return mean, log_std.clamp(-5.0, 2.0)
 
-    def log_prob(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        """log pi_i(a_i | o_i) of actions in (-1, 1): [..., n, B]."""
+    def log_prob(self, obs: torch.Tensor, actions: torch.Tensor, avail: None = None) -> torch.Tensor:
+        """log pi_i(a_i | o_i) of actions in (-1, 1): [..., n, B] (continuous actions have no masks: avail is None)."""
         return tanh_gaussian_log_prob(*self(obs), actions)
 
-    def act(self, obs: torch.Tensor) -> torch.Tensor:
+    def act(self, obs: torch.Tensor, avail: None = None) -> torch.Tensor:
         return torch.tanh(self(obs)[0])
+
+
+class CategoricalPolicy(nn.Module):
+    """pi_i(a_i | o_i) over discrete actions (SMAX), all agents batched: the actions unavailable at o_i (avail false)
+    get probability 0. Actions are one-hot rows [..., n, B, A], the form the critics take them in."""
+
+    def __init__(self, weight_sets: int, obs_dim: int, act_dim: int, hidden_dim: int):
+        super().__init__()
+        self.net = batched_mlp(weight_sets, obs_dim, act_dim, hidden_dim)
+
+    def log_probs(self, obs: torch.Tensor, avail: torch.Tensor) -> torch.Tensor:
+        """log pi_i(. | o_i) [..., n, B, A]; an unavailable action's is the float32 minimum, finite, so that 0 times
+        it is 0."""
+        return torch.log_softmax(self.net(obs).masked_fill(~avail, torch.finfo(torch.float32).min), -1)
+
+    def log_prob(self, obs: torch.Tensor, actions: torch.Tensor, avail: torch.Tensor) -> torch.Tensor:
+        """log pi_i(a_i | o_i) of one-hot actions: [..., n, B]."""
+        return (self.log_probs(obs, avail) * actions).sum(-1)
+
+    def act(self, obs: torch.Tensor, avail: torch.Tensor) -> torch.Tensor:
+        """The most probable available action, one-hot."""
+        log_probs = self.log_probs(obs, avail)
+        return nn.functional.one_hot(log_probs.argmax(-1), log_probs.shape[-1]).to(log_probs.dtype)
+
+
+def make_policy(discrete: bool, weight_sets: int, obs_dim: int, act_dim: int, hidden_dim: int) -> nn.Module:
+    """The policy class of the env's action type: categorical over discrete actions, else tanh-Gaussian."""
+    return (CategoricalPolicy if discrete else AgentPolicy)(weight_sets, obs_dim, act_dim, hidden_dim)
 
 
 class Mixer(nn.Module):
@@ -267,13 +301,14 @@ def mix(w: torch.Tensor, values: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 class Agents(nn.Module):
     """Every network of ComaDICE; the bootstrap of Eq. 10 uses Polyak copies of nu and the mixer."""
 
-    def __init__(self, n_agents: int, obs_dim: int, act_dim: int, state_dim: int, args: Args):
+    def __init__(self, n_agents: int, obs_dim: int, act_dim: int, state_dim: int, args: Args,
+                 discrete: bool = False):
         super().__init__()
         nets = count_weight_sets(n_agents, args.per_agent_networks, args.num_seeds)
         self.nu = AgentValue(nets, obs_dim, args.hidden_dim)
         self.q = AgentQ(nets, obs_dim, act_dim, args.hidden_dim)
         self.mixer = Mixer(state_dim, n_agents, args.mixer_hidden_dim, args.num_seeds)
-        self.policy = AgentPolicy(nets, obs_dim, act_dim, args.hidden_dim)
+        self.policy = make_policy(discrete, nets, obs_dim, act_dim, args.hidden_dim)
         self.nu_target, self.mixer_target = (copy.deepcopy(m).requires_grad_(False) for m in (self.nu, self.mixer))
 
 
@@ -428,7 +463,7 @@ def update(agents: Agents, optimizers: dict, batch: Batch, initial_batch: Batch,
     clipped_step(optimizers["nu"], loss_nu, args.grad_clip, args.num_seeds)
 
     weight = occupancy_ratio(advantage_tot.detach(), divergence, args.alpha)
-    loss_pi = policy_loss(agents.policy.log_prob(batch.obs, batch.actions), weight)
+    loss_pi = policy_loss(agents.policy.log_prob(batch.obs, batch.actions, batch.avail), weight)
     clipped_step(optimizers["policy"], loss_pi, args.grad_clip, args.num_seeds)
 
     soft_update(agents.nu_target, agents.nu, args.tau)
@@ -440,13 +475,20 @@ def update(agents: Agents, optimizers: dict, batch: Batch, initial_batch: Batch,
 
 
 # TRY NOT TO MODIFY: running, logging, evaluation, checkpoints
-def make_act_fn(policy: AgentPolicy, device: torch.device, seeds: int):
+def make_act_fn(policy: nn.Module, device: torch.device, seeds: int):
+    def agent_major(x: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+        """[seeds * E, n, d], seed-major -> [seeds, n, E, d]."""
+        x_t = torch.as_tensor(x, dtype=dtype, device=device)
+        return x_t.reshape(seeds, -1, *x_t.shape[1:]).transpose(1, 2)
+
     @torch.no_grad()
-    def act(obs: np.ndarray) -> np.ndarray:
-        """Deterministic actions of every seed's policy: obs [seeds * E, n, obs_dim], seed-major."""
-        obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device)
-        obs_t = obs_t.reshape(seeds, -1, *obs_t.shape[1:]).transpose(1, 2)
-        return policy.act(obs_t).transpose(1, 2).reshape(obs.shape[0], obs.shape[1], -1).cpu().numpy()
+    def act(obs: np.ndarray, avail: np.ndarray | None = None) -> np.ndarray:
+        """Deterministic actions of every seed's policy: obs [seeds * E, n, obs_dim], seed-major; on discrete envs
+        the masks avail [seeds * E, n, A] come too and the actions go back as indices [seeds * E, n]."""
+        avail_t = None if avail is None else agent_major(avail, torch.bool)
+        actions = policy.act(agent_major(obs, torch.float32), avail_t)
+        actions = actions.transpose(1, 2).reshape(obs.shape[0], obs.shape[1], -1)
+        return (actions if avail is None else actions.argmax(-1)).cpu().numpy()
 
     return act
 
@@ -509,8 +551,9 @@ def capture_graph(update_fn):
             start = {name: value.clone() for name, value in agents.state_dict().items()}
             states = [{param: {key: value.clone() for key, value in state.items()}
                        for param, state in optimizer.state.items()} for optimizer in optimizers.values()]
-            static_inputs = [type(x)(**{name: value.clone() for name, value in vars(x).items()})
-                             if isinstance(x, Batch) else x for x in inputs]
+            static_inputs = [type(x)(**{name: None if value is None else value.clone()
+                                        for name, value in vars(x).items()}) if isinstance(x, Batch) else x
+                             for x in inputs]
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
@@ -530,7 +573,8 @@ def capture_graph(update_fn):
         for static, given in zip(static_inputs, inputs):
             if isinstance(given, Batch):
                 for name, value in vars(given).items():
-                    getattr(static, name).copy_(value)
+                    if value is not None:
+                        getattr(static, name).copy_(value)
         graph.replay()
         return static_metrics
 
@@ -637,7 +681,8 @@ if __name__ == "__main__":
           + (f", seeds {seeds[0]}..{seeds[-1]} fused" if len(seeds) > 1 else "")
           + (f", resumed at update {start_step}" if checkpoint else ""))
 
-    agents = build_seeds(lambda a: Agents(env.n_agents, env.obs_dim, env.act_dim, dataset.state_dim, a), args).to(device)
+    agents = build_seeds(lambda a: Agents(env.n_agents, env.obs_dim, env.act_dim, dataset.state_dim, a,
+                                               env.discrete), args).to(device)
     optimizers = make_optimizers(agents, args)
     generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
     if checkpoint:
@@ -651,15 +696,18 @@ if __name__ == "__main__":
     def evaluate_and_record(step: int, episodes: int, finished: bool = False) -> np.ndarray:
         agents.eval()
         started = time.perf_counter()
-        returns = evaluate_seeds(act_fn, env, episodes, eval_seeds)
+        returns, wins = evaluate_seeds(act_fn, env, episodes, eval_seeds)
         seconds = time.perf_counter() - started
         agents.train()
-        for writer, result, seed_returns in zip(writers, results, returns):
+        for k, (writer, result, seed_returns) in enumerate(zip(writers, results, returns)):
+            seed_wins = None if wins is None else wins[k]
             writer.add_scalar("eval/return_mean", float(seed_returns.mean()), step)
             writer.add_scalar("eval/return_std", float(seed_returns.std()), step)
+            if seed_wins is not None:
+                writer.add_scalar("eval/win_rate", float(seed_wins.mean()), step)
             writer.add_scalar("charts/evaluation_seconds", seconds, step)
             result.time_evaluation(seconds)
-            result.add_evaluation(step, seed_returns, finished)
+            result.add_evaluation(step, seed_returns, finished, seed_wins)
         return returns
 
     last_eval = results[0].evaluations[-1]["mean"] if results[0].evaluations else float("nan")
@@ -707,8 +755,10 @@ if __name__ == "__main__":
                         [result.evaluations for result in results], run_dirs)
     for writer in writers:
         writer.close()
-    for seed, seed_returns in zip(seeds, returns):
+    for result, seed, seed_returns in zip(results, seeds, returns):
+        win_rate = result.evaluations[-1].get("win_rate")
         print(f"final return: {seed_returns.mean():.2f} ± {seed_returns.std():.2f} over {len(seed_returns)} episodes"
+              + (f", win rate {win_rate:.2f}" if win_rate is not None else "")
               + (f" (seed {seed})" if len(seeds) > 1 else ""))
     training, evaluating = results[0].timed_seconds, results[0].evaluation_seconds
     print(f"time: {training:.0f} s training, {evaluating:.0f} s evaluating "

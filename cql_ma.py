@@ -52,7 +52,7 @@ from tqdm import tqdm
 
 from common.collect import ensure_dataset
 from common.datasets import Batch, load_dataset
-from common.envs import make_env
+from common.envs import SMAX_MAPS, EnvConfigError, make_env
 from common.evaluation import evaluate
 from common.results import RunResult, write_json
 
@@ -71,14 +71,16 @@ class Args:
     """if toggled, log to Weights & Biases (needs `pip install wandb`)"""
     wandb_project_name: str = "offline-marl"
     """the wandb project name"""
-    env: Literal["Hopper", "Ant", "HalfCheetah"] = "Hopper"
-    """the Multi-Agent MuJoCo task: Hopper, Ant or HalfCheetah"""
+    env: Literal["Hopper", "Ant", "HalfCheetah", "5m_vs_6m", "6h_vs_8z", "3m"] = "Hopper"
+    """the task: a Multi-Agent MuJoCo env (Hopper, Ant, HalfCheetah) or a SMAX map (5m_vs_6m, 6h_vs_8z, the tiny 3m;
+    needs `pip install -r requirements-smax.txt`)"""
     agent_conf: str | None = None
-    """agent partition (default per env: Hopper 3x1, Ant 2x4, HalfCheetah 6x1)"""
-    obs_mode: Literal["state", "local", "omiga"] = "state"
-    """agent inputs: state (global state + id, the seeds' setting), local (local observation + id), omiga"""
-    dataset: Literal["expert", "medium", "medium-replay", "medium-expert"] = "medium-replay"
-    """dataset quality: expert, medium, medium-replay, medium-expert"""
+    """MuJoCo agent partition (default per env: Hopper 3x1, Ant 2x4, HalfCheetah 6x1)"""
+    obs_mode: Literal["state", "local", "omiga"] | None = None
+    """agent inputs: state (global state + id, the seeds' MuJoCo setting), local (local observation + id, the only
+    mode on SMAX), omiga; default: state on MuJoCo, local on SMAX"""
+    dataset: Literal["expert", "medium", "medium-replay", "medium-expert", "good", "poor"] = "medium-replay"
+    """dataset quality: MuJoCo expert, medium, medium-replay, medium-expert; SMAX good, medium, poor"""
     data_dir: str = "data"
     """folder of the dataset files"""
     no_generate: bool = False
@@ -206,12 +208,40 @@ class AgentPolicy(nn.Module):
         mean, log_std = self.net(obs).chunk(2, -1)
         return mean, log_std.clamp(-5.0, 2.0)
 
-    def log_prob(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        """log pi_i(a_i | o_i) of actions in (-1, 1): [..., n, B]."""
+    def log_prob(self, obs: torch.Tensor, actions: torch.Tensor, avail: None = None) -> torch.Tensor:
+        """log pi_i(a_i | o_i) of actions in (-1, 1): [..., n, B] (continuous actions have no masks: avail is None)."""
         return tanh_gaussian_log_prob(*self(obs), actions)
 
-    def act(self, obs: torch.Tensor) -> torch.Tensor:
+    def act(self, obs: torch.Tensor, avail: None = None) -> torch.Tensor:
         return torch.tanh(self(obs)[0])
+
+
+class CategoricalPolicy(nn.Module):
+    """pi_i(a_i | o_i) over discrete actions (SMAX), all agents batched: the actions unavailable at o_i (avail false)
+    get probability 0. Actions are one-hot rows [..., n, B, A], the form the critics take them in."""
+
+    def __init__(self, weight_sets: int, obs_dim: int, act_dim: int, hidden_dim: int):
+        super().__init__()
+        self.net = batched_mlp(weight_sets, obs_dim, act_dim, hidden_dim)
+
+    def log_probs(self, obs: torch.Tensor, avail: torch.Tensor) -> torch.Tensor:
+        """log pi_i(. | o_i) [..., n, B, A]; an unavailable action's is the float32 minimum, finite, so that 0 times
+        it is 0."""
+        return torch.log_softmax(self.net(obs).masked_fill(~avail, torch.finfo(torch.float32).min), -1)
+
+    def log_prob(self, obs: torch.Tensor, actions: torch.Tensor, avail: torch.Tensor) -> torch.Tensor:
+        """log pi_i(a_i | o_i) of one-hot actions: [..., n, B]."""
+        return (self.log_probs(obs, avail) * actions).sum(-1)
+
+    def act(self, obs: torch.Tensor, avail: torch.Tensor) -> torch.Tensor:
+        """The most probable available action, one-hot."""
+        log_probs = self.log_probs(obs, avail)
+        return nn.functional.one_hot(log_probs.argmax(-1), log_probs.shape[-1]).to(log_probs.dtype)
+
+
+def make_policy(discrete: bool, weight_sets: int, obs_dim: int, act_dim: int, hidden_dim: int) -> nn.Module:
+    """The policy class of the env's action type: categorical over discrete actions, else tanh-Gaussian."""
+    return (CategoricalPolicy if discrete else AgentPolicy)(weight_sets, obs_dim, act_dim, hidden_dim)
 
 
 class Mixer(nn.Module):
@@ -351,11 +381,15 @@ def update(agents: Agents, optimizers: dict, batch: Batch, args: Args) -> dict[s
 
 
 # TRY NOT TO MODIFY: running, logging, evaluation, checkpoints
-def make_act_fn(policy: AgentPolicy, device: torch.device):
+def make_act_fn(policy: nn.Module, device: torch.device):
     @torch.no_grad()
-    def act(obs: np.ndarray) -> np.ndarray:
+    def act(obs: np.ndarray, avail: np.ndarray | None = None) -> np.ndarray:
+        """Deterministic actions: obs [E, n, obs_dim]; on discrete envs the masks avail [E, n, A] come too and the
+        actions go back as indices [E, n]."""
         obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device).transpose(0, 1)
-        return policy.act(obs_t).transpose(0, 1).cpu().numpy()
+        avail_t = None if avail is None else torch.as_tensor(avail, device=device).transpose(0, 1)
+        actions = policy.act(obs_t, avail_t).transpose(0, 1)
+        return (actions if avail is None else actions.argmax(-1)).cpu().numpy()
 
     return act
 
@@ -453,6 +487,9 @@ if __name__ == "__main__":
         device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
         torch.backends.cuda.matmul.allow_tf32 = args.tf32
         check_device(checkpoint, device)
+        if args.env in SMAX_MAPS:
+            raise EnvConfigError(f"cql_ma.py trains on continuous actions only so far: on SMAX maps ({args.env}) run "
+                                 f"omiga.py, omcda.py, icq.py, comadice.py or bc.py")
         env = make_env(args.env, args.agent_conf, args.obs_mode)
         dataset_file = ensure_dataset(args.data_dir, args.env, env.agent_conf, args.dataset,
                                       generate=not args.no_generate)
@@ -493,13 +530,15 @@ if __name__ == "__main__":
             progress.set_postfix(ups=f"{updates_per_sec:.0f}", eval=f"{last_eval:.0f}")
         if step % args.eval_every == 0 and step < args.total_steps:
             agents.eval()
-            returns = evaluate(act_fn, env, args.eval_episodes, eval_seed)
+            returns, wins = evaluate(act_fn, env, args.eval_episodes, eval_seed)
             agents.train()
             last_eval = float(returns.mean())
             writer.add_scalar("eval/return_mean", last_eval, step)
             writer.add_scalar("eval/return_std", float(returns.std()), step)
+            if wins is not None:
+                writer.add_scalar("eval/win_rate", float(wins.mean()), step)
             tqdm.write(f"step {step}: eval return {last_eval:.1f} ± {returns.std():.1f}")
-            result.add_evaluation(step, returns)
+            result.add_evaluation(step, returns, wins=wins)
             if args.save_model:
                 save_checkpoint(run_dir / "model.pt", agents, optimizers, step, args, generator, result.evaluations)
             tick = time.perf_counter()
@@ -511,11 +550,14 @@ if __name__ == "__main__":
     stop.restore()
 
     agents.eval()
-    returns = evaluate(act_fn, env, args.final_eval_episodes, eval_seed)
+    returns, wins = evaluate(act_fn, env, args.final_eval_episodes, eval_seed)
     writer.add_scalar("eval/return_mean", float(returns.mean()), args.total_steps)
     writer.add_scalar("eval/return_std", float(returns.std()), args.total_steps)
-    result.add_evaluation(args.total_steps, returns, finished=True)
+    if wins is not None:
+        writer.add_scalar("eval/win_rate", float(wins.mean()), args.total_steps)
+    result.add_evaluation(args.total_steps, returns, finished=True, wins=wins)
     if args.save_model:
         save_checkpoint(run_dir / "model.pt", agents, optimizers, args.total_steps, args, generator, result.evaluations)
     writer.close()
-    print(f"final return: {returns.mean():.2f} ± {returns.std():.2f} over {len(returns)} episodes")
+    print(f"final return: {returns.mean():.2f} ± {returns.std():.2f} over {len(returns)} episodes"
+          + (f", win rate {wins.mean():.2f}" if wins is not None else ""))

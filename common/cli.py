@@ -21,7 +21,7 @@ import os
 import signal
 import sys
 from contextlib import contextmanager
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, NoReturn, TypeVar
 
@@ -29,7 +29,7 @@ import torch
 import tyro
 
 from common.datasets import DatasetError
-from common.envs import EnvConfigError
+from common.envs import EnvConfigError, default_obs_mode
 
 Rule = tuple[Callable[[Any], bool], str]  # (is the value valid, the valid range in words)
 
@@ -101,12 +101,19 @@ class ResumeError(ValueError):
     """A run that `--resume` cannot continue exactly."""
 
 
+def with_env_defaults(args: ArgsT) -> ArgsT:
+    """`args` with --obs-mode, when not given, set to the env's default (common.envs.default_obs_mode)."""
+    if getattr(args, "obs_mode", "") is None:
+        return replace(args, obs_mode=default_obs_mode(args.env))
+    return args
+
+
 def parse_args(args_class: type[ArgsT]) -> tuple[ArgsT, dict | None]:
     """The command line's arguments and, with `--resume RUN_DIR`, the checkpoint RUN_DIR/model.pt (loaded on the CPU),
     whose arguments become the defaults: `--resume RUN_DIR --total-steps N` continues a run to N updates. Raises
     `ResumeError` if there is no checkpoint, if it holds no random number generator states, if an argument outside
     RUN_LEVEL_ARGS differs from the checkpoint's, or if the checkpoint has reached --total-steps already."""
-    args = tyro.cli(args_class)
+    args = with_env_defaults(tyro.cli(args_class))
     if args.resume is None:
         return args, None
     path = Path(args.resume) / "model.pt"

@@ -39,8 +39,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common.datasets import QUALITIES, dataset_path, missing_dataset_message, write_dataset
-from common.envs import ENV_NAMES, check_env_name, make_env
+from common.datasets import (QUALITIES, SMAX_QUALITIES, DatasetError, dataset_path, missing_dataset_message,
+                             write_dataset)
+from common.envs import ENV_NAMES, SMAX_MAPS, check_env_name, make_env
 
 POLICY_DIR = Path(__file__).resolve().parent.parent / "behaviour_policies"
 # Mean episode return of OMIGA's MuJoCo data (seed 002, Table 2), the target quality of our checkpoints.
@@ -212,7 +213,7 @@ class Trainer:
         def act(obs):
             return self.env.local_actions(self.actor.deterministic(torch.from_numpy(obs[:, 0, : self.env.state_dim])).numpy())
 
-        return evaluate(act, self.env, episodes, seed=10_000)
+        return evaluate(act, self.env, episodes, seed=10_000)[0]
 
     def checkpoint(self) -> None:
         returns = self.evaluate()
@@ -437,8 +438,14 @@ def replay_size_warning(path: Path) -> str | None:
 
 
 def ensure_dataset(data_dir: str | Path, env: str, agent_conf: str | None, quality: str, generate: bool = True) -> Path:
-    """The dataset's path; generate it from the committed behaviour policies if it is missing and `generate`.
-    An existing medium-replay file of another size than the default gets a warning (`replay_size_warning`)."""
+    """The dataset's path; generate it from the committed behaviour policies if it is missing and `generate`
+    (SMAX maps: with common.smax_collect, which needs jax). An existing medium-replay file of another size than the
+    default gets a warning (`replay_size_warning`)."""
+    smax = env in SMAX_MAPS
+    valid = SMAX_QUALITIES if smax else QUALITIES
+    if quality not in valid:
+        raise DatasetError(f"--dataset {quality}: the {'SMAX' if smax else 'MuJoCo'} datasets of {env} are "
+                           f"{', '.join(valid)}")
     path = dataset_path(data_dir, env, agent_conf, quality)
     if path.exists():
         warning = replay_size_warning(path) if quality == "medium-replay" else None
@@ -448,6 +455,10 @@ def ensure_dataset(data_dir: str | Path, env: str, agent_conf: str | None, quali
     if not generate:
         raise FileNotFoundError(missing_dataset_message(path))
     print(f"dataset {path} not found: generating it from the committed behaviour policies (once)")
+    if smax:
+        from common.smax_collect import generate_dataset as generate_smax_dataset
+
+        return generate_smax_dataset(env, quality, data_dir)
     return generate_dataset(env, quality, data_dir, agent_conf=agent_conf)
 
 

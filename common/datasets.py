@@ -222,14 +222,9 @@ class Batch:
     dones: torch.Tensor  # [B] 1.0 on true termination (no bootstrap)
     states: torch.Tensor  # [B, state_dim]
     next_states: torch.Tensor  # [B, state_dim]
-
-
-@dataclass
-class DiscreteBatch(Batch):
-    """A minibatch of a discrete-action dataset: actions are one-hot [n_agents, B, n_actions], with the masks."""
-
-    avail: torch.Tensor  # bool [n_agents, B, n_actions]: the actions each agent could take at obs
-    next_avail: torch.Tensor  # bool [n_agents, B, n_actions]: the same at next_obs
+    # Discrete-action datasets only (actions are then one-hot [n_agents, B, n_actions]); None otherwise:
+    avail: torch.Tensor | None = None  # bool [n_agents, B, n_actions]: the actions each agent could take at obs
+    next_avail: torch.Tensor | None = None  # bool [n_agents, B, n_actions]: the same at next_obs
 
 
 class Dataset:
@@ -292,7 +287,7 @@ class Dataset:
         fields = (agent_major(self.obs), agent_major(self.actions), self.rewards[idx], agent_major(self.next_obs),
                   self.dones[idx], self.states[idx], self.next_states[idx])
         if self.discrete:
-            return DiscreteBatch(*fields, agent_major(self.avail), agent_major(self.next_avail))
+            return Batch(*fields, agent_major(self.avail), agent_major(self.next_avail))
         return Batch(*fields)
 
     def episode_returns(self) -> np.ndarray:

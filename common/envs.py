@@ -1,10 +1,13 @@
-"""Multi-Agent MuJoCo environments with one uniform interface for every algorithm script.
+"""Multi-Agent MuJoCo environments, and the SMAX maps, with one uniform interface for every algorithm script.
 
-`make_env(name)` wraps Gymnasium-Robotics' MaMuJoCo (`mamujoco_v1`). Every env exposes
+`make_env(name)` wraps Gymnasium-Robotics' MaMuJoCo (`mamujoco_v1`), or for a SMAX map name (SMAX_MAPS) builds
+common.smax's SMAXEnv, importing jax only then. Every env exposes
 
     reset(seed) -> obs [n_agents, obs_dim], state [state_dim]
-    step(actions [n_agents, act_dim]) -> obs, state, team_reward, terminated, truncated
-    n_agents, obs_dim, act_dim, state_dim, episode_limit
+    step(actions) -> obs, state, team_reward, terminated, truncated
+    n_agents, obs_dim, act_dim, state_dim, episode_limit, discrete
+MuJoCo: actions [n_agents, act_dim] in [-1, 1], discrete = False. SMAX: actions [n_agents] indices among act_dim,
+discrete = True, plus avail_actions() [n_agents, act_dim] and won (see common.smax).
 
 Agent inputs depend on `obs_mode` (see `build_agent_obs`):
     "state"  global state + one-hot agent id: the setting of the seeds' experiments (OMIGA, ComaDICE, OMCDA).
@@ -58,13 +61,20 @@ ENV_SPECS = {
 ENV_NAMES = tuple(ENV_SPECS)
 
 
+def default_obs_mode(env: str) -> str:
+    """The agent inputs of the seeds' experiments: the global state + id on MuJoCo, the local observation on SMAX."""
+    return "local" if env in SMAX_MAPS else "state"
+
+
 class EnvConfigError(ValueError):
     """An env name, agent partition or observation mode that does not exist."""
 
 
 def check_env_name(env: str) -> EnvSpec:
+    """The spec of a MuJoCo task."""
     if env not in ENV_SPECS:
-        raise EnvConfigError(f"unknown env {env!r}; valid names: {', '.join(ENV_NAMES)}")
+        smax = f" (SMAX maps: {', '.join(SMAX_MAPS)})" if env not in SMAX_MAPS else f"; {env} is a SMAX map"
+        raise EnvConfigError(f"unknown MuJoCo env {env!r}; valid names: {', '.join(ENV_NAMES)}{smax}")
     return ENV_SPECS[env]
 
 
@@ -113,6 +123,7 @@ class MultiAgentMujocoEnv:
     (equivalent to MaMuJoCo's own step) and builds local observations only when `obs_mode="local"`."""
 
     episode_limit = 1000
+    discrete = False
 
     def __init__(self, env: str, agent_conf: str | None = None, obs_mode: str = "state", seed: int | None = None):
         spec = check_env_name(env)
@@ -197,7 +208,17 @@ class MultiAgentMujocoEnv:
         self.base_env.close()
 
 
-def make_env(env: str, agent_conf: str | None = None, obs_mode: str = "state", seed: int | None = None) -> MultiAgentMujocoEnv:
+def make_env(env: str, agent_conf: str | None = None, obs_mode: str = "state", seed: int | None = None):
     """Build a Multi-Agent MuJoCo task by name: one of `ENV_NAMES`; `agent_conf` defaults per env (Hopper 3x1,
-    Ant 2x4, HalfCheetah 6x1). `seed`, if given, seeds the first `reset()` called without a seed."""
+    Ant 2x4, HalfCheetah 6x1); or a SMAX map of `SMAX_MAPS` (no agent_conf; obs_mode "local", the SMAC setting).
+    `seed`, if given, seeds the first `reset()` called without a seed."""
+    if env in SMAX_MAPS:
+        if agent_conf is not None:
+            raise EnvConfigError(f"{env} is a SMAX map, whose agents are fixed by the map: drop --agent-conf {agent_conf}")
+        if obs_mode != "local":
+            raise EnvConfigError(f"SMAX agents act on their local observations: use --obs-mode local (the default on "
+                                 f"SMAX maps), not {obs_mode!r}")
+        from common.smax import SMAXEnv
+
+        return SMAXEnv(env, seed)
     return MultiAgentMujocoEnv(env, agent_conf, obs_mode, seed)

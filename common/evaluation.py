@@ -1,5 +1,10 @@
 """Evaluation: run episodes in lockstep over copies of an environment, one policy forward pass per step; with
-several workers, the copies are shared out to that many processes through gymnasium's AsyncVectorEnv."""
+several workers, the copies are shared out to that many processes through gymnasium's AsyncVectorEnv.
+
+Both functions return (returns, wins): the team return of every episode and, on discrete-action (SMAX) envs, whether
+it was won (None on MuJoCo). On discrete envs `act_fn(obs, avail)` also gets each agent's available actions
+[E, n_agents, act_dim] and returns action indices [E, n_agents].
+"""
 
 from __future__ import annotations
 
@@ -17,39 +22,68 @@ from common.envs import MultiAgentMujocoEnv, make_env
 PARALLEL_FROM_CORES = 8  # machines with fewer cores evaluate in the training process
 
 
-def evaluate(act_fn: Callable[[np.ndarray], np.ndarray], env: MultiAgentMujocoEnv, episodes: int, seed: int,
-             num_envs: int | None = None) -> np.ndarray:
-    """Team return of each of `episodes` episodes; episode k starts from `reset(seed + k)`.
+class EnvSlots:
+    """Copies of one env stepped in lockstep: their last observations [E, n_agents, obs_dim] and, on discrete envs,
+    their available actions [E, n_agents, act_dim], for one `act_fn` call on any subset of them."""
 
-    `act_fn` maps observations [E, n_agents, obs_dim] to actions [E, n_agents, act_dim] for all running copies at
-    once. With a deterministic `act_fn` the returns depend only on `seed`, not on how many copies run."""
+    def __init__(self, envs: list):
+        self.envs, self.discrete = envs, envs[0].discrete
+        self.obs = np.zeros((len(envs), envs[0].n_agents, envs[0].obs_dim), np.float32)
+        self.avail = np.zeros((len(envs), envs[0].n_agents, envs[0].act_dim), bool) if self.discrete else None
+
+    def reset(self, slot: int, seed: int) -> None:
+        self.obs[slot], _ = self.envs[slot].reset(seed=seed)
+        if self.discrete:
+            self.avail[slot] = self.envs[slot].avail_actions()
+
+    def act(self, act_fn: Callable, slots) -> np.ndarray:
+        if self.discrete:
+            return np.asarray(act_fn(self.obs[slots], self.avail[slots]))
+        return np.asarray(act_fn(self.obs[slots]))
+
+    def step(self, slot: int, action: np.ndarray) -> tuple[float, bool, bool]:
+        """Step one copy: (reward, episode over, won)."""
+        env = self.envs[slot]
+        self.obs[slot], _, reward, terminated, truncated = env.step(action)
+        if self.discrete:
+            self.avail[slot] = env.avail_actions()
+        return reward, terminated or truncated, self.discrete and env.won
+
+
+def evaluate(act_fn: Callable, env: MultiAgentMujocoEnv, episodes: int, seed: int,
+             num_envs: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Team return of each of `episodes` episodes, and whether it was won (discrete envs; None otherwise); episode k
+    starts from `reset(seed + k)`.
+
+    `act_fn` maps observations [E, n_agents, obs_dim] (and, on discrete envs, available actions) to actions for all
+    running copies at once. With a deterministic `act_fn` the returns depend only on `seed`, not on how many copies
+    run."""
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
     num_envs = min(num_envs or episodes, episodes)
-    envs = [env] + env.copies(num_envs - 1)
-    returns = np.zeros(episodes)
+    slots = EnvSlots([env] + env.copies(num_envs - 1))
+    returns, wins = np.zeros(episodes), np.zeros(episodes, bool)
     running = {}  # env slot -> episode index
-    obs = np.zeros((num_envs, env.n_agents, env.obs_dim), np.float32)
     next_episode = 0
     for slot in range(num_envs):
-        obs[slot], _ = envs[slot].reset(seed=seed + next_episode)
+        slots.reset(slot, seed + next_episode)
         running[slot] = next_episode
         next_episode += 1
     while running:
-        slots = sorted(running)
-        actions = np.asarray(act_fn(obs[slots]))
-        for row, slot in enumerate(slots):
-            o, _, reward, terminated, truncated = envs[slot].step(actions[row])
+        active = sorted(running)
+        actions = slots.act(act_fn, active)
+        for row, slot in enumerate(active):
+            reward, over, won = slots.step(slot, actions[row])
             returns[running[slot]] += reward
-            obs[slot] = o
-            if terminated or truncated:
+            if over:
+                wins[running[slot]] = won
                 if next_episode < episodes:
-                    obs[slot], _ = envs[slot].reset(seed=seed + next_episode)
+                    slots.reset(slot, seed + next_episode)
                     running[slot] = next_episode
                     next_episode += 1
                 else:
                     del running[slot]
-    return returns
+    return returns, (wins if slots.discrete else None)
 
 
 def default_workers() -> int:
@@ -99,31 +133,34 @@ def worker_pool(name: str, agent_conf: str, obs_mode: str, workers: int, per_wor
     return pool
 
 
-def evaluate_seeds(act_fn: Callable[[np.ndarray], np.ndarray], env: MultiAgentMujocoEnv, episodes: int,
-                   seeds: list[int], workers: int | None = None) -> np.ndarray:
-    """Team returns [len(seeds), episodes] of the fused seeds' policies: seed k's episode e starts from
-    `reset(seeds[k] + e)`, as `evaluate(..., seed=seeds[k])` would run it.
+def evaluate_seeds(act_fn: Callable, env: MultiAgentMujocoEnv, episodes: int, seeds: list[int],
+                   workers: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Team returns [len(seeds), episodes] of the fused seeds' policies, and whether each episode was won (discrete
+    envs; None otherwise): seed k's episode e starts from `reset(seeds[k] + e)`, as `evaluate(..., seed=seeds[k])`
+    would run it.
 
     All episodes run at once in lockstep, one env copy each, with one `act_fn` call per step on every copy's
     observation, seed-major [len(seeds) * episodes, n_agents, obs_dim] (a fixed shape: a finished episode's row holds
     its last observation and its action is ignored). With `workers` > 1 (default: `default_workers()`) the copies are
-    stepped in that many processes; the returns do not depend on it."""
+    stepped in that many processes; the returns do not depend on it. Discrete (SMAX) envs always step in this
+    process: their jax functions are compiled once per process and shared by the copies."""
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
     starts = [seed + e for seed in seeds for e in range(episodes)]
-    workers = min(workers or default_workers(), len(starts))
-    returns = np.zeros(len(starts))
+    workers = 1 if env.discrete else min(workers or default_workers(), len(starts))
+    returns, wins = np.zeros(len(starts)), np.zeros(len(starts), bool)
     running = np.ones(len(starts), dtype=bool)
     if workers == 1:
-        envs = [env] + env.copies(len(starts) - 1)
-        obs = np.stack([copy.reset(seed=start)[0] for copy, start in zip(envs, starts)]).astype(np.float32)
+        slots = EnvSlots([env] + env.copies(len(starts) - 1))
+        for slot, start in enumerate(starts):
+            slots.reset(slot, start)
         while running.any():
-            actions = np.asarray(act_fn(obs))
+            actions = slots.act(act_fn, slice(None))
             for slot in np.flatnonzero(running):
-                obs[slot], _, reward, terminated, truncated = envs[slot].step(actions[slot])
+                reward, over, wins[slot] = slots.step(slot, actions[slot])
                 returns[slot] += reward
-                running[slot] = not (terminated or truncated)
-        return returns.reshape(len(seeds), episodes)
+                running[slot] = not over
+        return returns.reshape(len(seeds), episodes), (wins.reshape(len(seeds), episodes) if slots.discrete else None)
 
     per_worker = math.ceil(len(starts) / workers)
     pool = worker_pool(env.name, env.agent_conf, env.obs_mode, workers, per_worker)
@@ -136,4 +173,4 @@ def evaluate_seeds(act_fn: Callable[[np.ndarray], np.ndarray], env: MultiAgentMu
         obs, _, _, _, info = pool.step(actions.reshape(workers, per_worker, *actions.shape[1:]))
         returns += info["rewards"].reshape(-1)[:len(starts)]
         running = info["running"].reshape(-1)[:len(starts)]
-    return returns.reshape(len(seeds), episodes)
+    return returns.reshape(len(seeds), episodes), None

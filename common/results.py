@@ -87,9 +87,13 @@ class RunResult:
     def time_evaluation(self, seconds: float) -> None:
         self.evaluation_seconds = (self.evaluation_seconds or 0.0) + seconds
 
-    def add_evaluation(self, step: int, returns: np.ndarray, finished: bool = False) -> None:
-        self.evaluations.append(dict(step=step, mean=float(returns.mean()), std=float(returns.std()),
-                                     episodes=len(returns)))
+    def add_evaluation(self, step: int, returns: np.ndarray, finished: bool = False,
+                       wins: np.ndarray | None = None) -> None:
+        """Record an evaluation's returns (and, on SMAX, its win rate) and rewrite result.json."""
+        evaluation = dict(step=step, mean=float(returns.mean()), std=float(returns.std()), episodes=len(returns))
+        if wins is not None:
+            evaluation["win_rate"] = float(np.mean(wins))
+        self.evaluations.append(evaluation)
         write_json(self.run_dir / "result.json", dict(
             args=self.args, commit=self.commit, device=device_name(self.device), dataset=self.dataset,
             evaluations=self.evaluations, last=self.evaluations[-1],

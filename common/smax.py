@@ -162,6 +162,8 @@ class _SMAXMap:
     """What every env of a map shares: its name, sizes and compiled functions."""
 
     discrete = True
+    agent_conf = None  # the map fixes the agents
+    obs_mode = "local"  # local observation + one-hot id
 
     def __init__(self, map_name: str, **smax_kwargs):
         self.functions = smax_functions(map_name, **smax_kwargs)

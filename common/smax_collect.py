@@ -113,13 +113,15 @@ class MAPPO:
 
     def __init__(self, map_name: str, num_envs: int = 64, rollout_steps: int = 128, epochs: int = 5,
                  minibatches: int = 4, lr: float = 5e-4, gamma: float = 0.99, lam: float = 0.95, clip: float = 0.2,
-                 entropy_coef: float = 0.01, max_grad_norm: float = 10.0, hidden: int = HIDDEN, seed: int = 0):
+                 entropy_coef: float = 0.01, max_grad_norm: float = 10.0, hidden: int = HIDDEN, seed: int = 0,
+                 anneal_lr: bool = False):
         from common.smax import BatchedSMAX
 
         self.map_name, self.hidden, self.seed = map_name, hidden, seed
         self.envs = BatchedSMAX(map_name, num_envs, seed=seed)
         self.rollout_steps, self.epochs, self.minibatches = rollout_steps, epochs, minibatches
         self.gamma, self.lam, self.clip, self.entropy_coef, self.max_grad_norm = gamma, lam, clip, entropy_coef, max_grad_norm
+        self.lr, self.anneal_lr = lr, anneal_lr
         torch.manual_seed(seed)
         self.actor = Actor(self.envs.obs_dim, self.envs.act_dim, hidden)
         self.critic = mlp(self.envs.state_dim, 1, hidden)
@@ -208,6 +210,9 @@ class MAPPO:
                            f"win rate {record['win_rate']:.2f} ({time.time() - start:.0f} s)")
             if self.steps >= total_steps:
                 break
+            if self.anneal_lr:  # linearly to 0 at total_steps
+                for optimizer in (self.actor_opt, self.critic_opt):
+                    optimizer.param_groups[0]["lr"] = self.lr * (1.0 - self.steps / total_steps)
             metrics = self.update(self.collect())
             progress.update(self.rollout_steps * self.envs.num_envs)
             if self.finished:
@@ -241,8 +246,9 @@ def work_dir_of(map_name: str, work_dir: str | None) -> Path:
     return Path(work_dir or f"runs/behaviour/smax-{map_name}")
 
 
-def train(map_name: str, total_steps: int, work_dir: Path, checkpoint_every: int, seed: int) -> MAPPO:
-    trainer = MAPPO(map_name, seed=seed)
+def train(map_name: str, total_steps: int, work_dir: Path, checkpoint_every: int, seed: int, **settings) -> MAPPO:
+    """MAPPO on `map_name` (settings: MAPPO's keyword arguments), continued from work_dir/train_state.pt if there."""
+    trainer = MAPPO(map_name, seed=seed, **settings)
     state_file = work_dir / "train_state.pt"
     if state_file.exists():
         trainer.load_state_dict(torch.load(state_file, weights_only=False))
@@ -368,6 +374,12 @@ def main(argv: list[str] | None = None) -> None:
     tr.add_argument("--checkpoint-every", type=int, default=250_000)
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--work-dir", default=None, help="default: runs/behaviour/smax-{map}")
+    tr.add_argument("--lr", type=float, default=5e-4)
+    tr.add_argument("--anneal-lr", action="store_true", help="decay the learning rate linearly to 0")
+    tr.add_argument("--max-grad-norm", type=float, default=10.0)
+    tr.add_argument("--entropy-coef", type=float, default=0.01)
+    tr.add_argument("--clip", type=float, default=0.2)
+    tr.add_argument("--epochs", type=int, default=5)
     se = sub.add_parser("select", help="write behaviour_policies/smax-{map}.pt from a training run")
     se.add_argument("--map", required=True)
     se.add_argument("--work-dir", default=None)
@@ -379,7 +391,9 @@ def main(argv: list[str] | None = None) -> None:
     ds.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.command == "train":
-        train(args.map, args.total_steps, work_dir_of(args.map, args.work_dir), args.checkpoint_every, args.seed)
+        train(args.map, args.total_steps, work_dir_of(args.map, args.work_dir), args.checkpoint_every, args.seed,
+              lr=args.lr, anneal_lr=args.anneal_lr, max_grad_norm=args.max_grad_norm, entropy_coef=args.entropy_coef,
+              clip=args.clip, epochs=args.epochs)
     elif args.command == "select":
         select(args.map, work_dir_of(args.map, args.work_dir))
     else:

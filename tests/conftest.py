@@ -202,10 +202,11 @@ def chain_soft_optimum(agent: int, alpha: float) -> tuple[np.ndarray, np.ndarray
     return q, v, behaviour * np.exp((q - v[:, None]) / alpha)
 
 
-def chain_dataset(episode_length: int | None = None):
+def chain_dataset(episode_length: int | None = None, discrete: bool = False):
     """Every joint (s, a) of the two-agent chain, repeated in proportion to the behaviour policies; never terminal.
     Both agents observe the global state (one-hot of (s_0, s_1)). With episode_length the rows are shuffled and every
-    episode_length-th is a timeout, so that the rows after them (and row 0) are episode starts."""
+    episode_length-th is a timeout, so that the rows after them (and row 0) are episode starts. With discrete, the
+    actions are the indices 0 and 1 (loaded one-hot), both always available."""
     from common.datasets import Dataset
 
     rows = np.array([(s0, s1, a0, a1) for s0, s1, a0, a1 in itertools.product(range(2), repeat=4)
@@ -220,10 +221,14 @@ def chain_dataset(episode_length: int | None = None):
     arrays = dict(observations=np.repeat(states[:, None], 2, 1), next_observations=np.repeat(next_states[:, None], 2, 1),
                   states=states, next_states=next_states, actions=CHAIN_ACTIONS[rows[:, 2:]][..., None],
                   rewards=rewards.astype(np.float32), terminals=np.zeros(len(rows), bool), timeouts=timeouts)
-    return Dataset(arrays, dict(obs_mode="local"), "local", "cpu")
+    if discrete:
+        arrays.update(actions=rows[:, 2:].astype(np.int32), avail_actions=np.ones((len(rows), 2, 2), bool),
+                      next_avail_actions=np.ones((len(rows), 2, 2), bool))
+    return Dataset(arrays, dict(obs_mode="local", discrete=discrete), "local", "cpu")
 
 
 def chain_joint_batch(dataset):
     """The 16 joint (s, a) of the chain as one batch, row k = CHAIN_JOINT[k]."""
-    keys = (dataset.states.argmax(1) * 4 + (dataset.actions[0, :, 0] > 0) * 2 + (dataset.actions[1, :, 0] > 0)).tolist()
+    taken = dataset.actions.argmax(-1) if dataset.discrete else (dataset.actions[..., 0] > 0).long()
+    keys = (dataset.states.argmax(1) * 4 + taken[0] * 2 + taken[1]).tolist()
     return dataset.gather(torch.tensor([keys.index(k) for k in range(16)]))

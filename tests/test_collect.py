@@ -222,7 +222,7 @@ def check_recorded_returns(bundle: dict, env_name: str) -> None:
         def act(obs):  # "state" mode: agent 0's input starts with the global state
             return env.local_actions(actor.deterministic(torch.from_numpy(obs[:, 0, : env.state_dim])).numpy())
 
-        mean = evaluate(act, env, episodes=2, seed=10_000).mean()
+        mean = evaluate(act, env, episodes=2, seed=10_000)[0].mean()
         tolerance = max(RELATIVE_TOLERANCE * abs(record["eval_mean"]), STD_TOLERANCE * record["eval_std"])
         assert abs(mean - record["eval_mean"]) <= tolerance, (env_name, quality, mean, record["eval_mean"], record["eval_std"])
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from common.envs import ENV_NAMES, OBS_MODES, make_env
+from common.envs import ENV_NAMES, OBS_MODES, SMAX_MAPS, default_obs_mode, make_env
 
 # name -> (agent_conf, n_agents, act_dim, state_dim, local obs dim (padded), OMIGA's state size)
 SPECS = {
@@ -132,11 +132,21 @@ def test_other_agent_conf():
 
 
 def test_unknown_env_lists_valid_names():
-    with pytest.raises(ValueError, match="unknown env 'Walker'") as error:
+    with pytest.raises(ValueError, match="unknown MuJoCo env 'Walker'") as error:
         make_env("Walker")
-    for name in ENV_NAMES:
+    for name in (*ENV_NAMES, *SMAX_MAPS):
         assert name in str(error.value)
     assert set(ENV_NAMES) == {"Hopper", "Ant", "HalfCheetah"}
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(agent_conf="5x1"), "SMAX map, whose agents are fixed by the map: drop --agent-conf 5x1"),
+    (dict(obs_mode="state"), "use --obs-mode local"),
+])
+def test_smax_maps_refuse_mujoco_settings_before_importing_jax(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        make_env("5m_vs_6m", **kwargs)
+    assert default_obs_mode("5m_vs_6m") == "local" and default_obs_mode("Hopper") == "state"
 
 
 def test_unknown_obs_mode_lists_valid_modes():

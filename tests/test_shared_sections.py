@@ -39,11 +39,17 @@ def test_network_section_is_identical(script):
     assert shared_sections(REPO / script)[0] == shared_sections(REPO / "omiga.py")[0]
 
 
+# The scripts without a discrete-action branch yet stop on SMAX maps before building the env, and do not tell their
+# networks the action type.
+CONTINUOUS_ONLY = re.compile(r"        if args.env in SMAX_MAPS:\n            raise EnvConfigError\(.*?\)\n", re.S)
+
+
 @pytest.mark.parametrize("script", SAME_RUN_SECTION)
 def test_run_section_is_identical(script):
     mine, template = shared_sections(REPO / script), shared_sections(REPO / "bc.py")
     assert len(template) == 2
-    assert mine == template
+    assert len(CONTINUOUS_ONLY.findall(mine[1])) == 1
+    assert [mine[0], CONTINUOUS_ONLY.sub("", mine[1])] == [template[0], template[1].replace(", env.discrete)", ")")]
 
 
 def test_fused_seed_run_sections_differ_only_where_omcda_documents():
