@@ -137,3 +137,19 @@ def test_script_trains_and_evaluates_on_a_tiny_smax_dataset(tiny_smax_dir, tmp_p
     assert saved["args"]["obs_mode"] == "local" and "win_rate" in saved["dataset"]
     assert [e["step"] for e in saved["evaluations"]] == [10, 20]
     assert all(0.0 <= e["win_rate"] <= 1.0 for e in saved["evaluations"])
+
+
+def test_select_keeps_the_checkpoint_nearest_each_target_return(tmp_path):
+    from common.smax_collect import TARGET_RETURNS, load_policies, select
+
+    returns = [1.5, 8.0, 9.0, 11.5, 14.0]
+    history = [dict(step=100 * k, return_mean=r, return_std=1.0, win_rate=r / 20, actor={"w": torch.zeros(1)})
+               for k, r in enumerate(returns)]
+    torch.save(dict(history=history, map="5m_vs_6m", hidden=8, settings=dict(lr=2e-3)), tmp_path / "train_state.pt")
+    out = select("5m_vs_6m", tmp_path, tmp_path / "smax-5m_vs_6m.pt")
+    bundle = load_policies("5m_vs_6m", tmp_path)
+    assert out.name == "smax-5m_vs_6m.pt" and TARGET_RETURNS["5m_vs_6m"] == {"good": 20.0, "medium": 11.03, "poor": 8.5}
+    # good 20 -> the best (14.0); medium 11.03 -> 11.5; poor 8.5 -> 8.0 and 9.0 tie at 0.5: the first
+    assert {q: r["step"] for q, r in bundle["policies"].items()} == {"good": 400, "medium": 300, "poor": 100}
+    assert [record["return_mean"] for record in bundle["curve"]] == returns and "actor" not in bundle["curve"][0]
+    assert bundle["settings"] == dict(lr=2e-3)
