@@ -140,16 +140,20 @@ def test_script_trains_and_evaluates_on_a_tiny_smax_dataset(tiny_smax_dir, tmp_p
 
 
 def test_select_keeps_the_checkpoint_nearest_each_target_return(tmp_path):
+    """Targets 20 / 11.03 / 8.5 (seed 002, 5m_vs_6m); where the best checkpoint falls short of 20 they are scaled by
+    best / 20 (here 10 / 20: 10 / 5.515 / 4.25)."""
     from common.smax_collect import TARGET_RETURNS, load_policies, select
 
-    returns = [1.5, 8.0, 9.0, 11.5, 14.0]
-    history = [dict(step=100 * k, return_mean=r, return_std=1.0, win_rate=r / 20, actor={"w": torch.zeros(1)})
-               for k, r in enumerate(returns)]
-    torch.save(dict(history=history, map="5m_vs_6m", hidden=8, settings=dict(lr=2e-3)), tmp_path / "train_state.pt")
-    out = select("5m_vs_6m", tmp_path, tmp_path / "smax-5m_vs_6m.pt")
-    bundle = load_policies("5m_vs_6m", tmp_path)
-    assert out.name == "smax-5m_vs_6m.pt" and TARGET_RETURNS["5m_vs_6m"] == {"good": 20.0, "medium": 11.03, "poor": 8.5}
-    # good 20 -> the best (14.0); medium 11.03 -> 11.5; poor 8.5 -> 8.0 and 9.0 tie at 0.5: the first
-    assert {q: r["step"] for q, r in bundle["policies"].items()} == {"good": 400, "medium": 300, "poor": 100}
-    assert [record["return_mean"] for record in bundle["curve"]] == returns and "actor" not in bundle["curve"][0]
-    assert bundle["settings"] == dict(lr=2e-3)
+    assert TARGET_RETURNS["5m_vs_6m"] == {"good": 20.0, "medium": 11.03, "poor": 8.5}
+    for returns, expected, scale in (([1.5, 8.0, 9.0, 11.5, 20.5], {"good": 400, "medium": 300, "poor": 100}, 1.0),
+                                     ([1.5, 4.0, 5.0, 6.5, 10.0], {"good": 400, "medium": 200, "poor": 100}, 0.5)):
+        history = [dict(step=100 * k, return_mean=r, return_std=1.0, win_rate=r / 20, actor={"w": torch.zeros(1)})
+                   for k, r in enumerate(returns)]
+        torch.save(dict(history=history, map="5m_vs_6m", hidden=8, settings=dict(lr=2e-3)), tmp_path / "train_state.pt")
+        out = select("5m_vs_6m", tmp_path, tmp_path / "smax-5m_vs_6m.pt")
+        bundle = load_policies("5m_vs_6m", tmp_path)
+        assert out.name == "smax-5m_vs_6m.pt" and bundle["target_scale"] == scale
+        # unscaled, poor 8.5 lies between 8.0 and 9.0 at equal distance: the first is kept
+        assert {q: r["step"] for q, r in bundle["policies"].items()} == expected
+        assert [record["return_mean"] for record in bundle["curve"]] == returns and "actor" not in bundle["curve"][0]
+        assert bundle["settings"] == dict(lr=2e-3)
