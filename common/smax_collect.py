@@ -3,7 +3,7 @@ fresh machine from committed checkpoints, as common.collect does for MuJoCo. The
 (requirements-smax.txt); this module imports them only where it steps the env.
 
     python -m common.smax_collect train   --map 5m_vs_6m [--total-steps N]        # MAPPO, resumable
-    python -m common.smax_collect select  --map 5m_vs_6m                          # pick good / medium / poor
+    python -m common.smax_collect select  --map 5m_vs_6m [--work-dir RUN ...]      # pick good / medium / poor
     python -m common.smax_collect dataset --map 5m_vs_6m --quality good [--episodes 1000] [--data-dir DIR]
 
 Behaviour policies: MAPPO (Yu et al., NeurIPS 2022 Datasets and Benchmarks) with parameter sharing, the method that
@@ -26,10 +26,10 @@ behaviour policy lies in it), advantages normalised per iteration, no value norm
 7.1 and a win rate of 0.04 after 6M steps, these 9.4 and 0.16 after 5.5M.
 
 Checkpoints: every --checkpoint-every env steps, the actor (fp16) with its return and win rate over 128 episodes of
-sampled actions (the policy as it collects data). `select` keeps, per quality, the checkpoint whose return is nearest
-to that of the seeds' SMAC data (seed 002, Table 4), in `behaviour_policies/smax-{map}.pt` (committed). [ours] Where
-training never reaches the good return (20 on 5m_vs_6m: every battle won), the three targets are scaled by best /
-good, keeping the seeds' ratios between the qualities.
+sampled actions (the policy as it collects data). `select` keeps, per quality, the checkpoint (of one or more runs)
+whose return is nearest to that of the seeds' SMAC data (seed 002, Table 4), in `behaviour_policies/smax-{map}.pt`
+(committed). [ours] Where training never reaches the good return (20 on 5m_vs_6m: every battle won), the three targets
+are scaled by best / good, keeping the seeds' ratios between the qualities.
 
 Datasets: EPISODES (1000) whole episodes of the quality's checkpoint, actions sampled (seed 002's SMAC datasets are
 1000 episodes each), taken in the order they start, round-robin over the envs, so that short episodes are not
@@ -265,30 +265,38 @@ def train(map_name: str, total_steps: int, work_dir: Path, checkpoint_every: int
     return trainer
 
 
-def select(map_name: str, work_dir: Path, out: Path | None = None) -> Path:
-    """Write the checkpoint nearest to each quality's target return to behaviour_policies/smax-{map}.pt. When no
-    checkpoint reaches the good target, every target is scaled by best return / good target, so that the three
-    qualities keep the seeds' ratios instead of medium and good both landing on the best checkpoint."""
-    state_file = work_dir / "train_state.pt"
-    if not state_file.exists():
-        raise FileNotFoundError(f"no training run at {state_file}; run `python -m common.smax_collect train "
-                                f"--map {map_name}` first")
+def select(map_name: str, work_dirs: list[Path], out: Path | None = None) -> Path:
+    """Write the checkpoint nearest to each quality's target return to behaviour_policies/smax-{map}.pt, choosing among
+    the checkpoints of every run in `work_dirs` (a long run and a short one with dense early checkpoints cover both the
+    fast early rise and the plateau). When no checkpoint reaches the good target, every target is scaled by best return
+    / good target, so that the three qualities keep the seeds' ratios instead of medium and good both landing on the
+    best checkpoint."""
     if map_name not in TARGET_RETURNS:
         raise ValueError(f"no target returns for {map_name}; maps with targets: {', '.join(TARGET_RETURNS)}")
-    state = torch.load(state_file, weights_only=False)
-    history = state["history"]
+    runs = []
+    for work_dir in work_dirs:
+        state_file = work_dir / "train_state.pt"
+        if not state_file.exists():
+            raise FileNotFoundError(f"no training run at {state_file}; run `python -m common.smax_collect train "
+                                    f"--map {map_name} --work-dir {work_dir}` first")
+        state = torch.load(state_file, weights_only=False)
+        if state["map"] != map_name or state["hidden"] != (runs[0] if runs else state)["hidden"]:
+            raise ValueError(f"{state_file} trained on {state['map']} with hidden {state['hidden']}; select needs "
+                             f"runs on {map_name}, all with the same hidden size")
+        runs.append(state)
+    candidates = [dict(record, run=k) for k, state in enumerate(runs) for record in state["history"]]
     targets = TARGET_RETURNS[map_name]
-    scale = min(1.0, max(record["return_mean"] for record in history) / targets["good"])
+    scale = min(1.0, max(record["return_mean"] for record in candidates) / targets["good"])
     chosen = {}
     for quality, target in targets.items():
-        chosen[quality] = min(history, key=lambda record: abs(record["return_mean"] - scale * target))
-        print(f"{quality}: step {chosen[quality]['step']}, return {chosen[quality]['return_mean']:.2f} "
-              f"(target {scale * target:.2f} = {scale:.3f} x the seeds' {target}), "
+        chosen[quality] = min(candidates, key=lambda record: abs(record["return_mean"] - scale * target))
+        print(f"{quality}: run {chosen[quality]['run']} step {chosen[quality]['step']}, return "
+              f"{chosen[quality]['return_mean']:.2f} (target {scale * target:.2f} = {scale:.3f} x the seeds' {target}), "
               f"win rate {chosen[quality]['win_rate']:.2f}")
-    trainer_env = state["map"]
-    bundle = dict(map=trainer_env, hidden=state["hidden"], policies=chosen, settings=state.get("settings"),
-                  target_scale=scale,
-                  curve=[{k: v for k, v in record.items() if k != "actor"} for record in history])
+    bundle = dict(map=map_name, hidden=runs[0]["hidden"], policies=chosen, target_scale=scale,
+                  runs=[dict(settings=state.get("settings"), steps=state["steps"],
+                             curve=[{k: v for k, v in record.items() if k != "actor"} for record in state["history"]])
+                        for state in runs])
     out = out or POLICY_DIR / f"smax-{map_name}.pt"
     atomic_save(bundle, out)
     return out
@@ -396,7 +404,7 @@ def main(argv: list[str] | None = None) -> None:
     tr.add_argument("--epochs", type=int, default=4)
     se = sub.add_parser("select", help="write behaviour_policies/smax-{map}.pt from a training run")
     se.add_argument("--map", required=True)
-    se.add_argument("--work-dir", default=None)
+    se.add_argument("--work-dir", nargs="+", default=None, help="one or more training runs (default: the train default)")
     ds = sub.add_parser("dataset", help="generate a dataset from the committed behaviour policies")
     ds.add_argument("--map", required=True)
     ds.add_argument("--quality", required=True, choices=SMAX_QUALITIES)
@@ -409,7 +417,7 @@ def main(argv: list[str] | None = None) -> None:
               lr=args.lr, anneal_lr=not args.constant_lr, max_grad_norm=args.max_grad_norm, entropy_coef=args.entropy_coef,
               clip=args.clip, epochs=args.epochs)
     elif args.command == "select":
-        select(args.map, work_dir_of(args.map, args.work_dir))
+        select(args.map, [Path(d) for d in args.work_dir] if args.work_dir else [work_dir_of(args.map, None)])
     else:
         start = time.time()
         path = generate_dataset(args.map, args.quality, args.data_dir, args.episodes, args.seed)

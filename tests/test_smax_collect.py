@@ -141,19 +141,39 @@ def test_script_trains_and_evaluates_on_a_tiny_smax_dataset(tiny_smax_dir, tmp_p
 
 def test_select_keeps_the_checkpoint_nearest_each_target_return(tmp_path):
     """Targets 20 / 11.03 / 8.5 (seed 002, 5m_vs_6m); where the best checkpoint falls short of 20 they are scaled by
-    best / 20 (here 10 / 20: 10 / 5.515 / 4.25)."""
+    best / 20 (here 10 / 20: 10 / 5.515 / 4.25). Candidates come from every run given."""
     from common.smax_collect import TARGET_RETURNS, load_policies, select
 
-    assert TARGET_RETURNS["5m_vs_6m"] == {"good": 20.0, "medium": 11.03, "poor": 8.5}
-    for returns, expected, scale in (([1.5, 8.0, 9.0, 11.5, 20.5], {"good": 400, "medium": 300, "poor": 100}, 1.0),
-                                     ([1.5, 4.0, 5.0, 6.5, 10.0], {"good": 400, "medium": 200, "poor": 100}, 0.5)):
+    def save_run(run_dir, returns, hidden=8, map_name="5m_vs_6m"):
         history = [dict(step=100 * k, return_mean=r, return_std=1.0, win_rate=r / 20, actor={"w": torch.zeros(1)})
                    for k, r in enumerate(returns)]
-        torch.save(dict(history=history, map="5m_vs_6m", hidden=8, settings=dict(lr=2e-3)), tmp_path / "train_state.pt")
-        out = select("5m_vs_6m", tmp_path, tmp_path / "smax-5m_vs_6m.pt")
+        run_dir.mkdir()
+        torch.save(dict(history=history, map=map_name, hidden=hidden, steps=100 * len(returns),
+                        settings=dict(lr=2e-3)), run_dir / "train_state.pt")
+        return run_dir
+
+    assert TARGET_RETURNS["5m_vs_6m"] == {"good": 20.0, "medium": 11.03, "poor": 8.5}
+    for name, returns, expected, scale in (
+            ("a", [1.5, 8.0, 9.0, 11.5, 20.5], {"good": 400, "medium": 300, "poor": 100}, 1.0),
+            ("b", [1.5, 4.0, 5.0, 6.5, 10.0], {"good": 400, "medium": 200, "poor": 100}, 0.5)):
+        run = save_run(tmp_path / name, returns)
+        out = select("5m_vs_6m", [run], tmp_path / "smax-5m_vs_6m.pt")
         bundle = load_policies("5m_vs_6m", tmp_path)
         assert out.name == "smax-5m_vs_6m.pt" and bundle["target_scale"] == scale
         # unscaled, poor 8.5 lies between 8.0 and 9.0 at equal distance: the first is kept
         assert {q: r["step"] for q, r in bundle["policies"].items()} == expected
-        assert [record["return_mean"] for record in bundle["curve"]] == returns and "actor" not in bundle["curve"][0]
-        assert bundle["settings"] == dict(lr=2e-3)
+        (curve,) = [run["curve"] for run in bundle["runs"]]
+        assert [record["return_mean"] for record in curve] == returns and "actor" not in curve[0]
+        assert bundle["runs"][0]["settings"] == dict(lr=2e-3)
+    # a long run with coarse checkpoints and a short one with dense early ones: poor and medium come from the short
+    coarse = save_run(tmp_path / "coarse", [1.5, 6.0, 9.0, 10.0])
+    dense = save_run(tmp_path / "dense", [1.5, 3.0, 4.3, 5.0, 5.5])
+    select("5m_vs_6m", [coarse, dense], tmp_path / "smax-5m_vs_6m.pt")
+    bundle = load_policies("5m_vs_6m", tmp_path)
+    assert {q: (r["run"], r["step"]) for q, r in bundle["policies"].items()} == {
+        "good": (0, 300), "medium": (1, 400), "poor": (1, 200)}
+    assert [len(run["curve"]) for run in bundle["runs"]] == [4, 5]
+    with pytest.raises(ValueError, match="same hidden size"):
+        select("5m_vs_6m", [coarse, save_run(tmp_path / "wide", [1.0], hidden=16)], tmp_path / "x.pt")
+    with pytest.raises(FileNotFoundError, match="--work-dir"):
+        select("5m_vs_6m", [tmp_path / "missing"], tmp_path / "x.pt")
