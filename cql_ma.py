@@ -19,6 +19,16 @@ policy gradient is its own mixed local value's.
 
 Agent inputs follow --obs-mode as in omiga.py: "state" (default, global state + one-hot id) or "local".
 
+Discrete actions (SMAX maps, --env 5m_vs_6m): pi_i is categorical over the actions available at o_i and Q_i takes the
+one-hot action. The critic scores every action, so each expectation is a sum, not a sample (the discrete SAC of
+Christodoulou, 2019, with CQL(H)'s penalty in its discrete form, Eq. 4's sum over actions):
+    y = r + gamma (1 - done) [ sum_i w̄_i(s') sum_a' pi_i(a' | o'_i) Q̄_i(o'_i, a') + b̄(s') ]   (a' over o'_i's available)
+    log sum_a exp Q_tot(s, a) = b(s) + sum_i logsumexp_{a_i available} w_i(s) Q_i(o_i, a_i)   (the linear mixer makes
+                                                                       the sum over joint actions a product over agents)
+    L_pi = E_D[ sum_i sum_a pi_i(a | o_i) (alpha log pi_i(a | o_i) - w_i(s) Q_i(o_i, a)) ]
+    L_alpha = -E_D[ log(alpha) sg(sum_i E_pi_i[log pi_i] + H̄) ],  H̄ = c sum_i log |A_i(o_i)|   (c = 0.5, ours)
+Evaluation takes the most probable available action. Agents see their local observation + id (--obs-mode local).
+
 Choices the papers leave open (CQL's published Gym settings unless marked "ours"):
 - cql_alpha 5 (CQL's min_q_weight for Gym MuJoCo, without the Lagrange variant), N = 10 samples per proposal, Adam lr
   3e-4 for Q and mixer, 1e-4 for the policy and the temperature, gamma 0.99, tau 0.005, automatic entropy tuning
@@ -52,7 +62,7 @@ from tqdm import tqdm
 
 from common.collect import ensure_dataset
 from common.datasets import Batch, load_dataset
-from common.envs import SMAX_MAPS, EnvConfigError, make_env
+from common.envs import make_env
 from common.evaluation import evaluate
 from common.results import RunResult, write_json
 
@@ -133,6 +143,8 @@ class Args:
     """hidden units of the mixer hypernetwork"""
     grad_clip: float = 1.0
     """gradient-norm clip of every optimizer"""
+    discrete_target_entropy: float = 0.5
+    """discrete actions: each agent's entropy target, as a fraction of log(number of actions available at o_i)"""
 
 
 # TRY NOT TO MODIFY: agent networks (shared or per agent, all agents in one matmul) and the mixer
@@ -268,12 +280,13 @@ def mix(w: torch.Tensor, values: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 class Agents(nn.Module):
     """Every network of MA-CQL and the entropy temperature; targets are Polyak copies."""
 
-    def __init__(self, n_agents: int, obs_dim: int, act_dim: int, state_dim: int, args: Args):
+    def __init__(self, n_agents: int, obs_dim: int, act_dim: int, state_dim: int, args: Args,
+                 discrete: bool = False):
         super().__init__()
         nets = count_weight_sets(n_agents, args.per_agent_networks)
         self.q = AgentQ(nets, obs_dim, act_dim, args.hidden_dim)
         self.mixer = Mixer(state_dim, n_agents, args.mixer_hidden_dim)
-        self.policy = AgentPolicy(nets, obs_dim, act_dim, args.hidden_dim)
+        self.policy = make_policy(discrete, nets, obs_dim, act_dim, args.hidden_dim)
         self.q_target, self.mixer_target = (copy.deepcopy(m).requires_grad_(False) for m in (self.q, self.mixer))
         self.log_entropy_alpha = nn.Parameter(torch.zeros(()))
 
@@ -319,7 +332,8 @@ def policy_loss(log_prob: torch.Tensor, q_tot: torch.Tensor, entropy_alpha: torc
     return (entropy_alpha * log_prob.sum(0) - q_tot).mean()
 
 
-def entropy_alpha_loss(log_entropy_alpha: torch.Tensor, log_prob: torch.Tensor, target_entropy: float) -> torch.Tensor:
+def entropy_alpha_loss(log_entropy_alpha: torch.Tensor, log_prob: torch.Tensor,
+                       target_entropy: float | torch.Tensor) -> torch.Tensor:
     """SAC's temperature loss: alpha rises while the joint entropy -sum_i log pi_i is below the target."""
     return -(log_entropy_alpha * (log_prob.detach().sum(0) + target_entropy)).mean()
 
@@ -338,8 +352,24 @@ def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
     torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), tau)
 
 
+def q_of_every_action(q_net: AgentQ, obs: torch.Tensor, act_dim: int) -> torch.Tensor:
+    """Q_i(o_i, a) of every discrete action a (one-hot) in one critic pass: obs [n, B, obs_dim] -> [n, B, A]."""
+    n_agents, batch_size, _ = obs.shape
+    one_hots = torch.eye(act_dim, device=obs.device).repeat_interleave(batch_size, 0).expand(n_agents, -1, -1)
+    return q_net(obs.repeat(1, act_dim, 1), one_hots).unflatten(1, (act_dim, batch_size)).transpose(1, 2)
+
+
+def joint_log_sum_exp(w: torch.Tensor, q_all: torch.Tensor, b: torch.Tensor, avail: torch.Tensor) -> torch.Tensor:
+    """log sum_a exp Q_tot(s, a) over the available joint actions, exactly: the mixer is linear, so the sum over the
+    product of the agents' action sets factorises into b + sum_i logsumexp_{a_i available} w_i Q_i(o_i, a_i).
+    w [n, B], q_all, avail [n, B, A], b [B] -> [B]."""
+    return b + torch.logsumexp((w[..., None] * q_all).masked_fill(~avail, -torch.inf), -1).sum(0)
+
+
 def update(agents: Agents, optimizers: dict, batch: Batch, args: Args) -> dict[str, torch.Tensor]:
     """One MA-CQL update (CQL, Algorithm 1): Q and mixer on TD + penalty (Eq. 4), then the policy and temperature."""
+    if batch.avail is not None:
+        return update_discrete(agents, optimizers, batch, args)
     n_agents, batch_size, act_dim = batch.actions.shape
     samples = args.cql_samples
     mean, log_std = agents.policy(batch.obs)
@@ -378,6 +408,43 @@ def update(agents: Agents, optimizers: dict, batch: Batch, args: Args) -> dict[s
     return {"losses/q": loss_td.detach(), "losses/cql_penalty": loss_cql.detach(), "losses/policy": loss_pi.detach(),
             "values/q_tot": q_tot.detach().mean(), "values/entropy_alpha": entropy_alpha,
             "values/policy_entropy": -log_prob.detach().sum(0).mean()}
+
+
+def update_discrete(agents: Agents, optimizers: dict, batch: Batch, args: Args) -> dict[str, torch.Tensor]:
+    """The same update on discrete actions, with every expectation over actions exact (the critic scores all A
+    actions of every agent in one pass): the backup's E_{a'~pi}, CQL(H)'s log-sum-exp over the available joint actions
+    (Eq. 4 as written, no sampling) and the policy's and temperature's expectations under the categorical pi."""
+    act_dim = batch.actions.shape[-1]
+    with torch.no_grad():
+        next_probs = agents.policy.log_probs(batch.next_obs, batch.next_avail).exp()
+        next_w, next_b = agents.mixer_target(batch.next_states)
+        next_q_tot = mix(next_w, (next_probs * q_of_every_action(agents.q_target, batch.next_obs, act_dim)).sum(-1), next_b)
+
+    q_all = q_of_every_action(agents.q, batch.obs, act_dim)
+    w, b = agents.mixer(batch.states)
+    q_tot = mix(w, (q_all * batch.actions).sum(-1), b)
+    loss_td = q_loss(q_tot, batch.rewards, batch.dones, next_q_tot, args.gamma)
+    loss_cql = (joint_log_sum_exp(w, q_all, b, batch.avail) - q_tot).mean()
+    clipped_step(optimizers["q"], loss_td + args.cql_alpha * loss_cql, args.grad_clip)
+
+    entropy_alpha = agents.log_entropy_alpha.detach().exp()
+    log_probs = agents.policy.log_probs(batch.obs, batch.avail)
+    probs = log_probs.exp()
+    expected_log_prob = (probs * log_probs).sum(-1)  # E_{a_i~pi_i}[log pi_i], [n, B]
+    with torch.no_grad():
+        w_new, b_new = agents.mixer(batch.states)
+        q_new = q_of_every_action(agents.q, batch.obs, act_dim)
+    loss_pi = policy_loss(expected_log_prob, mix(w_new, (probs * q_new).sum(-1), b_new), entropy_alpha)
+    clipped_step(optimizers["policy"], loss_pi, args.grad_clip)
+    target_entropy = args.discrete_target_entropy * batch.avail.sum(-1).float().log().sum(0)
+    loss_alpha = entropy_alpha_loss(agents.log_entropy_alpha, expected_log_prob, target_entropy)
+    clipped_step(optimizers["entropy"], loss_alpha, args.grad_clip)
+
+    soft_update(agents.q_target, agents.q, args.tau)
+    soft_update(agents.mixer_target, agents.mixer, args.tau)
+    return {"losses/q": loss_td.detach(), "losses/cql_penalty": loss_cql.detach(), "losses/policy": loss_pi.detach(),
+            "values/q_tot": q_tot.detach().mean(), "values/entropy_alpha": entropy_alpha,
+            "values/policy_entropy": -expected_log_prob.detach().sum(0).mean()}
 
 
 # TRY NOT TO MODIFY: running, logging, evaluation, checkpoints
@@ -487,9 +554,6 @@ if __name__ == "__main__":
         device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
         torch.backends.cuda.matmul.allow_tf32 = args.tf32
         check_device(checkpoint, device)
-        if args.env in SMAX_MAPS:
-            raise EnvConfigError(f"cql_ma.py trains on continuous actions only so far: on SMAX maps ({args.env}) run "
-                                 f"omiga.py, omcda.py, icq.py, comadice.py or bc.py")
         env = make_env(args.env, args.agent_conf, args.obs_mode)
         dataset_file = ensure_dataset(args.data_dir, args.env, env.agent_conf, args.dataset,
                                       generate=not args.no_generate)
@@ -500,7 +564,7 @@ if __name__ == "__main__":
     print(f"{run_dir}: {len(dataset):,} transitions from {dataset_file} on {device}"
           + (f", resumed at update {start_step}" if checkpoint else ""))
 
-    agents = Agents(env.n_agents, env.obs_dim, env.act_dim, dataset.state_dim, args).to(device)
+    agents = Agents(env.n_agents, env.obs_dim, env.act_dim, dataset.state_dim, args, env.discrete).to(device)
     optimizers = make_optimizers(agents, args)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     if checkpoint:

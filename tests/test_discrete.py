@@ -1,16 +1,23 @@
 """The scripts' discrete-action branch (SMAX), without jax: the categorical policy against torch's distribution, the
 masks, OMCDA's categorical KL against torch's, OMIGA's policy at the soft optimum of a multi-step chain with one-hot
-actions, and every in-sample script's update on discrete minibatches."""
+actions, and every in-sample script's update on discrete minibatches; the conservative scripts' exact log-sum-exp over
+joint actions, their softmax fixed point on the chain and their penalty on unseen actions."""
 
+import itertools
+
+import numpy as np
 import pytest
 import torch
 
 import bc
 import comadice
+import cql_ma
 import icq
 import omcda
 import omiga
-from conftest import CHAIN_BEHAVIOUR, CHAIN_GAMMA, CHAIN_JOINT, chain_dataset, chain_joint_batch, chain_soft_optimum
+from common.datasets import Batch
+from conftest import (CHAIN_BEHAVIOUR, CHAIN_GAMMA, CHAIN_JOINT, CHAIN_REWARD, chain_dataset, chain_joint_batch,
+                      chain_soft_optimum)
 
 
 def random_masks(generator: torch.Generator, shape: tuple[int, ...]) -> torch.Tensor:
@@ -43,7 +50,7 @@ def test_categorical_policy_is_torchs_categorical_on_the_available_actions():
 
 
 def test_every_script_builds_the_policy_of_the_action_type():
-    for script in (omiga, omcda, icq, comadice, bc):
+    for script in (omiga, omcda, icq, comadice, bc, cql_ma):
         assert isinstance(script.make_policy(True, 1, 4, 3, 8), script.CategoricalPolicy)
         assert isinstance(script.make_policy(False, 1, 4, 3, 8), script.AgentPolicy)
 
@@ -127,6 +134,99 @@ def test_in_sample_scripts_train_on_discrete_minibatches(script):
 def test_continuous_only_scripts_refuse_smax_maps_before_importing_jax(tmp_path):
     from conftest import run_script
 
-    result = run_script("cql_ma.py", "--env", "5m_vs_6m", "--dataset", "good", cwd=tmp_path)
+    result = run_script("cfcql.py", "--env", "5m_vs_6m", "--dataset", "good", cwd=tmp_path)
     assert result.returncode != 0
-    assert "cql_ma.py trains on continuous actions only so far" in result.stderr and "Traceback" not in result.stderr
+    assert "cfcql.py trains on continuous actions only so far" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_cql_joint_log_sum_exp_is_the_sum_over_every_available_joint_action():
+    """3 agents, 4 actions, random masks: the factorised log-sum-exp equals the brute-force sum of exp Q_tot over the
+    available joint actions, and no gradient reaches an unavailable action's Q."""
+    generator = torch.Generator().manual_seed(2)
+    n, batch_size, act_dim = 3, 5, 4
+    w, b = torch.rand(n, batch_size, generator=generator) * 2, torch.randn(batch_size, generator=generator)
+    q_all = torch.randn(n, batch_size, act_dim, generator=generator, requires_grad=True)
+    avail = random_masks(generator, (n, batch_size, act_dim))
+    fast = cql_ma.joint_log_sum_exp(w, q_all, b, avail)
+    for k in range(batch_size):
+        joint = [sum(w[i, k] * q_all[i, k, a[i]] for i in range(n)) + b[k]
+                 for a in itertools.product(range(act_dim), repeat=n) if all(avail[i, k, a[i]] for i in range(n))]
+        torch.testing.assert_close(fast[k], torch.logsumexp(torch.stack(joint), 0))
+    fast.sum().backward()
+    assert (q_all.grad[~avail] == 0).all() and (q_all.grad[avail] > 0).all()
+
+
+def softmax_policy_iteration(agent: int, alpha: float) -> tuple[np.ndarray, np.ndarray]:
+    """The fixed point of discrete SAC without entropy in the backup, on one agent of the chain (s' = a): Q = Q^pi
+    (plain Bellman equation under pi) and pi = softmax(Q / alpha); damped iteration. Returns Q [s, a], pi [s, a]."""
+    reward, pi = CHAIN_REWARD[agent], np.full((2, 2), 0.5)
+    for _ in range(300):
+        v = np.zeros(2)
+        for _ in range(200):
+            q = reward + CHAIN_GAMMA * v[None, :]
+            v = (pi * q).sum(1)
+        greedy = np.exp(q / alpha)
+        pi = 0.5 * pi + 0.5 * greedy / greedy.sum(1, keepdims=True)
+    return q, pi
+
+
+def test_cql_ma_discrete_reaches_the_softmax_fixed_point_of_a_multi_step_chain():
+    """Penalty off, temperature held at 0.5: the critic must learn Q^pi with the exact expected backup and each
+    categorical policy softmax(w_i Q_i / alpha); on the chain this fixed point moves agent 1 in state 1 from the
+    behaviour's 0.9 / 0.1 to about 0.05 / 0.95."""
+    torch.manual_seed(0)
+    dataset = chain_dataset(discrete=True)
+    args = cql_ma.Args(gamma=CHAIN_GAMMA, tau=0.05, cql_alpha=0.0, hidden_dim=64, mixer_hidden_dim=32, q_lr=2e-3,
+                       policy_lr=2e-3)
+    agents = cql_ma.Agents(2, dataset.obs_dim, 2, 4, args, discrete=True)
+    agents.log_entropy_alpha.data.fill_(np.log(0.5))
+    optimizers = cql_ma.make_optimizers(agents, args)
+    optimizers["entropy"].param_groups[0]["lr"] = 0.0
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3000):
+        cql_ma.update(agents, optimizers, dataset.sample(128, generator), args)
+    batch = chain_joint_batch(dataset)
+    q_star, pi_star = zip(*(softmax_policy_iteration(i, 0.5) for i in range(2)))
+    with torch.no_grad():
+        probs = agents.policy.log_probs(batch.obs, batch.avail).exp()
+        w, b = agents.mixer(batch.states)
+        q_tot = cql_ma.mix(w, agents.q(batch.obs, batch.actions), b)
+    for k, (s0, s1, a0, a1) in enumerate(CHAIN_JOINT):
+        assert abs(q_tot[k].item() - (q_star[0][s0, a0] + q_star[1][s1, a1])) < 0.15, k
+        for i, s in ((0, s0), (1, s1)):
+            torch.testing.assert_close(probs[i, k], torch.tensor(pi_star[i][s], dtype=torch.float32), atol=0.05, rtol=0)
+    assert pi_star[1][1, 1] - CHAIN_BEHAVIOUR[1, 1, 1] > 0.8
+
+
+def one_action_batch(batch_size: int, act_dim: int = 3) -> Batch:
+    """One-step task, reward 0, both agents always take action 0 of act_dim, the last action never available."""
+    ones, zeros = torch.ones(batch_size, 1), torch.zeros(batch_size)
+    avail = torch.ones(2, batch_size, act_dim, dtype=torch.bool)
+    avail[..., -1] = False
+    actions = torch.nn.functional.one_hot(torch.zeros(2, batch_size, dtype=torch.long), act_dim).float()
+    return Batch(obs=ones.expand(2, -1, -1), actions=actions, rewards=zeros, next_obs=ones.expand(2, -1, -1),
+                 dones=torch.ones(batch_size), states=ones, next_states=ones, avail=avail, next_avail=avail)
+
+
+@pytest.mark.parametrize("script", ["cql_ma"])
+def test_discrete_penalty_lowers_q_of_the_unseen_available_actions(script):
+    """Action 1 is available but never taken: the penalty must push its Q_tot below the data action's, which the TD
+    target keeps at 0 either way."""
+    module = {"cql_ma": cql_ma}[script]
+
+    def q_tot_of_each_action(cql_alpha: float) -> torch.Tensor:
+        torch.manual_seed(0)
+        args = module.Args(cql_alpha=cql_alpha, hidden_dim=32, mixer_hidden_dim=8, q_lr=3e-3)
+        agents = module.Agents(2, 1, 3, 1, args, discrete=True)
+        optimizers = module.make_optimizers(agents, args)
+        for _ in range(300):
+            module.update(agents, optimizers, one_action_batch(64), args)
+        batch = one_action_batch(1)
+        with torch.no_grad():
+            w, b = agents.mixer(batch.states)
+            return torch.stack([module.mix(w, agents.q(batch.obs, torch.eye(3)[a].expand(2, 1, 3)), b)[0]
+                                for a in range(2)])
+
+    plain, conservative = q_tot_of_each_action(0.0), q_tot_of_each_action(1.0)
+    assert abs(plain[0]) < 0.2 and abs(conservative[0]) < 0.3
+    assert conservative[1] < conservative[0] - 1.0 and conservative[1] < plain[1] - 1.0, (plain, conservative)
