@@ -24,6 +24,16 @@ strays furthest carries most of the penalty (tau -> infinity: all of it).
 
 Agent inputs follow --obs-mode as in omiga.py: "state" (default, global state + one-hot id) or "local".
 
+Discrete actions (SMAX maps, --env 5m_vs_6m): pi_i and beta_i are categorical over the actions available at o_i, Q_i
+takes the one-hot action, and the critic scores every action in one pass, so the sums are exact (the backup, L_pi and
+L_alpha are cql_ma.py's discrete ones). Swapping agent i's action moves the linear mix by w_i (Q_i(a_i) - Q_i(a^D_i)),
+so agent i's counterfactual log-sum-exp needs only its own actions:
+    R_i(s) = logsumexp_{a_i available} w_i(s) Q_i(o_i, a_i) - w_i(s) Q_i(o_i, a^D_i)   (the sum over a_i of the paper's
+                                                                         discrete learner, as CQL(H)'s Eq. 4 sums)
+    mu_i(a_i | s) = softmax_{a_i available} w_i(s) Q_i(o_i, a_i),   KL(mu_i || beta_i) = sum_a mu_i (log mu_i - log beta_i)
+With tau = 0, sum_i R_i / n is again cql_ma.py's discrete penalty divided by n.
+Evaluation takes the most probable available action. Agents see their local observation + id (--obs-mode local).
+
 Choices the paper leaves open (ours unless marked otherwise):
 - No equation numbers are cited: the paper's full text was not at hand when this was written. The forms above follow
   the paper's abstract and its published code (thu-rllab/CFCQL: the counterfactual log-sum-exp per agent averaged with
@@ -56,7 +66,7 @@ from tqdm import tqdm
 
 from common.collect import ensure_dataset
 from common.datasets import Batch, load_dataset
-from common.envs import SMAX_MAPS, EnvConfigError, make_env
+from common.envs import make_env
 from common.evaluation import evaluate
 from common.results import RunResult, write_json
 
@@ -139,6 +149,8 @@ class Args:
     """hidden units of the mixer hypernetwork"""
     grad_clip: float = 1.0
     """gradient-norm clip of every optimizer"""
+    discrete_target_entropy: float = 0.5
+    """discrete actions: each agent's entropy target, as a fraction of log(number of actions available at o_i)"""
 
 
 # TRY NOT TO MODIFY: agent networks (shared or per agent, all agents in one matmul) and the mixer
@@ -275,15 +287,17 @@ class Agents(nn.Module):
     """Every network of CFCQL and the entropy temperature; targets are Polyak copies. The behaviour policies exist only
     where the agent weights use them (cf_tau > 0)."""
 
-    def __init__(self, n_agents: int, obs_dim: int, act_dim: int, state_dim: int, args: Args):
+    def __init__(self, n_agents: int, obs_dim: int, act_dim: int, state_dim: int, args: Args,
+                 discrete: bool = False):
         super().__init__()
         nets = count_weight_sets(n_agents, args.per_agent_networks)
         self.q = AgentQ(nets, obs_dim, act_dim, args.hidden_dim)
         self.mixer = Mixer(state_dim, n_agents, args.mixer_hidden_dim)
-        self.policy = AgentPolicy(nets, obs_dim, act_dim, args.hidden_dim)
+        self.policy = make_policy(discrete, nets, obs_dim, act_dim, args.hidden_dim)
         self.q_target, self.mixer_target = (copy.deepcopy(m).requires_grad_(False) for m in (self.q, self.mixer))
         self.log_entropy_alpha = nn.Parameter(torch.zeros(()))
-        self.behaviour = AgentPolicy(nets, obs_dim, act_dim, args.hidden_dim) if args.cf_tau > 0 else None
+        self.behaviour = (make_policy(discrete, nets, obs_dim, act_dim, args.hidden_dim) if args.cf_tau > 0
+                          else None)
 
 
 def make_optimizers(agents: Agents, args: Args) -> dict[str, torch.optim.Optimizer]:
@@ -350,7 +364,8 @@ def policy_loss(log_prob: torch.Tensor, q_tot: torch.Tensor, entropy_alpha: torc
     return (entropy_alpha * log_prob.sum(0) - q_tot).mean()
 
 
-def entropy_alpha_loss(log_entropy_alpha: torch.Tensor, log_prob: torch.Tensor, target_entropy: float) -> torch.Tensor:
+def entropy_alpha_loss(log_entropy_alpha: torch.Tensor, log_prob: torch.Tensor,
+                       target_entropy: float | torch.Tensor) -> torch.Tensor:
     """SAC's temperature loss: alpha rises while the joint entropy -sum_i log pi_i is below the target."""
     return -(log_entropy_alpha * (log_prob.detach().sum(0) + target_entropy)).mean()
 
@@ -369,9 +384,38 @@ def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
     torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), tau)
 
 
+def q_of_every_action(q_net: AgentQ, obs: torch.Tensor, act_dim: int) -> torch.Tensor:
+    """Q_i(o_i, a) of every discrete action a (one-hot) in one critic pass: obs [n, B, obs_dim] -> [n, B, A]."""
+    n_agents, batch_size, _ = obs.shape
+    one_hots = torch.eye(act_dim, device=obs.device).repeat_interleave(batch_size, 0).expand(n_agents, -1, -1)
+    return q_net(obs.repeat(1, act_dim, 1), one_hots).unflatten(1, (act_dim, batch_size)).transpose(1, 2)
+
+
+def counterfactual_penalties_discrete(w: torch.Tensor, q_all: torch.Tensor, data_q: torch.Tensor,
+                                      avail: torch.Tensor) -> torch.Tensor:
+    """R_i(s) [n, B] exactly: log sum over agent i's available actions of exp Q_tot(s, a_i, a^D_-i), minus
+    Q_tot(s, a^D) = logsumexp_{a_i available} w_i Q_i(o_i, a_i) - w_i Q_i(o_i, a^D_i). w, data_q [n, B]; q_all, avail
+    [n, B, A]."""
+    return torch.logsumexp((w[..., None] * q_all).masked_fill(~avail, -torch.inf), -1) - w * data_q
+
+
+@torch.no_grad()
+def agent_weights_discrete(w: torch.Tensor, q_all: torch.Tensor, avail: torch.Tensor,
+                           behaviour_log_probs: torch.Tensor | None, tau: float) -> torch.Tensor:
+    """lambda [n, B] = softmax over agents of tau KL(mu_i || beta_i), mu_i = softmax of w_i Q_i over the available
+    actions, the KL an exact sum; behaviour_log_probs [n, B, A] is log beta_i (None: lambda_i = 1/n)."""
+    if behaviour_log_probs is None:
+        return torch.full(w.shape, 1.0 / w.shape[0], device=w.device)
+    log_mu = torch.log_softmax((w[..., None] * q_all).masked_fill(~avail, -torch.inf), -1)
+    kl = torch.where(avail, log_mu.exp() * (log_mu - behaviour_log_probs), 0.0).sum(-1)
+    return torch.softmax(tau * kl, 0)
+
+
 def update(agents: Agents, optimizers: dict, batch: Batch, args: Args) -> dict[str, torch.Tensor]:
     """One CFCQL update: Q and mixer on TD + the weighted counterfactual penalty, then the policy and temperature (and,
     with cf_tau > 0, the behaviour policies)."""
+    if batch.avail is not None:
+        return update_discrete(agents, optimizers, batch, args)
     n_agents, batch_size, act_dim = batch.actions.shape
     samples = args.cql_samples
     mean, log_std = agents.policy(batch.obs)
@@ -419,6 +463,51 @@ def update(agents: Agents, optimizers: dict, batch: Batch, args: Args) -> dict[s
     return {"losses/q": loss_td.detach(), "losses/cql_penalty": loss_cql.detach(), "losses/policy": loss_pi.detach(),
             "values/q_tot": q_tot.detach().mean(), "values/entropy_alpha": entropy_alpha,
             "values/policy_entropy": -log_prob.detach().sum(0).mean(), "agents/cf_weight": weights.mean(1)}
+
+
+def update_discrete(agents: Agents, optimizers: dict, batch: Batch, args: Args) -> dict[str, torch.Tensor]:
+    """The same update on discrete actions, every sum over actions exact (the critic scores all A actions of every
+    agent in one pass): cql_ma.py's discrete backup, policy and temperature steps with the counterfactual penalty."""
+    act_dim = batch.actions.shape[-1]
+    with torch.no_grad():
+        next_probs = agents.policy.log_probs(batch.next_obs, batch.next_avail).exp()
+        next_w, next_b = agents.mixer_target(batch.next_states)
+        next_q_tot = mix(next_w, (next_probs * q_of_every_action(agents.q_target, batch.next_obs, act_dim)).sum(-1), next_b)
+
+    q_all = q_of_every_action(agents.q, batch.obs, act_dim)
+    w, b = agents.mixer(batch.states)
+    data_q = (q_all * batch.actions).sum(-1)
+    q_tot = mix(w, data_q, b)
+    behaviour_log_probs = None
+    if agents.behaviour is not None:
+        with torch.no_grad():
+            behaviour_log_probs = agents.behaviour.log_probs(batch.obs, batch.avail)
+    weights = agent_weights_discrete(w.detach(), q_all.detach(), batch.avail, behaviour_log_probs, args.cf_tau)
+    loss_td = q_loss(q_tot, batch.rewards, batch.dones, next_q_tot, args.gamma)
+    loss_cql = (weights * counterfactual_penalties_discrete(w, q_all, data_q, batch.avail)).sum(0).mean()
+    clipped_step(optimizers["q"], loss_td + args.cql_alpha * loss_cql, args.grad_clip)
+
+    entropy_alpha = agents.log_entropy_alpha.detach().exp()
+    log_probs = agents.policy.log_probs(batch.obs, batch.avail)
+    probs = log_probs.exp()
+    expected_log_prob = (probs * log_probs).sum(-1)  # E_{a_i~pi_i}[log pi_i], [n, B]
+    with torch.no_grad():
+        w_new, b_new = agents.mixer(batch.states)
+        q_new = q_of_every_action(agents.q, batch.obs, act_dim)
+    loss_pi = policy_loss(expected_log_prob, mix(w_new, (probs * q_new).sum(-1), b_new), entropy_alpha)
+    clipped_step(optimizers["policy"], loss_pi, args.grad_clip)
+    target_entropy = args.discrete_target_entropy * batch.avail.sum(-1).float().log().sum(0)
+    loss_alpha = entropy_alpha_loss(agents.log_entropy_alpha, expected_log_prob, target_entropy)
+    clipped_step(optimizers["entropy"], loss_alpha, args.grad_clip)
+    if agents.behaviour is not None:
+        loss_behaviour = -agents.behaviour.log_prob(batch.obs, batch.actions, batch.avail).mean(1).sum()
+        clipped_step(optimizers["behaviour"], loss_behaviour, args.grad_clip)
+
+    soft_update(agents.q_target, agents.q, args.tau)
+    soft_update(agents.mixer_target, agents.mixer, args.tau)
+    return {"losses/q": loss_td.detach(), "losses/cql_penalty": loss_cql.detach(), "losses/policy": loss_pi.detach(),
+            "values/q_tot": q_tot.detach().mean(), "values/entropy_alpha": entropy_alpha,
+            "values/policy_entropy": -expected_log_prob.detach().sum(0).mean(), "agents/cf_weight": weights.mean(1)}
 
 
 # TRY NOT TO MODIFY: running, logging, evaluation, checkpoints
@@ -528,9 +617,6 @@ if __name__ == "__main__":
         device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
         torch.backends.cuda.matmul.allow_tf32 = args.tf32
         check_device(checkpoint, device)
-        if args.env in SMAX_MAPS:
-            raise EnvConfigError(f"cfcql.py trains on continuous actions only so far: on SMAX maps ({args.env}) run "
-                                 f"omiga.py, omcda.py, icq.py, comadice.py, cql_ma.py or bc.py")
         env = make_env(args.env, args.agent_conf, args.obs_mode)
         dataset_file = ensure_dataset(args.data_dir, args.env, env.agent_conf, args.dataset,
                                       generate=not args.no_generate)
@@ -541,7 +627,7 @@ if __name__ == "__main__":
     print(f"{run_dir}: {len(dataset):,} transitions from {dataset_file} on {device}"
           + (f", resumed at update {start_step}" if checkpoint else ""))
 
-    agents = Agents(env.n_agents, env.obs_dim, env.act_dim, dataset.state_dim, args).to(device)
+    agents = Agents(env.n_agents, env.obs_dim, env.act_dim, dataset.state_dim, args, env.discrete).to(device)
     optimizers = make_optimizers(agents, args)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     if checkpoint:

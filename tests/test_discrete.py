@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import bc
+import cfcql
 import comadice
 import cql_ma
 import icq
@@ -50,7 +51,7 @@ def test_categorical_policy_is_torchs_categorical_on_the_available_actions():
 
 
 def test_every_script_builds_the_policy_of_the_action_type():
-    for script in (omiga, omcda, icq, comadice, bc, cql_ma):
+    for script in (omiga, omcda, icq, comadice, bc, cql_ma, cfcql):
         assert isinstance(script.make_policy(True, 1, 4, 3, 8), script.CategoricalPolicy)
         assert isinstance(script.make_policy(False, 1, 4, 3, 8), script.AgentPolicy)
 
@@ -134,9 +135,9 @@ def test_in_sample_scripts_train_on_discrete_minibatches(script):
 def test_continuous_only_scripts_refuse_smax_maps_before_importing_jax(tmp_path):
     from conftest import run_script
 
-    result = run_script("cfcql.py", "--env", "5m_vs_6m", "--dataset", "good", cwd=tmp_path)
+    result = run_script("omar.py", "--env", "5m_vs_6m", "--dataset", "good", cwd=tmp_path)
     assert result.returncode != 0
-    assert "cfcql.py trains on continuous actions only so far" in result.stderr and "Traceback" not in result.stderr
+    assert "omar.py trains on continuous actions only so far" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_cql_joint_log_sum_exp_is_the_sum_over_every_available_joint_action():
@@ -156,6 +157,46 @@ def test_cql_joint_log_sum_exp_is_the_sum_over_every_available_joint_action():
     assert (q_all.grad[~avail] == 0).all() and (q_all.grad[avail] > 0).all()
 
 
+def test_cfcql_discrete_penalty_is_each_agents_counterfactual_sum_and_cql_ma_s_over_n():
+    """3 agents, 4 actions, random masks: R_i equals the brute-force log-sum-exp of Q_tot over agent i's available
+    actions with the others at the data, minus Q_tot at the data; averaged with lambda_i = 1/n the penalty is
+    cql_ma.py's joint one divided by n; no gradient reaches an unavailable action's Q."""
+    generator = torch.Generator().manual_seed(3)
+    n, batch_size, act_dim = 3, 5, 4
+    w, b = torch.rand(n, batch_size, generator=generator) * 2, torch.randn(batch_size, generator=generator)
+    q_all = torch.randn(n, batch_size, act_dim, generator=generator, requires_grad=True)
+    avail = random_masks(generator, (n, batch_size, act_dim))
+    data = torch.multinomial(avail.reshape(-1, act_dim).float(), 1, generator=generator).reshape(n, batch_size)
+    data_q = q_all.gather(-1, data[..., None]).squeeze(-1)
+    penalties = cfcql.counterfactual_penalties_discrete(w, q_all, data_q, avail)
+    q_tot = cfcql.mix(w, data_q, b)
+    for i in range(n):
+        for k in range(batch_size):
+            swapped = [q_tot[k] + w[i, k] * (q_all[i, k, a] - data_q[i, k]) for a in range(act_dim) if avail[i, k, a]]
+            torch.testing.assert_close(penalties[i, k], torch.logsumexp(torch.stack(swapped), 0) - q_tot[k])
+    uniform = cfcql.agent_weights_discrete(w, q_all.detach(), avail, None, 0.0)
+    torch.testing.assert_close((uniform * penalties).sum(0), (cql_ma.joint_log_sum_exp(w, q_all, b, avail) - q_tot) / n)
+    penalties.sum().backward()
+    assert (q_all.grad[~avail] == 0).all()
+
+
+def test_cfcql_discrete_agent_weights_are_a_softmax_of_torchs_kl():
+    """lambda_i = softmax_i(tau KL(mu_i || beta_i)) with mu_i = softmax of w_i Q_i over the available actions: the KL
+    against torch's for categoricals with masks, and the agent whose mu strays furthest from beta weighs most."""
+    generator = torch.Generator().manual_seed(4)
+    n, batch_size, act_dim, tau = 3, 6, 5, 2.0
+    w, q_all = torch.rand(n, batch_size, generator=generator), torch.randn(n, batch_size, act_dim, generator=generator)
+    avail = random_masks(generator, (n, batch_size, act_dim))
+    beta_logits = torch.randn(n, batch_size, act_dim, generator=generator).masked_fill(~avail, -torch.inf)
+    behaviour_log_probs = torch.log_softmax(beta_logits, -1)
+    weights = cfcql.agent_weights_discrete(w, q_all, avail, behaviour_log_probs, tau)
+    mu = torch.distributions.Categorical(logits=(w[..., None] * q_all).masked_fill(~avail, -torch.inf))
+    kl = torch.distributions.kl_divergence(mu, torch.distributions.Categorical(logits=beta_logits))
+    torch.testing.assert_close(weights, torch.softmax(tau * kl, 0))
+    assert (weights.argmax(0) == kl.argmax(0)).all()
+    torch.testing.assert_close(cfcql.agent_weights_discrete(w, q_all, avail, None, 0.0), torch.full((n, batch_size), 1 / n))
+
+
 def softmax_policy_iteration(agent: int, alpha: float) -> tuple[np.ndarray, np.ndarray]:
     """The fixed point of discrete SAC without entropy in the backup, on one agent of the chain (s' = a): Q = Q^pi
     (plain Bellman equation under pi) and pi = softmax(Q / alpha); damped iteration. Returns Q [s, a], pi [s, a]."""
@@ -170,27 +211,28 @@ def softmax_policy_iteration(agent: int, alpha: float) -> tuple[np.ndarray, np.n
     return q, pi
 
 
-def test_cql_ma_discrete_reaches_the_softmax_fixed_point_of_a_multi_step_chain():
+@pytest.mark.parametrize("module", [cql_ma, cfcql], ids=["cql_ma", "cfcql"])
+def test_conservative_discrete_reaches_the_softmax_fixed_point_of_a_multi_step_chain(module):
     """Penalty off, temperature held at 0.5: the critic must learn Q^pi with the exact expected backup and each
     categorical policy softmax(w_i Q_i / alpha); on the chain this fixed point moves agent 1 in state 1 from the
     behaviour's 0.9 / 0.1 to about 0.05 / 0.95."""
     torch.manual_seed(0)
     dataset = chain_dataset(discrete=True)
-    args = cql_ma.Args(gamma=CHAIN_GAMMA, tau=0.05, cql_alpha=0.0, hidden_dim=64, mixer_hidden_dim=32, q_lr=2e-3,
+    args = module.Args(gamma=CHAIN_GAMMA, tau=0.05, cql_alpha=0.0, hidden_dim=64, mixer_hidden_dim=32, q_lr=2e-3,
                        policy_lr=2e-3)
-    agents = cql_ma.Agents(2, dataset.obs_dim, 2, 4, args, discrete=True)
+    agents = module.Agents(2, dataset.obs_dim, 2, 4, args, discrete=True)
     agents.log_entropy_alpha.data.fill_(np.log(0.5))
-    optimizers = cql_ma.make_optimizers(agents, args)
+    optimizers = module.make_optimizers(agents, args)
     optimizers["entropy"].param_groups[0]["lr"] = 0.0
     generator = torch.Generator().manual_seed(0)
     for _ in range(3000):
-        cql_ma.update(agents, optimizers, dataset.sample(128, generator), args)
+        module.update(agents, optimizers, dataset.sample(128, generator), args)
     batch = chain_joint_batch(dataset)
     q_star, pi_star = zip(*(softmax_policy_iteration(i, 0.5) for i in range(2)))
     with torch.no_grad():
         probs = agents.policy.log_probs(batch.obs, batch.avail).exp()
         w, b = agents.mixer(batch.states)
-        q_tot = cql_ma.mix(w, agents.q(batch.obs, batch.actions), b)
+        q_tot = module.mix(w, agents.q(batch.obs, batch.actions), b)
     for k, (s0, s1, a0, a1) in enumerate(CHAIN_JOINT):
         assert abs(q_tot[k].item() - (q_star[0][s0, a0] + q_star[1][s1, a1])) < 0.15, k
         for i, s in ((0, s0), (1, s1)):
@@ -208,11 +250,11 @@ def one_action_batch(batch_size: int, act_dim: int = 3) -> Batch:
                  dones=torch.ones(batch_size), states=ones, next_states=ones, avail=avail, next_avail=avail)
 
 
-@pytest.mark.parametrize("script", ["cql_ma"])
+@pytest.mark.parametrize("script", ["cql_ma", "cfcql"])
 def test_discrete_penalty_lowers_q_of_the_unseen_available_actions(script):
     """Action 1 is available but never taken: the penalty must push its Q_tot below the data action's, which the TD
     target keeps at 0 either way."""
-    module = {"cql_ma": cql_ma}[script]
+    module = {"cql_ma": cql_ma, "cfcql": cfcql}[script]
 
     def q_tot_of_each_action(cql_alpha: float) -> torch.Tensor:
         torch.manual_seed(0)
