@@ -689,7 +689,7 @@ if __name__ == "__main__":
         check_device(checkpoint, device)
         if args.env in SMAX_MAPS:
             raise EnvConfigError(f"bcq_ma.py trains on continuous actions only so far: on SMAX maps ({args.env}) run "
-                                 f"omiga.py, omcda.py, icq.py, comadice.py, cql_ma.py or bc.py")
+                                 f"omiga.py, omcda.py, icq.py, comadice.py, cql_ma.py, cfcql.py, omar.py or bc.py")
         env = make_env(args.env, args.agent_conf, args.obs_mode)
         dataset_file = ensure_dataset(args.data_dir, args.env, env.agent_conf, args.dataset,
                                       generate=not args.no_generate)

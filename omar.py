@@ -26,6 +26,16 @@ reward r, each conservative by CQL(H) on its own action:
 omar_coe is the paper's regularisation coefficient tau (the weight of the zeroth-order target against the policy
 gradient); omar_coe = 0 is CQL on independent TD3 learners, OMAR's own CQL baseline.
 
+Discrete actions (SMAX maps, --env 5m_vs_6m) [ours: the paper's actor, optimiser and backup are for continuous
+actions]: pi_i is categorical over the actions available at o_i (the shared CategoricalPolicy), Q^j_i takes the one-hot
+action, and the critics score every action in one pass, so each search and expectation is exact:
+    y_i = r + gamma (1 - done) sum_a' pī_i(a' | o'_i) min_j Q̄^j_i(o'_i, a')   (TD3's pī_i(o'_i) -> its expectation)
+    R^j_i(o_i) = logsumexp_{a available} Q^j_i(o_i, a) - Q^j_i(o_i, a^D_i)      (CQL(H), Eq. 4's sum over actions)
+    â_i(o_i) = argmax_{a available} Q^1_i(o_i, a)        (what the sampling optimiser searches for, found exactly)
+    L_pi = sum_i E_D[ -omar_coe log pi_i(â_i | o_i) - (1 - omar_coe) sum_a pi_i(a | o_i) Q^1_i(o_i, a) ]
+The regression towards â becomes a cross-entropy (the categorical's maximum likelihood of â); the action penalty has no
+discrete counterpart. Evaluation takes the most probable available action. Agents see their local observation + id.
+
 Equation numbers: the paper's full text was not at hand when this was written (its abstract and the opening of its
 experiments section were), so OMAR's objective above is cited by name, not number; only CQL's numbers are given.
 Check the actor objective against the paper before quoting it.
@@ -80,7 +90,7 @@ from tqdm import tqdm
 
 from common.collect import ensure_dataset
 from common.datasets import Batch, load_dataset
-from common.envs import SMAX_MAPS, EnvConfigError, make_env
+from common.envs import make_env
 from common.evaluation import evaluate
 from common.results import RunResult, write_json
 
@@ -327,14 +337,15 @@ class Agents(nn.Module):
     """Every network of OMAR: per agent twin critics and a deterministic policy; targets are Polyak copies.
     state_dim is unused (independent critics), kept for the scripts' common signature."""
 
-    def __init__(self, n_agents: int, obs_dim: int, act_dim: int, state_dim: int, args: Args):
+    def __init__(self, n_agents: int, obs_dim: int, act_dim: int, state_dim: int, args: Args,
+                 discrete: bool = False):
         super().__init__()
         nets = count_weight_sets(n_agents, args.per_agent_networks)
         if not 2 <= args.omar_elites <= args.omar_samples:
             raise ValueError(f"--omar-elites {args.omar_elites}: must be between 2 and --omar-samples "
                              f"({args.omar_samples})")
         self.q = nn.ModuleList([AgentQ(nets, obs_dim, act_dim, args.hidden_dim) for _ in range(2)])
-        self.policy = AgentActor(nets, obs_dim, act_dim, args.hidden_dim)
+        self.policy = (CategoricalPolicy if discrete else AgentActor)(nets, obs_dim, act_dim, args.hidden_dim)
         self.q_target, self.policy_target = (copy.deepcopy(m).requires_grad_(False) for m in (self.q, self.policy))
 
 
@@ -433,8 +444,17 @@ def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
     torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), tau)
 
 
+def q_of_every_action(q_net: AgentQ, obs: torch.Tensor, act_dim: int) -> torch.Tensor:
+    """Q_i(o_i, a) of every discrete action a (one-hot) in one critic pass: obs [n, B, obs_dim] -> [n, B, A]."""
+    n_agents, batch_size, _ = obs.shape
+    one_hots = torch.eye(act_dim, device=obs.device).repeat_interleave(batch_size, 0).expand(n_agents, -1, -1)
+    return q_net(obs.repeat(1, act_dim, 1), one_hots).unflatten(1, (act_dim, batch_size)).transpose(1, 2)
+
+
 def update(agents: Agents, optimizers: dict, batch: Batch, args: Args) -> dict[str, torch.Tensor]:
     """One OMAR update: the twin critics on TD + CQL(H) per agent, then the policies on OMAR's objective."""
+    if batch.avail is not None:
+        return update_discrete(agents, optimizers, batch, args)
     n_agents, batch_size, act_dim = batch.actions.shape
     samples = args.cql_samples
     with torch.no_grad():
@@ -476,6 +496,40 @@ def update(agents: Agents, optimizers: dict, batch: Batch, args: Args) -> dict[s
             "values/q": qs[0][:, 0].detach().mean(), "values/q_policy": q_policy.detach().mean(),
             "values/q_sampled_gain": (sampled_q - q_policy.detach()).clamp(min=0.0).mean(),
             "agents/sampled_target_share": (sampled_q > q_policy.detach()).float().mean(1)}
+
+
+def update_discrete(agents: Agents, optimizers: dict, batch: Batch, args: Args) -> dict[str, torch.Tensor]:
+    """The same update on discrete actions, every search and expectation exact (the critics score all A actions of
+    every agent in one pass): the expected TD3 backup, CQL(H)'s log-sum-exp over the available actions, and the
+    actor's cross-entropy towards argmax Q^1_i mixed with its expected Q^1_i."""
+    act_dim = batch.actions.shape[-1]
+    with torch.no_grad():
+        next_probs = agents.policy_target.log_probs(batch.next_obs, batch.next_avail).exp()
+        next_q_all = torch.min(*(q_of_every_action(critic, batch.next_obs, act_dim) for critic in agents.q_target))
+        next_q = (next_probs * next_q_all).sum(-1)
+
+    qs_all = [q_of_every_action(critic, batch.obs, act_dim) for critic in agents.q]
+    data_qs = [(q_all * batch.actions).sum(-1) for q_all in qs_all]
+    loss_td = sum(q_loss(q, batch.rewards, batch.dones, next_q, args.gamma) for q in data_qs)
+    loss_cql = sum((torch.logsumexp(q_all.masked_fill(~batch.avail, -torch.inf), -1) - q).mean(-1).sum()
+                   for q_all, q in zip(qs_all, data_qs))
+    clipped_step(optimizers["q"], loss_td + args.cql_alpha * loss_cql, args.grad_clip)
+
+    log_probs = agents.policy.log_probs(batch.obs, batch.avail)
+    with torch.no_grad():
+        q_new = q_of_every_action(agents.q[0], batch.obs, act_dim)
+        best = q_new.masked_fill(~batch.avail, -torch.inf).argmax(-1, keepdim=True)  # â_i, [n, B, 1]
+    q_policy = (log_probs.exp() * q_new).sum(-1)
+    rectification = -log_probs.gather(-1, best).squeeze(-1)
+    loss_pi = (args.omar_coe * rectification - (1.0 - args.omar_coe) * q_policy).mean(-1).sum()
+    clipped_step(optimizers["policy"], loss_pi, args.grad_clip)
+
+    soft_update(agents.q_target, agents.q, args.tau)
+    soft_update(agents.policy_target, agents.policy, args.tau)
+    return {"losses/q": loss_td.detach(), "losses/cql_penalty": loss_cql.detach(), "losses/policy": loss_pi.detach(),
+            "losses/rectification": rectification.detach().mean(), "values/q": data_qs[0].detach().mean(),
+            "values/q_policy": q_policy.detach().mean(),
+            "values/q_sampled_gain": (q_new.gather(-1, best).squeeze(-1) - q_policy.detach()).mean()}
 
 
 # TRY NOT TO MODIFY: running, logging, evaluation, checkpoints
@@ -585,9 +639,6 @@ if __name__ == "__main__":
         device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
         torch.backends.cuda.matmul.allow_tf32 = args.tf32
         check_device(checkpoint, device)
-        if args.env in SMAX_MAPS:
-            raise EnvConfigError(f"omar.py trains on continuous actions only so far: on SMAX maps ({args.env}) run "
-                                 f"omiga.py, omcda.py, icq.py, comadice.py, cql_ma.py or bc.py")
         env = make_env(args.env, args.agent_conf, args.obs_mode)
         dataset_file = ensure_dataset(args.data_dir, args.env, env.agent_conf, args.dataset,
                                       generate=not args.no_generate)
@@ -598,7 +649,7 @@ if __name__ == "__main__":
     print(f"{run_dir}: {len(dataset):,} transitions from {dataset_file} on {device}"
           + (f", resumed at update {start_step}" if checkpoint else ""))
 
-    agents = Agents(env.n_agents, env.obs_dim, env.act_dim, dataset.state_dim, args).to(device)
+    agents = Agents(env.n_agents, env.obs_dim, env.act_dim, dataset.state_dim, args, env.discrete).to(device)
     optimizers = make_optimizers(agents, args)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     if checkpoint:

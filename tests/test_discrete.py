@@ -14,6 +14,7 @@ import cfcql
 import comadice
 import cql_ma
 import icq
+import omar
 import omcda
 import omiga
 from common.datasets import Batch
@@ -54,6 +55,8 @@ def test_every_script_builds_the_policy_of_the_action_type():
     for script in (omiga, omcda, icq, comadice, bc, cql_ma, cfcql):
         assert isinstance(script.make_policy(True, 1, 4, 3, 8), script.CategoricalPolicy)
         assert isinstance(script.make_policy(False, 1, 4, 3, 8), script.AgentPolicy)
+    assert isinstance(omar.Agents(2, 4, 3, 1, omar.Args(), discrete=True).policy, omar.CategoricalPolicy)
+    assert isinstance(omar.Agents(2, 4, 3, 1, omar.Args()).policy, omar.AgentActor)
 
 
 def test_categorical_kl_matches_torch_with_masks():
@@ -135,9 +138,9 @@ def test_in_sample_scripts_train_on_discrete_minibatches(script):
 def test_continuous_only_scripts_refuse_smax_maps_before_importing_jax(tmp_path):
     from conftest import run_script
 
-    result = run_script("omar.py", "--env", "5m_vs_6m", "--dataset", "good", cwd=tmp_path)
+    result = run_script("bcq_ma.py", "--env", "5m_vs_6m", "--dataset", "good", cwd=tmp_path)
     assert result.returncode != 0
-    assert "omar.py trains on continuous actions only so far" in result.stderr and "Traceback" not in result.stderr
+    assert "bcq_ma.py trains on continuous actions only so far" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_cql_joint_log_sum_exp_is_the_sum_over_every_available_joint_action():
@@ -240,6 +243,54 @@ def test_conservative_discrete_reaches_the_softmax_fixed_point_of_a_multi_step_c
     assert pi_star[1][1, 1] - CHAIN_BEHAVIOUR[1, 1, 1] > 0.8
 
 
+def independent_greedy_q(agent: int) -> np.ndarray:
+    """The fixed point of an independent learner on the chain that sees the joint state s = (s_0, s_1), takes the team
+    reward and bootstraps greedily on its own Q, the other agent acting as in the data:
+    Q_i(s, a_i) = r_i(s_i, a_i) + sum_{a_-i} b_-i(a_-i | s_-i) [r_-i(s_-i, a_-i) + gamma max_a' Q_i(s', a')],
+    s'_i = a_i, s'_-i = a_-i. Returns Q_i [s_0, s_1, a_i]."""
+    other = 1 - agent
+    q = np.zeros((2, 2, 2))
+    for _ in range(300):
+        new = np.zeros_like(q)
+        for s0, s1, a in itertools.product(range(2), repeat=3):
+            own, theirs = (s0, s1)[agent], (s0, s1)[other]
+            for b in range(2):
+                nxt = (a, b) if agent == 0 else (b, a)
+                new[s0, s1, a] += CHAIN_BEHAVIOUR[other, theirs, b] * (
+                    CHAIN_REWARD[other, theirs, b] + CHAIN_GAMMA * q[nxt].max())
+            new[s0, s1, a] += CHAIN_REWARD[agent, own, a]
+        q = new
+    return q
+
+
+def test_omar_discrete_reaches_the_independent_greedy_fixed_point_of_a_multi_step_chain():
+    """Penalty off: each agent's twin critics must learn the greedy fixed point of its own independent Q through the
+    expected backup under its (target) policy, and the actor, pulled by the cross-entropy towards argmax Q^1_i and by
+    the expected Q^1_i, must put its mass on that argmax. In state 1 agent 1's greedy action (1) is the one its
+    behaviour takes 0.1 of the time."""
+    torch.manual_seed(0)
+    dataset = chain_dataset(discrete=True)
+    args = omar.Args(gamma=CHAIN_GAMMA, tau=0.05, cql_alpha=0.0, omar_coe=0.5, hidden_dim=64, q_lr=2e-3,
+                     policy_lr=2e-3, grad_clip=10.0)
+    agents = omar.Agents(2, dataset.obs_dim, 2, 4, args, discrete=True)
+    optimizers = omar.make_optimizers(agents, args)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(2000):
+        omar.update(agents, optimizers, dataset.sample(128, generator), args)
+    batch = chain_joint_batch(dataset)
+    with torch.no_grad():
+        probs = agents.policy.log_probs(batch.obs, batch.avail).exp()
+        q = [omar.q_of_every_action(critic, batch.obs, 2) for critic in agents.q]
+    for i in range(2):
+        q_star = independent_greedy_q(i)
+        for k, (s0, s1, _, _) in enumerate(CHAIN_JOINT):
+            for critic in q:
+                torch.testing.assert_close(critic[i, k], torch.tensor(q_star[s0, s1], dtype=torch.float32), atol=0.2,
+                                           rtol=0)
+            assert probs[i, k, q_star[s0, s1].argmax()] > 0.9, (i, k, probs[i, k])
+    assert independent_greedy_q(1)[:, 1].argmax(-1).tolist() == [1, 1] and CHAIN_BEHAVIOUR[1, 1, 1] == 0.1
+
+
 def one_action_batch(batch_size: int, act_dim: int = 3) -> Batch:
     """One-step task, reward 0, both agents always take action 0 of act_dim, the last action never available."""
     ones, zeros = torch.ones(batch_size, 1), torch.zeros(batch_size)
@@ -250,21 +301,26 @@ def one_action_batch(batch_size: int, act_dim: int = 3) -> Batch:
                  dones=torch.ones(batch_size), states=ones, next_states=ones, avail=avail, next_avail=avail)
 
 
-@pytest.mark.parametrize("script", ["cql_ma", "cfcql"])
+@pytest.mark.parametrize("script", ["cql_ma", "cfcql", "omar"])
 def test_discrete_penalty_lowers_q_of_the_unseen_available_actions(script):
-    """Action 1 is available but never taken: the penalty must push its Q_tot below the data action's, which the TD
-    target keeps at 0 either way."""
-    module = {"cql_ma": cql_ma, "cfcql": cfcql}[script]
+    """Action 1 is available but never taken: the penalty must push its Q_tot (OMAR: the sum of the agents' Q^1_i)
+    below the data action's, which the TD target keeps at 0 either way."""
+    module = {"cql_ma": cql_ma, "cfcql": cfcql, "omar": omar}[script]
 
     def q_tot_of_each_action(cql_alpha: float) -> torch.Tensor:
         torch.manual_seed(0)
-        args = module.Args(cql_alpha=cql_alpha, hidden_dim=32, mixer_hidden_dim=8, q_lr=3e-3)
+        args = module.Args(cql_alpha=cql_alpha, hidden_dim=32, q_lr=3e-3)
         agents = module.Agents(2, 1, 3, 1, args, discrete=True)
         optimizers = module.make_optimizers(agents, args)
         for _ in range(300):
-            module.update(agents, optimizers, one_action_batch(64), args)
+            metrics = module.update(agents, optimizers, one_action_batch(64), args)
+        assert all(torch.isfinite(value).all() for value in metrics.values())
+        if script == "omar":  # the rectification target is an available action: its cross-entropy stays small
+            assert metrics["losses/rectification"] < 2.0
         batch = one_action_batch(1)
         with torch.no_grad():
+            if script == "omar":
+                return torch.stack([agents.q[0](batch.obs, torch.eye(3)[a].expand(2, 1, 3)).sum() for a in range(2)])
             w, b = agents.mixer(batch.states)
             return torch.stack([module.mix(w, agents.q(batch.obs, torch.eye(3)[a].expand(2, 1, 3)), b)[0]
                                 for a in range(2)])
