@@ -47,6 +47,19 @@ Seed 003's weights w_i = lambda_vd_i lambda_tn_i (each 1 when its flag is off), 
     Logged as values/value_spread: seed 003's Table 6 measure, mean_s [max_i V*_i(s) - min_i V*_i(s)], on the batch's
     next observations (the target's V*_i, a uniform sample of dataset states; the paper's subset is not specified).
 
+Discrete actions (SMAX maps, --env 5m_vs_6m): discrete BCQ (Fujimoto, Conti, Ghavamzadeh and Pineau, 2019,
+"Benchmarking Batch Deep Reinforcement Learning Algorithms", its Sec. 4). The behaviour model G_i is a categorical
+classifier G_i(a | o_i) over the available actions (the shared CategoricalPolicy), fitted by maximum likelihood, and the
+n perturbed VAE samples become the actions it deems likely enough:
+    L_G  = -E_D[ log G_i(a_i | o_i) ]
+    C_i(o) = { a available at o : G_i(a | o) / max_a~ G_i(a~ | o) > threshold }              (threshold 0.3, BCQ's)
+    V*_i(o') = max_{a in C_i(o')} [ lam min_k hat-Q_i^k(o', a) + (1 - lam) max_k hat-Q_i^k(o', a) ]
+    y_i, L_Q as above;   pi_i(o_i) = argmax_{a in C_i(o_i)} Q_i^1(o_i, a);   no perturbation network (no xi, no L_xi)
+[ours] the twin critics and their soft clipped target are kept (discrete BCQ has one Q and a double-DQN target) so that
+only the candidate set differs between the action types. lambda_vd is unchanged; for lambda_tn, G^1 and G^2 are
+conditional VAEs as above on the one-hot actions (trained with L_G's VAE form beside the classifier, which stays the
+behaviour model).
+
 Choices the papers leave open (BCQ's published code unless marked otherwise):
 - Phi 0.05, lam 0.75, n 10 candidates for the target and for acting (the code acts with 100), latent dim 2 x act_dim,
   beta 0.5 (KL_loss averaged over latent dims and the batch, as the code does), latent samples clipped to
@@ -93,7 +106,7 @@ from tqdm import tqdm
 
 from common.collect import ensure_dataset
 from common.datasets import Batch, load_dataset
-from common.envs import SMAX_MAPS, EnvConfigError, make_env
+from common.envs import make_env
 from common.evaluation import evaluate
 from common.results import RunResult, write_json
 
@@ -190,6 +203,8 @@ class Args:
     """optimism level epsilon: lambda_vd is clipped to [1 - epsilon, 1 + epsilon] (seed 003, Hopper: 0.8)"""
     tn_max: float = 10.0
     """lambda_tn is clipped to [1 / tn_max, tn_max] (ours: only guards the exp; seed 003 saw [0.2, 1.4])"""
+    threshold: float = 0.3
+    """discrete actions: an action is a candidate when G(a | o) / max G(. | o) exceeds this (discrete BCQ: 0.3)"""
 
 
 # TRY NOT TO MODIFY: agent networks (shared or per agent, all agents in one matmul) and the mixer
@@ -414,31 +429,74 @@ class BCQPolicy(nn.Module):
         return actions.gather(2, best[..., None, None].expand(-1, -1, 1, actions.shape[-1])).squeeze(2)
 
 
-class Agents(nn.Module):
-    """Every network of BCQ-MA, per agent and batched; targets are Polyak copies of the critics and xi."""
+def q_of_every_action(q_net: AgentQ, obs: torch.Tensor, act_dim: int) -> torch.Tensor:
+    """Q_i(o_i, a) of every discrete action a (one-hot) in one critic pass: obs [n, B, obs_dim] -> [n, B, A]."""
+    n_agents, batch_size, _ = obs.shape
+    one_hots = torch.eye(act_dim, device=obs.device).repeat_interleave(batch_size, 0).expand(n_agents, -1, -1)
+    return q_net(obs.repeat(1, act_dim, 1), one_hots).unflatten(1, (act_dim, batch_size)).transpose(1, 2)
 
-    def __init__(self, n_agents: int, obs_dim: int, act_dim: int, state_dim: int, args: Args):
+
+def candidate_actions(behaviour: CategoricalPolicy, obs: torch.Tensor, avail: torch.Tensor,
+                      threshold: float) -> torch.Tensor:
+    """Discrete BCQ's C_i(o) [n, B, A]: the actions with G_i(a | o) / max G_i(. | o) > threshold (an unavailable
+    action has probability 0, so never passes)."""
+    probs = behaviour.log_probs(obs, avail).exp()
+    return probs / probs.max(-1, keepdim=True).values > threshold
+
+
+def discrete_candidate_value(critic: TwinQ, behaviour: CategoricalPolicy, obs: torch.Tensor, avail: torch.Tensor,
+                             threshold: float, soft_clip: float) -> torch.Tensor:
+    """V*_i(o) = max over C_i(o) of the soft clipped twin Q: [n, B] (discrete BCQ's target value)."""
+    values = soft_clipped_q(*(q_of_every_action(q, obs, avail.shape[-1]) for q in (critic.q1, critic.q2)), soft_clip)
+    return values.masked_fill(~candidate_actions(behaviour, obs, avail, threshold), -torch.inf).max(-1).values
+
+
+class DiscreteBCQPolicy(nn.Module):
+    """pi_i(o_i) = argmax over C_i(o_i) of Q_i^1 (discrete BCQ), one-hot, all agents batched."""
+
+    def __init__(self, behaviour: CategoricalPolicy, critic: TwinQ, threshold: float):
+        super().__init__()
+        self.behaviour, self.critic, self.threshold = behaviour, critic, threshold
+
+    def act(self, obs: torch.Tensor, avail: torch.Tensor) -> torch.Tensor:
+        candidates = candidate_actions(self.behaviour, obs, avail, self.threshold)
+        values = q_of_every_action(self.critic.q1, obs, avail.shape[-1]).masked_fill(~candidates, -torch.inf)
+        return nn.functional.one_hot(values.argmax(-1), avail.shape[-1]).to(obs.dtype)
+
+
+class Agents(nn.Module):
+    """Every network of BCQ-MA, per agent and batched; targets are Polyak copies of the critics and xi. On discrete
+    actions the behaviour model is a classifier and there is no xi; G^1 is then built only for lambda_tn."""
+
+    def __init__(self, n_agents: int, obs_dim: int, act_dim: int, state_dim: int, args: Args,
+                 discrete: bool = False):
         super().__init__()
         nets = count_weight_sets(n_agents, args.per_agent_networks)
+        if discrete and not 0.0 <= args.threshold < 1.0:
+            raise ValueError(f"--threshold {args.threshold}: must lie in [0, 1) (at 1 or above no action is a "
+                             f"candidate)")
         latent_dim = args.latent_scale * act_dim
-        self.vae = BatchedVAE(nets, obs_dim, act_dim, latent_dim, args.vae_hidden_dim, args.latent_clip)
-        self.perturbation = Perturbation(nets, obs_dim, act_dim, args.hidden_dim, args.phi)
+        self.behaviour = CategoricalPolicy(nets, obs_dim, act_dim, args.hidden_dim) if discrete else None
+        self.vae = (BatchedVAE(nets, obs_dim, act_dim, latent_dim, args.vae_hidden_dim, args.latent_clip)
+                    if not discrete or args.transition_normalization else None)
+        self.perturbation = None if discrete else Perturbation(nets, obs_dim, act_dim, args.hidden_dim, args.phi)
         self.critic = TwinQ(nets, obs_dim, act_dim, args.hidden_dim)
-        self.policy = BCQPolicy(self.vae, self.perturbation, self.critic, args.candidates)
-        self.critic_target, self.perturbation_target = (copy.deepcopy(m).requires_grad_(False)
-                                                        for m in (self.critic, self.perturbation))
+        self.policy = (DiscreteBCQPolicy(self.behaviour, self.critic, args.threshold) if discrete
+                       else BCQPolicy(self.vae, self.perturbation, self.critic, args.candidates))
+        self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
+        self.perturbation_target = None if discrete else copy.deepcopy(self.perturbation).requires_grad_(False)
         # seed 003's G^2 on (o, a, o'), only for transition normalization
         self.transition_vae = (BatchedVAE(nets, 2 * obs_dim, act_dim, latent_dim, args.vae_hidden_dim,
                                           args.latent_clip) if args.transition_normalization else None)
 
 
 def make_optimizers(agents: Agents, args: Args) -> dict[str, torch.optim.Optimizer]:
-    vaes = [*agents.vae.parameters(), *(agents.transition_vae.parameters() if agents.transition_vae else [])]
+    behaviour_models = [m for m in (agents.behaviour, agents.vae, agents.transition_vae) if m is not None]
     return {
-        "vae": torch.optim.Adam(vaes, lr=args.vae_lr),
+        "vae": torch.optim.Adam([p for m in behaviour_models for p in m.parameters()], lr=args.vae_lr),
         "critic": torch.optim.Adam(agents.critic.parameters(), lr=args.q_lr),
-        "perturbation": torch.optim.Adam(agents.perturbation.parameters(), lr=args.perturbation_lr),
-    }
+    } | ({} if agents.perturbation is None else
+         {"perturbation": torch.optim.Adam(agents.perturbation.parameters(), lr=args.perturbation_lr)})
 
 
 def vae_loss(recon: torch.Tensor, actions: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor,
@@ -532,6 +590,8 @@ def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
 def update(agents: Agents, optimizers: dict, batch: Batch, args: Args) -> dict[str, torch.Tensor]:
     """One BCQ-MA update (BCQ Algorithm 1, seed 003 Algorithm 1 under the flags): the VAEs (L_G), the twin critics
     (L_Q, seed 003 Eq. 1), the perturbation networks (L_xi, Eq. 2), then the targets."""
+    if batch.avail is not None:
+        return update_discrete(agents, optimizers, batch, args)
     recon, mean, log_std = agents.vae(batch.obs, batch.actions)
     loss_vae = vae_loss(recon, batch.actions, mean, log_std, args.kl_weight)
     metrics = {}
@@ -571,6 +631,48 @@ def update(agents: Agents, optimizers: dict, batch: Batch, args: Args) -> dict[s
                     "losses/perturbation": loss_perturbation.detach(), "values/q": q1.detach().mean(),
                     "values/target": target.mean(), "values/value_spread": value_spread(next_value),
                     "agents/q": q1.detach().mean(1)})
+    if lambda_vd is not None:
+        metrics["values/lambda_vd"] = lambda_vd.mean()
+        metrics["agents/lambda_vd"] = lambda_vd.mean(1)
+    if lambda_tn is not None:
+        metrics["values/lambda_tn"] = lambda_tn.mean()
+        metrics["agents/lambda_tn"] = lambda_tn.mean(1)
+    return metrics
+
+
+def update_discrete(agents: Agents, optimizers: dict, batch: Batch, args: Args) -> dict[str, torch.Tensor]:
+    """The same update on discrete actions (discrete BCQ): the classifier G_i (and, for lambda_tn, the VAEs on the
+    one-hot actions), then the twin critics towards the best candidate in C_i(o'), then the critics' targets."""
+    loss_behaviour = -agents.behaviour.log_prob(batch.obs, batch.actions, batch.avail).mean(-1).sum()
+    loss_vae, metrics = loss_behaviour, {"losses/behaviour": loss_behaviour.detach()}
+    lambda_vd = lambda_tn = None
+    if agents.transition_vae is not None:
+        recon, mean, log_std = agents.vae(batch.obs, batch.actions)
+        recon_tn, mean_tn, log_std_tn = agents.transition_vae(torch.cat([batch.obs, batch.next_obs], -1),
+                                                              batch.actions)
+        loss_transition_vae = vae_loss(recon_tn, batch.actions, mean_tn, log_std_tn, args.kl_weight)
+        loss_vae = loss_vae + vae_loss(recon, batch.actions, mean, log_std, args.kl_weight) + loss_transition_vae
+        lambda_tn = transition_normalization_weight(mean.detach(), mean_tn.detach(), args.tn_max)
+        metrics["losses/transition_vae"] = loss_transition_vae.detach()
+    gradient_step(optimizers["vae"], loss_vae)
+
+    with torch.no_grad():
+        next_value = discrete_candidate_value(agents.critic_target, agents.behaviour, batch.next_obs,
+                                              batch.next_avail, args.threshold, args.soft_clip)
+        target = batch.rewards + args.gamma * (1.0 - batch.dones) * next_value
+        if args.value_deviation:
+            q_target = soft_clipped_q(*agents.critic_target(batch.obs, batch.actions), args.soft_clip)
+            lambda_vd = value_deviation_weight(next_value, q_target, batch.rewards, batch.dones, args.gamma,
+                                               args.optimism)
+        weight = objective_weights(lambda_vd, lambda_tn)
+
+    q1, q2 = agents.critic(batch.obs, batch.actions)
+    loss_critic = td_loss(q1, target, weight) + td_loss(q2, target, weight)
+    gradient_step(optimizers["critic"], loss_critic)
+    soft_update(agents.critic_target, agents.critic, args.tau)
+    metrics.update({"losses/vae": loss_vae.detach(), "losses/critic": loss_critic.detach(),
+                    "values/q": q1.detach().mean(), "values/target": target.mean(),
+                    "values/value_spread": value_spread(next_value), "agents/q": q1.detach().mean(1)})
     if lambda_vd is not None:
         metrics["values/lambda_vd"] = lambda_vd.mean()
         metrics["agents/lambda_vd"] = lambda_vd.mean(1)
@@ -687,9 +789,6 @@ if __name__ == "__main__":
         device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
         torch.backends.cuda.matmul.allow_tf32 = args.tf32
         check_device(checkpoint, device)
-        if args.env in SMAX_MAPS:
-            raise EnvConfigError(f"bcq_ma.py trains on continuous actions only so far: on SMAX maps ({args.env}) run "
-                                 f"omiga.py, omcda.py, icq.py, comadice.py, cql_ma.py, cfcql.py, omar.py or bc.py")
         env = make_env(args.env, args.agent_conf, args.obs_mode)
         dataset_file = ensure_dataset(args.data_dir, args.env, env.agent_conf, args.dataset,
                                       generate=not args.no_generate)
@@ -700,7 +799,7 @@ if __name__ == "__main__":
     print(f"{run_dir}: {len(dataset):,} transitions from {dataset_file} on {device}"
           + (f", resumed at update {start_step}" if checkpoint else ""))
 
-    agents = Agents(env.n_agents, env.obs_dim, env.act_dim, dataset.state_dim, args).to(device)
+    agents = Agents(env.n_agents, env.obs_dim, env.act_dim, dataset.state_dim, args, env.discrete).to(device)
     optimizers = make_optimizers(agents, args)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     if checkpoint:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import bc
+import bcq_ma
 import cfcql
 import comadice
 import cql_ma
@@ -57,6 +58,8 @@ def test_every_script_builds_the_policy_of_the_action_type():
         assert isinstance(script.make_policy(False, 1, 4, 3, 8), script.AgentPolicy)
     assert isinstance(omar.Agents(2, 4, 3, 1, omar.Args(), discrete=True).policy, omar.CategoricalPolicy)
     assert isinstance(omar.Agents(2, 4, 3, 1, omar.Args()).policy, omar.AgentActor)
+    assert isinstance(bcq_ma.Agents(2, 4, 3, 1, bcq_ma.Args(), discrete=True).policy, bcq_ma.DiscreteBCQPolicy)
+    assert isinstance(bcq_ma.Agents(2, 4, 3, 1, bcq_ma.Args()).policy, bcq_ma.BCQPolicy)
 
 
 def test_categorical_kl_matches_torch_with_masks():
@@ -133,14 +136,6 @@ def test_in_sample_scripts_train_on_discrete_minibatches(script):
         assert (metrics["agents/policy_kl"] > 1e-3).all()
     else:
         assert likelihood() > before + 0.02
-
-
-def test_continuous_only_scripts_refuse_smax_maps_before_importing_jax(tmp_path):
-    from conftest import run_script
-
-    result = run_script("bcq_ma.py", "--env", "5m_vs_6m", "--dataset", "good", cwd=tmp_path)
-    assert result.returncode != 0
-    assert "bcq_ma.py trains on continuous actions only so far" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_cql_joint_log_sum_exp_is_the_sum_over_every_available_joint_action():
@@ -243,12 +238,13 @@ def test_conservative_discrete_reaches_the_softmax_fixed_point_of_a_multi_step_c
     assert pi_star[1][1, 1] - CHAIN_BEHAVIOUR[1, 1, 1] > 0.8
 
 
-def independent_greedy_q(agent: int) -> np.ndarray:
+def independent_greedy_q(agent: int, allowed: np.ndarray | None = None) -> np.ndarray:
     """The fixed point of an independent learner on the chain that sees the joint state s = (s_0, s_1), takes the team
     reward and bootstraps greedily on its own Q, the other agent acting as in the data:
     Q_i(s, a_i) = r_i(s_i, a_i) + sum_{a_-i} b_-i(a_-i | s_-i) [r_-i(s_-i, a_-i) + gamma max_a' Q_i(s', a')],
-    s'_i = a_i, s'_-i = a_-i. Returns Q_i [s_0, s_1, a_i]."""
+    s'_i = a_i, s'_-i = a_-i; with allowed [s_i, a] the max runs over a' allowed in s'_i only. Returns Q_i [s_0, s_1, a_i]."""
     other = 1 - agent
+    allowed = np.ones((2, 2), bool) if allowed is None else allowed
     q = np.zeros((2, 2, 2))
     for _ in range(300):
         new = np.zeros_like(q)
@@ -257,7 +253,7 @@ def independent_greedy_q(agent: int) -> np.ndarray:
             for b in range(2):
                 nxt = (a, b) if agent == 0 else (b, a)
                 new[s0, s1, a] += CHAIN_BEHAVIOUR[other, theirs, b] * (
-                    CHAIN_REWARD[other, theirs, b] + CHAIN_GAMMA * q[nxt].max())
+                    CHAIN_REWARD[other, theirs, b] + CHAIN_GAMMA * q[nxt][allowed[a]].max())
             new[s0, s1, a] += CHAIN_REWARD[agent, own, a]
         q = new
     return q
@@ -289,6 +285,55 @@ def test_omar_discrete_reaches_the_independent_greedy_fixed_point_of_a_multi_ste
                                            rtol=0)
             assert probs[i, k, q_star[s0, s1].argmax()] > 0.9, (i, k, probs[i, k])
     assert independent_greedy_q(1)[:, 1].argmax(-1).tolist() == [1, 1] and CHAIN_BEHAVIOUR[1, 1, 1] == 0.1
+
+
+def test_bcq_candidates_are_the_available_actions_the_behaviour_model_deems_likely_enough():
+    generator = torch.Generator().manual_seed(5)
+    torch.manual_seed(5)
+    behaviour = bcq_ma.CategoricalPolicy(1, 4, 6, 16)
+    with torch.no_grad():
+        behaviour.net[-1].weight.mul_(10.0)  # spread the probabilities, so that the filter removes some actions
+    obs, avail = torch.randn(2, 30, 4, generator=generator), random_masks(generator, (2, 30, 6))
+    candidates = bcq_ma.candidate_actions(behaviour, obs, avail, 0.3)
+    probs = behaviour.log_probs(obs, avail).exp()
+    expected = avail & (probs / probs.max(-1, keepdim=True).values > 0.3)
+    assert torch.equal(candidates, expected) and candidates.any(-1).all()
+    assert not candidates[~avail].any() and (candidates.sum(-1) < avail.sum(-1)).any()
+    assert torch.equal(bcq_ma.candidate_actions(behaviour, obs, avail, 0.0), avail)  # threshold 0: every available
+    with pytest.raises(ValueError, match="--threshold 1.0"):
+        bcq_ma.Agents(2, 4, 6, 1, bcq_ma.Args(threshold=1.0), discrete=True)
+
+
+@pytest.mark.parametrize("threshold", [1e-3, 0.5])
+def test_bcq_discrete_reaches_the_fixed_point_of_its_candidate_set_on_a_multi_step_chain(threshold):
+    """The twin critics must learn the independent fixed point whose max runs over discrete BCQ's candidates, and the
+    policy must take the best candidate. Threshold 1e-3 admits every action (plain greedy Q-learning); 0.5 admits in
+    each local state only the behaviour's likelier action, so in state 1 agent 1 must keep the behaviour's action 0
+    (taken 0.9 of the time) although greedy Q prefers action 1."""
+    torch.manual_seed(0)
+    dataset = chain_dataset(discrete=True)
+    args = bcq_ma.Args(gamma=CHAIN_GAMMA, tau=0.05, threshold=threshold, hidden_dim=64, q_lr=2e-3, vae_lr=2e-3)
+    agents = bcq_ma.Agents(2, dataset.obs_dim, 2, 4, args, discrete=True)
+    optimizers = bcq_ma.make_optimizers(agents, args)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3000):
+        bcq_ma.update(agents, optimizers, dataset.sample(128, generator), args)
+    batch = chain_joint_batch(dataset)
+    with torch.no_grad():
+        actions = agents.policy.act(batch.obs, batch.avail).argmax(-1)
+        q = [bcq_ma.q_of_every_action(critic, batch.obs, 2) for critic in (agents.critic.q1, agents.critic.q2)]
+    for i in range(2):
+        allowed = CHAIN_BEHAVIOUR[i] / CHAIN_BEHAVIOUR[i].max(-1, keepdims=True) > threshold
+        q_star = independent_greedy_q(i, allowed)
+        for k, (s0, s1, _, _) in enumerate(CHAIN_JOINT):
+            own = (s0, s1)[i]
+            for critic in q:
+                torch.testing.assert_close(critic[i, k], torch.tensor(q_star[s0, s1], dtype=torch.float32), atol=0.2,
+                                           rtol=0)
+            assert actions[i, k] == np.where(allowed[own], q_star[s0, s1], -np.inf).argmax(), (i, k)
+    greedy_in_state_1 = independent_greedy_q(1)[:, 1].argmax(-1)
+    assert (actions[1, [k for k, joint in enumerate(CHAIN_JOINT) if joint[1] == 1]] ==
+            (0 if threshold == 0.5 else 1)).all() and greedy_in_state_1.tolist() == [1, 1]
 
 
 def one_action_batch(batch_size: int, act_dim: int = 3) -> Batch:

@@ -119,7 +119,9 @@ def tiny_smax_dir(tmp_path_factory):
 
 @needs_smax
 @pytest.mark.parametrize("script, extra", [("omiga.py", ()), ("omcda.py", ("--bc-steps", "10")), ("icq.py", ()),
-                                           ("comadice.py", ()), ("bc.py", ())])
+                                           ("comadice.py", ()), ("bc.py", ()), ("cql_ma.py", ()),
+                                           ("cfcql.py", ("--cf-tau", "1.0")), ("omar.py", ()),
+                                           ("bcq_ma.py", ("--value-deviation", "--transition-normalization"))])
 def test_script_trains_and_evaluates_on_a_tiny_smax_dataset(tiny_smax_dir, tmp_path, script, extra):
     """Every discrete-capable script runs on SMAX: local observations by default, evaluation through SMAXEnv, which
     raises on any unavailable action (so a finished run never took one), and the win rate logged and reported."""
