@@ -7,7 +7,8 @@ Every result.json under RESULTS_DIR is a run (the scripts write one into every r
 copies the finished ones found under RUNS_DIR to RESULTS_DIR/{env}-{agent_conf}/{dataset}/{exp_name}/seed_{seed}/
 result.json, replacing an older copy of the same cell, so that the committed benchmarks/results/ alone rebuilds the
 report. One table per env: rows are datasets, with the dataset card the runs trained on beside them; columns are
-exp_names (run.py names runs after the algorithm; give another configuration another exp_name); a cell is
+exp_names (run.py names runs after the algorithm; give another configuration another exp_name); a SMAX map is its
+own table (its folder and title the map's name), with a third table of the win rates; a cell is
 mean ± std over seeds (population std; n = number of seeds, then the runs' length in updates) of each seed's last
 evaluation, the headline, and in a
 second table of each seed's best evaluation during training. If a seed has more than one finished result, the one
@@ -32,8 +33,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from common.datasets import QUALITIES  # noqa: E402
-from common.envs import check_env_name  # noqa: E402
+from common.datasets import QUALITIES, SMAX_QUALITIES  # noqa: E402
+from common.envs import SMAX_MAPS, check_env_name  # noqa: E402
 from run import ALGOS  # noqa: E402
 
 RESULTS_DIR = REPO / "benchmarks" / "results"
@@ -49,8 +50,10 @@ class RunRecord:
         return self.result["args"]
 
     @property
-    def task(self) -> tuple[str, str]:
-        """What one table covers: the env and its agent partition."""
+    def task(self) -> tuple[str, ...]:
+        """What one table covers: the env and its agent partition (a SMAX map: the map alone)."""
+        if self.args["env"] in SMAX_MAPS:
+            return (self.args["env"],)
         return self.args["env"], self.args["agent_conf"] or check_env_name(self.args["env"]).default_agent_conf
 
     @property
@@ -80,6 +83,11 @@ class RunRecord:
     @property
     def eval_returns(self) -> np.ndarray:
         return np.array([evaluation["mean"] for evaluation in self.result["evaluations"]])
+
+    @property
+    def last_win_rate(self) -> float | None:
+        """The last evaluation's win rate (SMAX runs), else None."""
+        return self.result["evaluations"][-1].get("win_rate")
 
 
 def load_results(folder: Path) -> list[RunRecord]:
@@ -134,8 +142,9 @@ def card_cells(records: list[RunRecord]) -> list[str]:
     if len(cards) != 1:
         return ["(differs between runs)"] * 3
     card = records[0].result["dataset"]
+    win_rate = f" (win rate {card['win_rate']:.2f})" if "win_rate" in card else ""
     return [f"{card['episodes']:,}", f"{card['transitions']:,}",
-            f"{card['return_mean']:.1f} ± {card['return_std']:.1f}"]
+            f"{card['return_mean']:.1f} ± {card['return_std']:.1f}{win_rate}"]
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
@@ -143,10 +152,10 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join("| " + " | ".join(line) + " |" for line in lines)
 
 
-def task_tables(records: list[RunRecord], task: tuple[str, str]) -> str:
+def task_tables(records: list[RunRecord], task: tuple[str, ...]) -> str:
     mine = [r for r in records if r.task == task]
     algos = ordered([r.algo for r in mine], ALGOS)
-    datasets = ordered([r.dataset for r in mine], QUALITIES)
+    datasets = ordered([r.dataset for r in mine], QUALITIES + SMAX_QUALITIES)
 
     def cells(pick) -> list[list[str]]:
         def runs(dataset: str, algo: str) -> list[RunRecord]:
@@ -159,17 +168,24 @@ def task_tables(records: list[RunRecord], task: tuple[str, str]) -> str:
     last = cells(lambda r: r.eval_returns[-1])
     best = cells(lambda r: r.eval_returns.max())
     card_header = ["dataset episodes", "transitions", "dataset return"]
-    return "\n\n".join([
+    tables = [
         f"## {' '.join(task)}",
         "**Last evaluation** (the headline): the final evaluation of each seed, mean ± std over seeds.",
         markdown_table(["dataset", *card_header, *algos], [[d, *card_cells([r for r in mine if r.dataset == d]), *row]
                                                            for d, row in zip(datasets, last)]),
         "**Best evaluation** during training (optimistic: the maximum over evaluations), mean ± std over seeds.",
         markdown_table(["dataset", *algos], [[d, *row] for d, row in zip(datasets, best)]),
-    ])
+    ]
+    if any(r.last_win_rate is not None for r in mine):
+        win_rates = [[f"{np.mean(rates):.2f}" if (rates := [r.last_win_rate for r in mine if r.dataset == d
+                                                            and r.algo == algo]) else "—" for algo in algos]
+                     for d in datasets]
+        tables += ["**Win rate** at the last evaluation, mean over seeds.",
+                   markdown_table(["dataset", *algos], [[d, *row] for d, row in zip(datasets, win_rates)])]
+    return "\n\n".join(tables)
 
 
-def plot_learning_curves(records: list[RunRecord], out_dir: Path) -> dict[tuple[tuple[str, str], str], Path]:
+def plot_learning_curves(records: list[RunRecord], out_dir: Path) -> dict[tuple[tuple[str, ...], str], Path]:
     """One PNG per (env, dataset): mean ± std over seeds of the evaluation return at the steps every seed
     evaluated."""
     try:

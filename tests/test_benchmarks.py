@@ -25,13 +25,15 @@ CARD = dict(file="data/Hopper-3x1-medium-replay.hdf5", transitions=600, episodes
 
 
 def write_result(root, algo, seed, evals, dataset="medium-replay", finished=True, written_at=1_700_000_000.0,
-                 device="Test CPU (2 cores)", updates_per_sec=50.0):
-    """A run directory's result.json as the scripts write it, with evaluations at (step, mean)."""
-    run_dir = root / f"Hopper__{dataset}__{algo}__{seed}__{int(written_at)}"
+                 device="Test CPU (2 cores)", updates_per_sec=50.0, env="Hopper", card=CARD):
+    """A run directory's result.json as the scripts write it, with evaluations at (step, mean) or, on SMAX maps,
+    (step, mean, win rate)."""
+    run_dir = root / f"{env}__{dataset}__{algo}__{seed}__{int(written_at)}"
     run_dir.mkdir(parents=True)
-    evaluations = [dict(step=step, mean=mean, std=1.0, episodes=10) for step, mean in evals]
-    args = dict(env="Hopper", agent_conf=None, dataset=dataset, exp_name=algo, seed=seed, total_steps=evals[-1][0])
-    result = dict(args=args, commit="abc123", device=device, dataset=CARD, evaluations=evaluations,
+    evaluations = [dict(step=step, mean=mean, std=1.0, episodes=10, **({"win_rate": rest[0]} if rest else {}))
+                   for step, mean, *rest in evals]
+    args = dict(env=env, agent_conf=None, dataset=dataset, exp_name=algo, seed=seed, total_steps=evals[-1][0])
+    result = dict(args=args, commit="abc123", device=device, dataset=card, evaluations=evaluations,
                   last=evaluations[-1], best=max(evaluations, key=lambda e: e["mean"]),
                   updates_per_sec=updates_per_sec, finished=finished, written_at=written_at)
     (run_dir / "result.json").write_text(json.dumps(result))
@@ -93,6 +95,26 @@ def test_collect_copies_finished_runs_into_the_results_layout(tmp_path):
     (copied,) = results.rglob("result.json")
     assert json.loads(copied.read_text())["last"]["mean"] == 2.0
     assert report.collect(runs / "a", results) == []  # an older result does not replace a newer copy
+
+
+def test_smax_runs_get_their_map_table_with_win_rates(tmp_path):
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    card = dict(CARD, file="data/5m_vs_6m-good.hdf5", win_rate=0.05)
+    write_result(runs, "omiga", 1, [(50, 5.0, 0.1), (100, 6.0, 0.25)], dataset="good", env="5m_vs_6m", card=card)
+    write_result(runs, "omiga", 2, [(50, 5.0, 0.0), (100, 8.0, 0.75)], dataset="good", env="5m_vs_6m", card=card)
+    write_result(runs, "bc", 1, [(100, 4.0, 0.0)], dataset="poor", env="5m_vs_6m", card=card)
+    write_result(runs, "omiga", 1, [(100, 300.0)])  # a MuJoCo run: no win rates in its table
+    report.collect(runs, results)
+    assert (results / "5m_vs_6m" / "good" / "omiga" / "seed_2" / "result.json").exists()
+    text = report.write_report(results, tmp_path / "results.md", "test")
+    sections = {part.splitlines()[0]: part for part in text.split("\n## ")[1:]}
+    smax = sections["5m_vs_6m"]
+    assert table(smax, "**Last evaluation**")["good"]["omiga"] == "7.0 ± 1.0 (n=2, 0.1k)"
+    assert table(smax, "**Last evaluation**")["good"]["dataset return"] == "16.4 ± 13.2 (win rate 0.05)"
+    wins = table(smax, "**Win rate**")
+    assert wins["good"]["omiga"] == "0.50" and wins["poor"]["bc"] == "0.00" and wins["good"]["bc"] == "—"
+    assert list(wins) == ["good", "poor"]
+    assert "**Last evaluation**" in sections["Hopper 3x1"] and "**Win rate**" not in sections["Hopper 3x1"]
 
 
 def test_report_without_runs_says_so(tmp_path):
