@@ -587,6 +587,13 @@ def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
     torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), tau)
 
 
+def weight_metrics(lambda_vd: torch.Tensor | None, lambda_tn: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """Batch and per-agent means of the weights in use."""
+    weights = {name: value for name, value in (("lambda_vd", lambda_vd), ("lambda_tn", lambda_tn)) if value is not None}
+    return ({f"values/{name}": value.mean() for name, value in weights.items()}
+            | {f"agents/{name}": value.mean(1) for name, value in weights.items()})
+
+
 def update(agents: Agents, optimizers: dict, batch: Batch, args: Args) -> dict[str, torch.Tensor]:
     """One BCQ-MA update (BCQ Algorithm 1, seed 003 Algorithm 1 under the flags): the VAEs (L_G), the twin critics
     (L_Q, seed 003 Eq. 1), the perturbation networks (L_xi, Eq. 2), then the targets."""
@@ -631,13 +638,7 @@ def update(agents: Agents, optimizers: dict, batch: Batch, args: Args) -> dict[s
                     "losses/perturbation": loss_perturbation.detach(), "values/q": q1.detach().mean(),
                     "values/target": target.mean(), "values/value_spread": value_spread(next_value),
                     "agents/q": q1.detach().mean(1)})
-    if lambda_vd is not None:
-        metrics["values/lambda_vd"] = lambda_vd.mean()
-        metrics["agents/lambda_vd"] = lambda_vd.mean(1)
-    if lambda_tn is not None:
-        metrics["values/lambda_tn"] = lambda_tn.mean()
-        metrics["agents/lambda_tn"] = lambda_tn.mean(1)
-    return metrics
+    return metrics | weight_metrics(lambda_vd, lambda_tn)
 
 
 def update_discrete(agents: Agents, optimizers: dict, batch: Batch, args: Args) -> dict[str, torch.Tensor]:
@@ -673,13 +674,7 @@ def update_discrete(agents: Agents, optimizers: dict, batch: Batch, args: Args) 
     metrics.update({"losses/vae": loss_vae.detach(), "losses/critic": loss_critic.detach(),
                     "values/q": q1.detach().mean(), "values/target": target.mean(),
                     "values/value_spread": value_spread(next_value), "agents/q": q1.detach().mean(1)})
-    if lambda_vd is not None:
-        metrics["values/lambda_vd"] = lambda_vd.mean()
-        metrics["agents/lambda_vd"] = lambda_vd.mean(1)
-    if lambda_tn is not None:
-        metrics["values/lambda_tn"] = lambda_tn.mean()
-        metrics["agents/lambda_tn"] = lambda_tn.mean(1)
-    return metrics
+    return metrics | weight_metrics(lambda_vd, lambda_tn)
 
 
 # TRY NOT TO MODIFY: running, logging, evaluation, checkpoints
