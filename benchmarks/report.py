@@ -155,7 +155,7 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 def task_tables(records: list[RunRecord], task: tuple[str, ...]) -> str:
     mine = [r for r in records if r.task == task]
     algos = ordered([r.algo for r in mine], ALGOS)
-    datasets = ordered([r.dataset for r in mine], QUALITIES + SMAX_QUALITIES)
+    datasets = ordered([r.dataset for r in mine], SMAX_QUALITIES if task[0] in SMAX_MAPS else QUALITIES)
 
     def cells(pick) -> list[list[str]]:
         def runs(dataset: str, algo: str) -> list[RunRecord]:
@@ -226,12 +226,18 @@ def provenance(records: list[RunRecord], command: str) -> str:
     lines = [f"Written {datetime.date.today().isoformat()} by `{command}` from {runs} (results written "
              f"{datetime.date.fromtimestamp(min(written))} to {datetime.date.fromtimestamp(max(written))}).",
              f"- commit: {', '.join(sorted({r.result['commit'] or 'unknown' for r in records}))}"]
+    tasks = sorted({r.task for r in records})
     for device in sorted({r.result["device"] for r in records}):
-        mine = [r for r in records if r.result["device"] == device and r.result["updates_per_sec"]]
-        speeds = [f"{algo} {np.median([r.result['updates_per_sec'] for r in mine if r.algo == algo]):.0f}"
-                  for algo in ordered([r.algo for r in mine], ALGOS)]
-        lines.append(f"- device: {device}; updates/s (median over runs, evaluations excluded): "
-                     f"{', '.join(speeds) or 'not recorded'}")
+        for task in tasks:
+            mine = [r for r in records if r.result["device"] == device and r.task == task]
+            if not mine:
+                continue
+            timed = [r for r in mine if r.result["updates_per_sec"]]
+            speeds = [f"{algo} {np.median([r.result['updates_per_sec'] for r in timed if r.algo == algo]):.0f}"
+                      for algo in ordered([r.algo for r in timed], ALGOS)]
+            on_task = f" on {' '.join(task)}" if len(tasks) > 1 else ""
+            lines.append(f"- device: {device}; updates/s{on_task} (median over runs, evaluations excluded): "
+                         f"{', '.join(speeds) or 'not recorded'}")
     return "\n".join(lines)
 
 

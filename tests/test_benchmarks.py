@@ -103,6 +103,7 @@ def test_smax_runs_get_their_map_table_with_win_rates(tmp_path):
     write_result(runs, "omiga", 1, [(50, 5.0, 0.1), (100, 6.0, 0.25)], dataset="good", env="5m_vs_6m", card=card)
     write_result(runs, "omiga", 2, [(50, 5.0, 0.0), (100, 8.0, 0.75)], dataset="good", env="5m_vs_6m", card=card)
     write_result(runs, "bc", 1, [(100, 4.0, 0.0)], dataset="poor", env="5m_vs_6m", card=card)
+    write_result(runs, "bc", 1, [(100, 5.0, 0.0)], dataset="medium", env="5m_vs_6m", card=card)
     write_result(runs, "omiga", 1, [(100, 300.0)])  # a MuJoCo run: no win rates in its table
     report.collect(runs, results)
     assert (results / "5m_vs_6m" / "good" / "omiga" / "seed_2" / "result.json").exists()
@@ -113,8 +114,9 @@ def test_smax_runs_get_their_map_table_with_win_rates(tmp_path):
     assert table(smax, "**Last evaluation**")["good"]["dataset return"] == "16.4 ± 13.2 (win rate 0.05)"
     wins = table(smax, "**Win rate**")
     assert wins["good"]["omiga"] == "0.50" and wins["poor"]["bc"] == "0.00" and wins["good"]["bc"] == "—"
-    assert list(wins) == ["good", "poor"]
+    assert list(wins) == ["good", "medium", "poor"]  # the seeds' order, each once
     assert "**Last evaluation**" in sections["Hopper 3x1"] and "**Win rate**" not in sections["Hopper 3x1"]
+    assert "updates/s on 5m_vs_6m (median over runs, evaluations excluded): omiga 50, bc 50" in text  # per map
 
 
 def test_report_without_runs_says_so(tmp_path):
