@@ -28,9 +28,10 @@ Discrete actions (SMAX maps, --env 5m_vs_6m): pi_i and beta_i are categorical ov
 takes the one-hot action, and the critic scores every action in one pass, so the sums are exact (the backup, L_pi and
 L_alpha are cql_ma.py's discrete ones). Swapping agent i's action moves the linear mix by w_i (Q_i(a_i) - Q_i(a^D_i)),
 so agent i's counterfactual log-sum-exp needs only its own actions:
-    R_i(s) = logsumexp_{a_i available} w_i(s) Q_i(o_i, a_i) - w_i(s) Q_i(o_i, a^D_i)   (the sum over a_i of the paper's
-                                                                         discrete learner, as CQL(H)'s Eq. 4 sums)
-    mu_i(a_i | s) = softmax_{a_i available} w_i(s) Q_i(o_i, a_i),   KL(mu_i || beta_i) = sum_a mu_i (log mu_i - log beta_i)
+    R_i(s) = logsumexp_{a_i available} w_i(s) Q_i(o_i, a_i) - w_i(s) Q_i(o_i, a^D_i)   (a sum over a_i where the
+                                                              continuous form integrates, as CQL(H)'s Eq. 4 sums)
+    mu_i(a_i | s) = softmax_{a_i available} w_i(s) Q_i(o_i, a_i)
+    KL(mu_i || beta_i) = sum_a mu_i(a | s) (log mu_i(a | s) - log beta_i(a | o_i))
 With tau = 0, sum_i R_i / n is again cql_ma.py's discrete penalty divided by n.
 Evaluation takes the most probable available action. Agents see their local observation + id (--obs-mode local).
 
@@ -472,7 +473,8 @@ def update_discrete(agents: Agents, optimizers: dict, batch: Batch, args: Args) 
     with torch.no_grad():
         next_probs = agents.policy.log_probs(batch.next_obs, batch.next_avail).exp()
         next_w, next_b = agents.mixer_target(batch.next_states)
-        next_q_tot = mix(next_w, (next_probs * q_of_every_action(agents.q_target, batch.next_obs, act_dim)).sum(-1), next_b)
+        next_q = (next_probs * q_of_every_action(agents.q_target, batch.next_obs, act_dim)).sum(-1)
+        next_q_tot = mix(next_w, next_q, next_b)
 
     q_all = q_of_every_action(agents.q, batch.obs, act_dim)
     w, b = agents.mixer(batch.states)

@@ -192,7 +192,8 @@ def test_cfcql_discrete_agent_weights_are_a_softmax_of_torchs_kl():
     kl = torch.distributions.kl_divergence(mu, torch.distributions.Categorical(logits=beta_logits))
     torch.testing.assert_close(weights, torch.softmax(tau * kl, 0))
     assert (weights.argmax(0) == kl.argmax(0)).all()
-    torch.testing.assert_close(cfcql.agent_weights_discrete(w, q_all, avail, None, 0.0), torch.full((n, batch_size), 1 / n))
+    uniform = cfcql.agent_weights_discrete(w, q_all, avail, None, 0.0)
+    torch.testing.assert_close(uniform, torch.full((n, batch_size), 1 / n))
 
 
 def softmax_policy_iteration(agent: int, alpha: float) -> tuple[np.ndarray, np.ndarray]:
@@ -242,7 +243,8 @@ def independent_greedy_q(agent: int, allowed: np.ndarray | None = None) -> np.nd
     """The fixed point of an independent learner on the chain that sees the joint state s = (s_0, s_1), takes the team
     reward and bootstraps greedily on its own Q, the other agent acting as in the data:
     Q_i(s, a_i) = r_i(s_i, a_i) + sum_{a_-i} b_-i(a_-i | s_-i) [r_-i(s_-i, a_-i) + gamma max_a' Q_i(s', a')],
-    s'_i = a_i, s'_-i = a_-i; with allowed [s_i, a] the max runs over a' allowed in s'_i only. Returns Q_i [s_0, s_1, a_i]."""
+    s'_i = a_i, s'_-i = a_-i; with allowed [s_i, a] the max runs over the a' allowed in s'_i only.
+    Returns Q_i [s_0, s_1, a_i]."""
     other = 1 - agent
     allowed = np.ones((2, 2), bool) if allowed is None else allowed
     q = np.zeros((2, 2, 2))
