@@ -48,9 +48,9 @@ Seed 003's weights w_i = lambda_vd_i lambda_tn_i (each 1 when its flag is off), 
     next observations (the target's V*_i, a uniform sample of dataset states; the paper's subset is not specified).
 
 Discrete actions (SMAX maps, --env 5m_vs_6m): discrete BCQ (Fujimoto, Conti, Ghavamzadeh and Pineau, 2019,
-"Benchmarking Batch Deep Reinforcement Learning Algorithms", its Sec. 4). The behaviour model G_i is a categorical
-classifier G_i(a | o_i) over the available actions (the shared CategoricalPolicy), fitted by maximum likelihood, and the
-n perturbed VAE samples become the actions it deems likely enough:
+"Benchmarking Batch Deep Reinforcement Learning Algorithms"; cited by name, its text was not at hand). The behaviour
+model G_i is a categorical classifier G_i(a | o_i) over the available actions (the shared CategoricalPolicy), fitted by
+maximum likelihood, and the n perturbed VAE samples become the actions it deems likely enough:
     L_G  = -E_D[ log G_i(a_i | o_i) ]
     C_i(o) = { a available at o : G_i(a | o) / max_a~ G_i(a~ | o) > threshold }              (threshold 0.3, BCQ's)
     V*_i(o') = max_{a in C_i(o')} [ lam min_k hat-Q_i^k(o', a) + (1 - lam) max_k hat-Q_i^k(o', a) ]
