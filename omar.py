@@ -34,7 +34,9 @@ action, and the critics score every action in one pass, so each search and expec
     â_i(o_i) = argmax_{a available} Q^1_i(o_i, a)        (what the sampling optimiser searches for, found exactly)
     L_pi = sum_i E_D[ -omar_coe log pi_i(â_i | o_i) - (1 - omar_coe) sum_a pi_i(a | o_i) Q^1_i(o_i, a) ]
 The regression towards â becomes a cross-entropy (the categorical's maximum likelihood of â); the action penalty has
-no discrete counterpart. Evaluation takes the most probable available action. Agents see their local observation + id.
+no discrete counterpart, so --action-l2, --cql-samples, --cql-noise and the sampling optimiser's flags (--omar-iters,
+--omar-samples, --omar-elites, --omar-mu, --omar-sigma, --omar-policy-mean) do nothing on SMAX maps. Evaluation takes
+the most probable available action. Agents see their local observation + id.
 
 Equation numbers: the paper's full text was not at hand when this was written (its abstract and the opening of its
 experiments section were), so OMAR's objective above is cited by name, not number; only CQL's numbers are given.
