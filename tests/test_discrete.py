@@ -23,6 +23,16 @@ from conftest import (CHAIN_BEHAVIOUR, CHAIN_GAMMA, CHAIN_JOINT, CHAIN_REWARD, c
                       chain_soft_optimum)
 
 
+def train_on_chain(module, args, dataset, updates: int):
+    """A script's two-agent Agents (one-hot actions) after `updates` updates on minibatches of the discrete chain."""
+    agents = module.Agents(2, dataset.obs_dim, 2, 4, args, discrete=True)
+    optimizers = module.make_optimizers(agents, args)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(updates):
+        module.update(agents, optimizers, dataset.sample(128, generator), args)
+    return agents
+
+
 def random_masks(generator: torch.Generator, shape: tuple[int, ...]) -> torch.Tensor:
     """Random availability masks with at least one available action per row (the last)."""
     avail = torch.rand(shape, generator=generator) < 0.5
@@ -85,11 +95,7 @@ def test_omiga_discrete_policy_reaches_the_soft_optimum_on_a_multi_step_chain():
     dataset = chain_dataset(discrete=True)
     args = omiga.Args(alpha=0.5, gamma=CHAIN_GAMMA, tau=0.05, hidden_dim=64, mixer_hidden_dim=32, q_lr=2e-3,
                       v_lr=2e-3, policy_lr=2e-3)
-    agents = omiga.Agents(2, dataset.obs_dim, 2, 4, args, discrete=True)
-    optimizers = omiga.make_optimizers(agents, args)
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(4000):
-        omiga.update(agents, optimizers, dataset.sample(128, generator), args)
+    agents = train_on_chain(omiga, args, dataset, 4000)
     batch = chain_joint_batch(dataset)
     with torch.no_grad():
         probs = agents.policy.log_probs(batch.obs, batch.avail).exp()  # [n, 16, 2]
@@ -270,11 +276,7 @@ def test_omar_discrete_reaches_the_independent_greedy_fixed_point_of_a_multi_ste
     dataset = chain_dataset(discrete=True)
     args = omar.Args(gamma=CHAIN_GAMMA, tau=0.05, cql_alpha=0.0, omar_coe=0.5, hidden_dim=64, q_lr=2e-3,
                      policy_lr=2e-3, grad_clip=10.0)
-    agents = omar.Agents(2, dataset.obs_dim, 2, 4, args, discrete=True)
-    optimizers = omar.make_optimizers(agents, args)
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(2000):
-        omar.update(agents, optimizers, dataset.sample(128, generator), args)
+    agents = train_on_chain(omar, args, dataset, 2000)
     batch = chain_joint_batch(dataset)
     with torch.no_grad():
         probs = agents.policy.log_probs(batch.obs, batch.avail).exp()
@@ -315,11 +317,7 @@ def test_bcq_discrete_reaches_the_fixed_point_of_its_candidate_set_on_a_multi_st
     torch.manual_seed(0)
     dataset = chain_dataset(discrete=True)
     args = bcq_ma.Args(gamma=CHAIN_GAMMA, tau=0.05, threshold=threshold, hidden_dim=64, q_lr=2e-3, vae_lr=2e-3)
-    agents = bcq_ma.Agents(2, dataset.obs_dim, 2, 4, args, discrete=True)
-    optimizers = bcq_ma.make_optimizers(agents, args)
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(3000):
-        bcq_ma.update(agents, optimizers, dataset.sample(128, generator), args)
+    agents = train_on_chain(bcq_ma, args, dataset, 3000)
     batch = chain_joint_batch(dataset)
     with torch.no_grad():
         actions = agents.policy.act(batch.obs, batch.avail).argmax(-1)
