@@ -588,9 +588,11 @@ def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
 
 
 def weight_metrics(lambda_vd: torch.Tensor | None, lambda_tn: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """Batch and per-agent means of the weights in use."""
+    """Batch and per-agent means of the weights in use, and their std over the batch and agents (a mean near 1 can
+    hide weights that still move individual transitions)."""
     weights = {name: value for name, value in (("lambda_vd", lambda_vd), ("lambda_tn", lambda_tn)) if value is not None}
     return ({f"values/{name}": value.mean() for name, value in weights.items()}
+            | {f"values/{name}_std": value.std() for name, value in weights.items()}
             | {f"agents/{name}": value.mean(1) for name, value in weights.items()})
 
 

@@ -19,7 +19,8 @@
 # benchmarks/report.py --collect reads them).
 # baselines: the runs the baselines need that cost 80+ min each on a CPU core: omar.py on the four datasets and
 # bcq_ma.py's four flag settings (BCQ, w/ value deviation, w/ transition normalization, MABCQ) on medium and
-# medium-replay; 12 processes, seed 1, 30,000 updates, evaluation every 5,000, eager (these scripts have no
+# medium-replay, at seed 003's MuJoCo settings (its Table 12: the setting its ablation claims are made in, and the
+# one benchmarks/ablations/bcq_ma-seed003-settings ran on the CPU); 12 processes, seed 1, 30,000 updates, evaluation every 5,000, eager (these scripts have no
 # --num-seeds or --compile); resumable like grid. Their result.json files go to OUT_DIR/results-baselines.tar.gz.
 set -euo pipefail
 out=$(realpath "$1")
@@ -78,6 +79,8 @@ baselines)
         train_cell "runs/gpu/baselines/omar/$quality" "$seconds" omar --env Hopper --dataset "$quality" --seed 1 \
             --total-steps 30000 &
     done
+    seed003=(--hidden-dim 64 --vae-hidden-dim 64 --batch-size 1024 --latent-scale 10 --q-lr 1e-3
+             --perturbation-lr 1e-4 --vae-lr 1e-4)
     for quality in medium medium-replay; do
         for variant in bcq_ma bcq_ma_vd bcq_ma_tn mabcq; do
             case $variant in
@@ -87,7 +90,7 @@ baselines)
             mabcq) flags=(--value-deviation --transition-normalization) ;;
             esac
             train_cell "runs/gpu/baselines/$variant/$quality" "$seconds" bcq_ma --env Hopper --dataset "$quality" \
-                --seed 1 --total-steps 30000 --exp-name "$variant" "${flags[@]}" &
+                --seed 1 --total-steps 30000 --exp-name "$variant" "${seed003[@]}" "${flags[@]}" &
         done
     done
     wait

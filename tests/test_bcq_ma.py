@@ -1,17 +1,21 @@
 """BCQ-MA and seed 003's decentralized framework: the matrix game of seed 003's Tables 1-4 under the four flag
 settings, the reweighted transition probabilities, the value deviation's sample estimator, the transition
 normalization's latent density ratio, the VAE, the perturbation's range, the candidate argmax, learning on a toy task,
-and a smoke run."""
+and a smoke run read back by benchmarks/bcq_ma_values.py."""
 
 import math
+import sys
 
 import pytest
 import torch
 
 import bcq_ma
 from common.datasets import Batch
-from conftest import smoke_run
+from conftest import REPO, smoke_run
 from test_omiga import behaviour_cloning_return, toy_dataset, toy_return
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+import bcq_ma_values  # noqa: E402
 
 # Seed 003's matrix game (its Table 1): payoff[a_1, a_2], behaviour policies [0.8, 0.2] and [0.4, 0.6].
 PAYOFF = torch.tensor([[1.0, 5.0], [6.0, 1.0]])
@@ -324,3 +328,11 @@ def test_smoke_run_of_mabcq_writes_logs_checkpoint_and_final_line(tiny_hopper_di
     assert set(run.checkpoint["optimizers"]) == {"vae", "critic", "perturbation"}
     assert run.args["value_deviation"] and run.args["transition_normalization"]
     assert any(key.startswith("transition_vae.") for key in run.checkpoint["agents"])
+    assert {"values/lambda_vd_std", "values/lambda_tn_std"} <= run.scalars
+    measured = bcq_ma_values.measure(run.run_dir, 64, tiny_hopper_dir)
+    again = bcq_ma_values.measure(run.run_dir, 64, tiny_hopper_dir)  # a fixed sample and fixed latents
+    assert all(torch.equal(measured[key], again[key]) for key in ("next_value", "lambda_vd", "lambda_tn"))
+    assert measured["flags"] == "vd tn" and measured["next_value"].shape == (3, 64)
+    assert (measured["lambda_vd"] - 1.0).abs().max() <= run.args["optimism"] + 1e-6
+    assert measured["lambda_tn"].log().abs().max() <= math.log(run.args["tn_max"]) + 1e-6
+    assert len(bcq_ma_values.table_row(measured)) == 6
