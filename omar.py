@@ -447,10 +447,18 @@ def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
 
 
 def q_of_every_action(q_net: AgentQ, obs: torch.Tensor, act_dim: int) -> torch.Tensor:
-    """Q_i(o_i, a) of every discrete action a (one-hot) in one critic pass: obs [n, B, obs_dim] -> [n, B, A]."""
-    n_agents, batch_size, _ = obs.shape
-    one_hots = torch.eye(act_dim, device=obs.device).repeat_interleave(batch_size, 0).expand(n_agents, -1, -1)
-    return q_net(obs.repeat(1, act_dim, 1), one_hots).unflatten(1, (act_dim, batch_size)).transpose(1, 2)
+    """Q_i(o_i, a) of every discrete action a (one-hot) in one critic pass: obs [..., n, B, obs_dim] -> [..., n, B, A].
+    A one-hot a picks row obs_dim + a of the first layer's weight, so that layer's observation term is computed once
+    per observation and each action adds its row (the critic on [o, one-hot a], with the first matmul A times
+    smaller)."""
+    first, *rest = q_net.net
+    weight_sets, obs_dim = first.weight.shape[0], obs.shape[-1]
+    obs_term = torch.baddbmm(first.bias, obs.reshape(weight_sets, -1, obs_dim), first.weight[:, :obs_dim])
+    hidden = obs_term.unflatten(1, (-1, obs.shape[-2], 1)) + first.weight[:, None, None, obs_dim:]  # [G, ., B, A, H]
+    hidden = hidden.reshape(*obs.shape[:-2], -1, hidden.shape[-1])  # rows (observation, action) in each group
+    for layer in rest:
+        hidden = layer(hidden)
+    return hidden.reshape(*obs.shape[:-1], act_dim)
 
 
 def update(agents: Agents, optimizers: dict, batch: Batch, args: Args) -> dict[str, torch.Tensor]:

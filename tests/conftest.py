@@ -17,6 +17,8 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+# For the processes tests start without run_script (submitit's local jobs): one thread each, as on a loaded CI
+# machine. This process's torch has read its thread count already.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 

@@ -1,5 +1,6 @@
 """The scripts' discrete-action branch (SMAX), without jax: the categorical policy against torch's distribution, the
-masks, OMCDA's categorical KL against torch's, OMIGA's policy at the soft optimum of a multi-step chain with one-hot
+masks, OMCDA's categorical KL against torch's, the conservative scripts' critic of every action against the critic on
+each one-hot, OMIGA's policy at the soft optimum of a multi-step chain with one-hot
 actions, and every in-sample script's update on discrete minibatches; the conservative scripts' exact log-sum-exp over
 joint actions, their softmax fixed point on the chain and their penalty on unseen actions."""
 
@@ -142,6 +143,24 @@ def test_in_sample_scripts_train_on_discrete_minibatches(script):
         assert (metrics["agents/policy_kl"] > 1e-3).all()
     else:
         assert likelihood() > before + 0.02
+
+
+@pytest.mark.parametrize("module", [cql_ma, cfcql, omar, bcq_ma], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("weight_sets", [1, 3], ids=["shared", "per_agent"])
+def test_q_of_every_action_is_the_critic_on_each_one_hot_with_its_gradients(module, weight_sets):
+    torch.manual_seed(0)
+    obs_dim, act_dim = 7, 4
+    critic = module.AgentQ(weight_sets, obs_dim, act_dim, 16)
+    obs = torch.randn(3, 5, obs_dim)
+    fast = module.q_of_every_action(critic, obs, act_dim)
+    one_hots = torch.eye(act_dim)[:, None, None].expand(-1, 3, 5, -1)
+    direct = torch.stack([critic(obs, one_hot) for one_hot in one_hots], -1)
+    torch.testing.assert_close(fast, direct)
+    cotangent = torch.randn(3, 5, act_dim)
+    fast_grads = torch.autograd.grad((fast * cotangent).sum(), list(critic.parameters()))
+    direct_grads = torch.autograd.grad((direct * cotangent).sum(), list(critic.parameters()))
+    for fast_grad, direct_grad in zip(fast_grads, direct_grads):
+        torch.testing.assert_close(fast_grad, direct_grad)
 
 
 def test_cql_joint_log_sum_exp_is_the_sum_over_every_available_joint_action():
