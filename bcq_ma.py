@@ -44,8 +44,10 @@ Seed 003's weights w_i = lambda_vd_i lambda_tn_i (each 1 when its flag is off), 
     L_Q or L_xi (Sec. 3.3); `reweighted_transitions` computes hat-P_B for a tabular P_B (the matrix game of seed 003's
     Tables 1-4, in the tests). Seed 003's ablation rows are the four flag settings: BCQ (neither flag),
     BCQ w/ lambda_vd (--value-deviation), BCQ w/ lambda_tn (--transition-normalization), MABCQ (both).
-    Logged as values/value_spread: seed 003's Table 6 measure, mean_s [max_i V*_i(s) - min_i V*_i(s)], on the batch's
-    next observations (the target's V*_i, a uniform sample of dataset states; the paper's subset is not specified).
+    Logged as values/value_spread: seed 003's Table 6 measure, mean_s [max_i V*_i(s) - min_i V*_i(s)] (there MABCQ's
+    is lower than BCQ w/ lambda_vd's), on the batch's next observations (the target's V*_i; the paper's subset is a
+    uniform sample of the agents' states, of a size it does not give). benchmarks/bcq_ma_values.py measures it, and
+    the weights' spread, with a run's final networks on one fixed sample of its dataset.
 
 Discrete actions (SMAX maps, --env 5m_vs_6m): discrete BCQ (Fujimoto, Conti, Ghavamzadeh and Pineau, 2019,
 "Benchmarking Batch Deep Reinforcement Learning Algorithms"; cited by name, its text was not at hand). The behaviour
@@ -554,7 +556,7 @@ def objective_weights(lambda_vd: torch.Tensor | None, lambda_tn: torch.Tensor | 
 
 def value_spread(values: torch.Tensor) -> torch.Tensor:
     """Mean over the batch of max_i V*_i(s) - min_i V*_i(s), values [n, B]: how far the agents' value estimates of
-    the same sampled states disagree (seed 003, Table 6: transition normalization is meant to lower it)."""
+    the same sampled states disagree (seed 003, Table 6: adding transition normalization to lambda_vd lowers it)."""
     return (values.max(0).values - values.min(0).values).mean()
 
 
