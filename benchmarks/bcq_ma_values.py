@@ -30,8 +30,8 @@ from common.envs import SMAX_MAPS, check_env_name  # noqa: E402
 SAMPLE_SEED = 0
 
 
-def load_run(run_dir: Path) -> tuple[bcq_ma.Args, bcq_ma.Agents, dict]:
-    """A finished run's arguments and networks (on the CPU)."""
+def load_run(run_dir: Path) -> tuple[bcq_ma.Args, dict, dict]:
+    """A finished run's arguments, checkpoint and network weights (on the CPU)."""
     model = run_dir / "model.pt"
     if not model.is_file():
         raise SystemExit(f"{run_dir}: no model.pt; the run must have been trained with --save-model")
@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = [table_row(measure(run_dir, args.samples, args.data_dir)) for run_dir in args.run_dirs]
     for row in [["run", "flags", "value spread", "V*", "lambda_vd", "lambda_tn"], ["---"] * 6, *rows]:
         print("| " + " | ".join(row) + " |")
+
 
 if __name__ == "__main__":
     main()

@@ -20,8 +20,9 @@
 # baselines: the runs the baselines need that cost 80+ min each on a CPU core: omar.py on the four datasets and
 # bcq_ma.py's four flag settings (BCQ, w/ value deviation, w/ transition normalization, MABCQ) on medium and
 # medium-replay, at seed 003's MuJoCo settings (its Table 12: the setting its ablation claims are made in, and the
-# one benchmarks/ablations/bcq_ma-seed003-settings ran on the CPU); 12 processes, seed 1, 30,000 updates, evaluation every 5,000, eager (these scripts have no
-# --num-seeds or --compile); resumable like grid. Their result.json files go to OUT_DIR/results-baselines.tar.gz.
+# one benchmarks/ablations/bcq_ma-seed003-settings ran on the CPU); 12 processes, seed 1, 30,000 updates, evaluation
+# every 5,000, eager (these scripts have no --num-seeds or --compile); resumable like grid. Their result.json files
+# go to OUT_DIR/results-baselines.tar.gz.
 set -euo pipefail
 out=$(realpath "$1")
 task=$2

@@ -1,8 +1,8 @@
 """The scripts' discrete-action branch (SMAX), without jax: the categorical policy against torch's distribution, the
 masks, OMCDA's categorical KL against torch's, the conservative scripts' critic of every action against the critic on
-each one-hot, OMIGA's policy at the soft optimum of a multi-step chain with one-hot
-actions, and every in-sample script's update on discrete minibatches; the conservative scripts' exact log-sum-exp over
-joint actions, their softmax fixed point on the chain and their penalty on unseen actions."""
+each one-hot, OMIGA's policy at the soft optimum of a multi-step chain with one-hot actions, and every in-sample
+script's update on discrete minibatches; the conservative scripts' exact log-sum-exp over joint actions, their softmax
+fixed point on the chain and their penalty on unseen actions."""
 
 import itertools
 
