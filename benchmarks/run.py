@@ -9,6 +9,10 @@ directory, so its run directory (TensorBoard events, args.json, result.json, mod
 `runs/{env}__{dataset}__{algo}__{seed}__{time}/` inside it. Every script runs with --save-model, so it writes a
 checkpoint at every evaluation; the scripts' output goes to submitit's logs in `{runs_dir}/submitit/`.
 
+`--status` prints, for the same command, every cell's state (finished with its final return, running, resumable
+from a checkpoint, not started) with its updates done and the time left at its measured updates/s, then one line
+for the whole grid; it starts nothing.
+
 Running the same command again continues the grid: a cell whose result.json says finished is skipped (whatever the
 arguments after --; extend a finished run by hand with the script's --resume RUN_DIR --total-steps N), an unfinished
 cell with a model.pt is resumed from it with --resume, and any other cell starts again from scratch.
@@ -72,6 +76,74 @@ def plan(cell: Path) -> tuple[str, Path | None]:
     if checkpoints:
         return "resume", checkpoints[-1].parent
     return "run", None
+
+
+def running_cells() -> set[Path]:
+    """The working directories of this machine's processes (a local job runs in its cell): Linux's /proc, else none."""
+    cells = set()
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cells.add(Path(os.readlink(proc / "cwd")))
+        except OSError:  # gone, or not ours to read
+            continue
+    return cells
+
+
+def cell_status(cell: Path, total_steps: int | None, running: set[Path]) -> dict:
+    """One cell's state: finished / running / resumable / not started, its updates done (the checkpoint's step, or
+    the last evaluation's for a running cell), the planned total and its measured updates/s (None when unknown)."""
+    results = []
+    for path in cell.glob("runs/*/result.json"):
+        try:
+            results.append(json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError) as error:
+            print(f"warning: skipping {path}: {error}", file=sys.stderr)
+    results.sort(key=lambda result: result.get("written_at", 0))
+    latest = results[-1] if results else {}
+    done = latest["evaluations"][-1]["step"] if latest.get("evaluations") else 0
+    total = latest.get("args", {}).get("total_steps", total_steps)
+    if any(result.get("finished") for result in results):
+        final = next(result for result in results if result.get("finished"))["last"]
+        return dict(state="finished", done=total, total=total, ups=latest.get("updates_per_sec"),
+                    note=f"{final['mean']:.1f} ± {final['std']:.1f}")
+    _, run_dir = plan(cell)
+    if cell.resolve() in running:
+        state = "running"
+    elif run_dir is not None:
+        state = "resumable"
+        done = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=False)["step"]
+    else:
+        state = "not started" if not results else "restart"  # results but no checkpoint: starts again
+    return dict(state=state, done=done, total=total, ups=latest.get("updates_per_sec"), note="")
+
+
+def print_status(grid: list[Run], runs_dir: Path, total_steps: int | None) -> None:
+    """A line per cell and one for the grid; the time left of a cell with no speed of its own uses the mean updates/s
+    of its algorithm's other cells."""
+    running = running_cells()
+    statuses = {run: cell_status(runs_dir / run.name, total_steps, running) for run in grid}
+    speeds = {}
+    for run, status in statuses.items():
+        if status["ups"]:
+            speeds.setdefault(run.algo, []).append(status["ups"])
+    left_seconds, unknown = 0.0, 0
+    for run, status in statuses.items():
+        ups = status["ups"] or (sum(speeds[run.algo]) / len(speeds[run.algo]) if run.algo in speeds else None)
+        remaining = (status["total"] or 0) - status["done"] if status["total"] else None
+        if status["state"] == "finished":
+            eta = ""
+        elif remaining is None or ups is None:
+            eta, unknown = "time left unknown", unknown + 1
+        else:
+            left_seconds += remaining / ups
+            eta = f"{remaining / ups / 60:.0f} min left at {ups:.0f} updates/s"
+        progress = f"{status['done']:,}/{status['total']:,}" if status["total"] else f"{status['done']:,}/?"
+        print(f"{status['state']:<12} {run.name:<45} {progress:>17}  {status['note'] or eta}")
+    counts = {state: sum(s["state"] == state for s in statuses.values())
+              for state in ("finished", "running", "resumable", "restart", "not started")}
+    print("grid: " + ", ".join(f"{count} {state}" for state, count in counts.items() if count)
+          + f" of {len(grid)}; {left_seconds / 3600:.1f} core-hours left at the measured speeds"
+          + (f" (+{unknown} cells of unknown speed)" if unknown else ""))
 
 
 def prepare_datasets(runs: list[Run], data_dir: Path, generate: bool, dry_run: bool) -> None:
@@ -151,6 +223,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--runs-dir", type=Path, default=Path("runs/benchmark"))
     parser.add_argument("--data-dir", type=Path, default=Path("data"))
     parser.add_argument("--dry-run", action="store_true", help="list what would run and what is finished, run nothing")
+    parser.add_argument("--status", action="store_true", help="print each cell's state, updates done and time left, "
+                        "and a line for the whole grid; run nothing")
     parser.add_argument("--launcher", choices=("local", "slurm"), default="local",
                         help="local: submitit's LocalExecutor on this machine; slurm: a Slurm job array")
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1) // 2),
@@ -179,6 +253,10 @@ def main(argv: list[str] | None = None) -> int:
     runs_dir, data_dir = args.runs_dir.resolve(), args.data_dir.resolve()
     grid = [Run(algo, env, dataset, seed) for env in args.envs for dataset in args.datasets for algo in args.algos
             for seed in args.seeds]
+    if args.status:
+        total = next((int(extra[i + 1]) for i, arg in enumerate(extra[:-1]) if arg == "--total-steps"), None)
+        print_status(grid, runs_dir, total)
+        return 0
     plans = {run: plan(runs_dir / run.name) for run in grid}
     pending = [run for run in grid if plans[run][0] != "skip"]
     skipped = len(grid) - len(pending)

@@ -253,3 +253,42 @@ def test_allocation_table_and_rank_correlation(tmp_path):
     assert pairs == 4 and per_step == 0.0  # +1 at step 10, -1 at step 20
     assert abs(pooled - allocation.spearman([1.0, 3.0, 1.0, 3.0], [0.4, 1.5, 2.0, 1.0])) < 1e-12
     assert allocation.spearman([1, 2, 3], [10, 20, 30]) == 1.0 and allocation.spearman([1, 2, 3], [3, 2, 1]) == -1.0
+
+
+def test_status_names_each_cells_state_progress_and_time_left(tmp_path, capsys, monkeypatch):
+    """Synthetic cells: one finished, one stopped with a checkpoint at update 3000 (after its evaluation at 2000),
+    one whose process runs in it, one not started; the time left uses each cell's measured updates/s, or its
+    algorithm's mean where it has none."""
+    import torch
+
+    grid_dir = tmp_path / "grid"
+    write_result(grid_dir / "Hopper__medium-replay__omiga__1" / "runs", "omiga", 1, [(5000, 600.0), (10000, 650.0)],
+                 updates_per_sec=50.0)
+    stopped = write_result(grid_dir / "Hopper__medium-replay__omiga__2" / "runs", "omiga", 2, [(2000, 500.0)],
+                           finished=False, updates_per_sec=70.0)
+    result = json.loads((stopped / "result.json").read_text())
+    result["args"]["total_steps"] = 10000
+    (stopped / "result.json").write_text(json.dumps(result))
+    torch.save({"step": 3000}, stopped / "model.pt")
+    running = write_result(grid_dir / "Hopper__medium-replay__omiga__3" / "runs", "omiga", 3, [(4000, 550.0)],
+                           finished=False, updates_per_sec=100.0)
+    result = json.loads((running / "result.json").read_text())
+    result["args"]["total_steps"] = 10000
+    (running / "result.json").write_text(json.dumps(result))
+    monkeypatch.setattr(run, "running_cells", lambda: {(grid_dir / "Hopper__medium-replay__omiga__3").resolve()})
+
+    assert run.main(["--status", "--algos", "omiga", "--datasets", "medium-replay", "--seeds", "1", "2", "3", "4",
+                     "--runs-dir", str(grid_dir), "--", "--total-steps", "10000"]) == 0
+    lines = {line.split()[1] if not line.startswith("not started") else line.split()[2]: line
+             for line in capsys.readouterr().out.splitlines() if not line.startswith("grid:")}
+    assert lines["Hopper__medium-replay__omiga__1"].startswith("finished") and "650.0 ± 1.0" in lines[
+        "Hopper__medium-replay__omiga__1"]
+    assert re.search(r"^resumable +\S+ +3,000/10,000 +2 min left at 70 updates/s$", lines["Hopper__medium-replay__omiga__2"])
+    assert re.search(r"^running +\S+ +4,000/10,000 +1 min left at 100 updates/s$", lines["Hopper__medium-replay__omiga__3"])
+    # no speed of its own: the mean of the others' (50, 70, 100) -> 73.3 updates/s for 10,000 updates
+    assert re.search(r"^not started +\S+ +0/10,000 +2 min left at 73 updates/s$", lines["Hopper__medium-replay__omiga__4"])
+    run.main(["--status", "--algos", "omiga", "--datasets", "medium-replay", "--seeds", "1", "2", "3", "4",
+              "--runs-dir", str(grid_dir), "--", "--total-steps", "10000"])
+    summary = capsys.readouterr().out.splitlines()[-1]
+    left = (7000 / 70 + 6000 / 100 + 10000 / (220 / 3)) / 3600
+    assert summary == f"grid: 1 finished, 1 running, 1 resumable, 1 not started of 4; {left:.1f} core-hours left at the measured speeds"
