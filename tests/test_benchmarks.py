@@ -1,11 +1,13 @@
-"""benchmarks/: report.py's numbers on synthetic runs, run.py's grid, resuming and failures, speed.py's table,
-allocation.py's per-agent table and rank correlation."""
+"""benchmarks/: report.py's numbers and intervals on synthetic runs and the README's results block, run.py's grid,
+resuming and failures, speed.py's table, allocation.py's per-agent table and rank correlation."""
 
+import itertools
 import json
 import os
 import re
 import sys
 
+import numpy as np
 import pytest
 import submitit
 from torch.utils.tensorboard import SummaryWriter
@@ -40,6 +42,17 @@ def write_result(root, algo, seed, evals, dataset="medium-replay", finished=True
     return run_dir
 
 
+def section(text, heading):
+    """The part of a report under `## heading`, up to the next heading."""
+    return text.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def interval(cell):
+    """`mean [low, high] n=k` -> (mean, low, high, k)."""
+    mean, low, high, n = re.fullmatch(r"(\S+) \[(\S+), (\S+)\] n=(\d+)", cell).groups()
+    return float(mean), float(low), float(high), int(n)
+
+
 def table(text, title):
     """The markdown table under the line starting with `title`, as {first column: {header: cell}}."""
     lines = text.splitlines()
@@ -54,7 +67,7 @@ def table(text, title):
     return {row[0]: dict(zip(header, row)) for row in body}
 
 
-def test_report_averages_last_and_best_evaluation_over_seeds(tmp_path):
+def test_report_averages_last_and_best_evaluation_over_seeds_with_intervals(tmp_path):
     runs = tmp_path / "runs"
     # omiga, medium-replay: last evals 100, 200, 300; best evals 150, 200, 400.
     write_result(runs, "omiga", 0, [(50, 150.0), (100, 100.0)], written_at=2_000_000_000.0)
@@ -68,21 +81,91 @@ def test_report_averages_last_and_best_evaluation_over_seeds(tmp_path):
     report.main([str(runs), "--out", str(out)])
 
     text = out.read_text()
-    last = table(text, "**Last evaluation**")
-    best = table(text, "**Best evaluation**")
+    grid = section(text, "Hopper 3x1, 100 updates")
+    last = table(grid, "**Last evaluation**")
+    best = table(grid, "**Best evaluation**")
     assert list(last) == ["expert", "medium-replay"]  # rows in the order of common.datasets.QUALITIES
     assert list(last["medium-replay"])[-2:] == ["omiga", "icq"]  # columns in run.ALGOS order
-    assert last["medium-replay"]["omiga"] == "200.0 ± 81.6 (n=3, 0.1k)"
-    assert best["medium-replay"]["omiga"] == "250.0 ± 108.0 (n=3, 0.1k)"
+    # of the 27 equally likely resamples of (100, 200, 300), one has mean 100 and one 300: 3.7 % each, more than
+    # the 2.5 % in each tail, so the 95 % interval is [100, 300]
+    assert last["medium-replay"]["omiga"] == "200 [100, 300] n=3"
+    mean, low, high, n = interval(best["medium-replay"]["omiga"])
+    assert (mean, n) == (250, 3) and 150 <= low < 250 < high <= 400
     assert last["medium-replay"]["icq"] == "—"
-    assert last["expert"]["icq"] == "10.0 (n=1, 0.1k)" and last["expert"]["omiga"] == "—"
+    assert last["expert"]["icq"] == "10 n=1" and last["expert"]["omiga"] == "—"  # one seed: no interval
     assert last["medium-replay"]["transitions"] == "600"  # the card of the dataset the runs trained on
-    assert "## Hopper 3x1" in text
     assert "- device: Test CPU (2 cores); updates/s (median over runs, evaluations excluded): omiga 60, icq 50" in text
     assert "- device: Test GPU; updates/s (median over runs, evaluations excluded): omiga 50" in text
     assert "- commit: abc123" in text
     assert re.search(r"Unfinished runs.*\n\n- `.*Hopper__medium-replay__icq__0__1700000000`: last evaluation at "
                      r"step 50 of 50", text)
+    assert "**Published, Hopper 3x1**" not in text and "## Published: Hopper 3x1" in text
+    assert "| medium-replay | 746.42 | 16.4 | 1733.27 ± 379.71 | 774.18 ± 494.27 |" in text  # theirs beside our data
+    report.main([str(runs), "--out", str(out)])
+    assert out.read_text() == text  # seeded bootstrap: the same report twice
+
+
+def test_budgets_get_separate_tables(tmp_path):
+    runs = tmp_path / "runs"
+    write_result(runs, "omiga", 0, [(100, 10.0)])
+    write_result(runs, "omiga", 1, [(100, 30.0)])
+    write_result(runs, "omiga", 2, [(50, 500.0), (200, 900.0)])  # twice the budget
+    write_result(runs, "icq", 0, [(200, 700.0)])
+    text = report.write_report(runs, tmp_path / "results.md", "test")
+    short, long = section(text, "Hopper 3x1, 100 updates"), section(text, "Hopper 3x1, 200 updates")
+    assert table(short, "**Last evaluation**")["medium-replay"]["omiga"].endswith("n=2")
+    assert "icq" not in table(short, "**Last evaluation**")["medium-replay"]
+    assert table(long, "**Last evaluation**")["medium-replay"]["omiga"] == "900 n=1"
+    assert table(long, "**Last evaluation**")["medium-replay"]["icq"] == "700 n=1"
+    assert (tmp_path / "curves" / "Hopper-3x1-medium-replay-100.png").exists()
+    assert (tmp_path / "curves" / "Hopper-3x1-medium-replay-200.png").exists()
+
+
+def test_iqm_and_probability_of_improvement_by_hand():
+    assert report.iqm([np.array([1.0, 8.0, 3.0]), np.array([5.0, 2.0, 7.0, 4.0, 6.0])]) == 4.5  # mean of 3..6
+    assert report.iqm([np.array([1.0, 2.0, 99.0])]) == 34.0  # fewer than four scores: none cut
+    x, y = [np.array([1.0, 3.0]), np.array([5.0])], [np.array([2.0]), np.array([5.0, 4.0])]
+    # dataset 1: 1 < 2, 3 > 2 -> 0.5; dataset 2: 5 = 5 counts half, 5 > 4 -> 0.75; mean 0.625
+    assert report.probability_of_improvement(x, y) == 0.625
+    assert report.probability_of_improvement(y, x) == 1 - 0.625
+
+
+def test_stratified_bootstrap_resamples_within_each_dataset():
+    """Two datasets far apart: a resample keeps two runs of each, so the IQM (mean of the middle two of four) stays
+    within [50, 51]; pooling the runs across datasets would draw resamples of one dataset only (IQM near 0 or 100)."""
+    per_dataset = [np.array([0.0, 1.0]), np.array([100.0, 101.0])]
+    low, high = report.stratified_bootstrap_ci(report.iqm, per_dataset)
+    assert 50 <= low < high <= 51
+    assert report.stratified_bootstrap_ci(report.iqm, [np.array([3.0]), np.array([4.0])]) is None  # one run each
+    # P(X > Y) with X's runs all above Y's on one dataset and all below on the other: 0.5 in every resample
+    low, high = report.stratified_bootstrap_ci(report.probability_of_improvement, [np.array([9.0, 8.0]),
+                                               np.array([0.0, 1.0])], [np.array([1.0, 2.0]), np.array([5.0, 6.0])])
+    assert low == high == 0.5
+
+
+def test_bootstrap_interval_of_the_mean_matches_the_exact_one():
+    values = np.array([3.0, 10.0, 4.0, 8.0])
+    exact = np.percentile([np.mean(draw) for draw in itertools.product(values, repeat=4)], [2.5, 97.5],
+                          method="inverted_cdf")  # all 256 equally likely resamples
+    assert np.allclose(report.bootstrap_mean_ci(values), exact, atol=0.3)  # exact: [3.5, 9.0]
+
+
+def test_readme_results_block_is_what_report_builds_from_the_committed_results():
+    """The README's results block is generated: if this fails, run `python benchmarks/report.py` (and commit
+    README.md), or fix report.py rather than the README."""
+    records = report.latest_finished_per_seed(report.load_results(report.RESULTS_DIR))
+    readme = report.README.read_text()
+    block = re.search(re.escape(report.BLOCK_BEGIN) + ".*?" + re.escape(report.BLOCK_END), readme, re.S)
+    assert block, "README.md has no results block"
+    assert block[0] == report.readme_block(records)
+
+
+def test_replace_block_and_text_without_markers():
+    text = f"intro\n{report.BLOCK_BEGIN}\nold\n{report.BLOCK_END}\nrest\n"
+    new = f"{report.BLOCK_BEGIN}\nnew\n{report.BLOCK_END}"
+    assert report.replace_block(text, new) == f"intro\n{new}\nrest\n"
+    with pytest.raises(ValueError, match="expected one results block"):
+        report.replace_block("no markers", new)
 
 
 def test_collect_copies_finished_runs_into_the_results_layout(tmp_path):
@@ -109,19 +192,24 @@ def test_smax_runs_get_their_map_table_with_win_rates(tmp_path):
     assert (results / "5m_vs_6m" / "good" / "omiga" / "seed_2" / "result.json").exists()
     text = report.write_report(results, tmp_path / "results.md", "test")
     sections = {part.splitlines()[0]: part for part in text.split("\n## ")[1:]}
-    smax = sections["5m_vs_6m"]
-    assert table(smax, "**Last evaluation**")["good"]["omiga"] == "7.0 ± 1.0 (n=2, 0.1k)"
+    smax = sections["5m_vs_6m, 100 updates"]
+    # the bootstrap means of two seeds are 6, 7 or 8, each end with probability 1/4: the interval is [6, 8]
+    assert table(smax, "**Last evaluation**")["good"]["omiga"] == "7.00 [6.00, 8.00] n=2"
     assert table(smax, "**Last evaluation**")["good"]["dataset return"] == "16.4 ± 13.2 (win rate 0.05)"
     wins = table(smax, "**Win rate**")
-    assert wins["good"]["omiga"] == "0.50" and wins["poor"]["bc"] == "0.00" and wins["good"]["bc"] == "—"
+    assert wins["good"]["omiga"] == "0.50 [0.25, 0.75] n=2" and wins["poor"]["bc"] == "0.00 n=1"
+    assert wins["good"]["bc"] == "—"
     assert list(wins) == ["good", "medium", "poor"]  # the seeds' order, each once
-    assert "**Last evaluation**" in sections["Hopper 3x1"] and "**Win rate**" not in sections["Hopper 3x1"]
+    hopper = sections["Hopper 3x1, 100 updates"]
+    assert "**Last evaluation**" in hopper and "**Win rate**" not in hopper
     assert "updates/s on 5m_vs_6m (median over runs, evaluations excluded): omiga 50, bc 50" in text  # per map
 
 
-def test_report_without_runs_says_so(tmp_path):
-    with pytest.raises(SystemExit, match="no runs under"):
+def test_report_without_runs_says_so(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:
         report.main([str(tmp_path), "--out", str(tmp_path / "results.md")])
+    assert stopped.value.code == 2
+    assert f"report.py: error: no finished runs under {tmp_path}" in capsys.readouterr().err
 
 
 def test_dry_run_lists_the_grid_and_runs_nothing(tmp_path, tiny_hopper_dir, capsys):
@@ -189,11 +277,16 @@ def test_tiny_grid_through_submitit_resumes_skips_and_reports(tmp_path, tiny_hop
     results, out = tmp_path / "results", tmp_path / "report" / "results.md"
     report.main([str(results), "--collect", str(tmp_path / "grid"), "--out", str(out)])
     assert len(list(results.rglob("result.json"))) == 2
-    last = table(out.read_text(), "**Last evaluation**")["medium-replay"]
-    assert last["omiga"] == f"{resumed['last']['mean']:.1f} (n=1, 0.02k)" and last["bc"].endswith("(n=1, 0.01k)")
-    png = tmp_path / "report" / "curves" / "Hopper-3x1-medium-replay.png"
+    text = out.read_text()
+    # omiga ran 20 updates and bc 10: two budgets, two tables
+    omiga = table(section(text, "Hopper 3x1, 20 updates"), "**Last evaluation**")["medium-replay"]
+    mean = resumed["last"]["mean"]
+    assert omiga["omiga"] == f"{report.number(mean, report.decimals_for([mean]))} n=1" and "bc" not in omiga
+    assert table(section(text, "Hopper 3x1, 10 updates"), "**Last evaluation**")["medium-replay"]["bc"].endswith(
+        " n=1")
+    png = tmp_path / "report" / "curves" / "Hopper-3x1-medium-replay-20.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "](curves/Hopper-3x1-medium-replay.png)" in out.read_text()
+    assert "](curves/Hopper-3x1-medium-replay-20.png)" in text
 
 
 def test_slurm_launcher_without_slurm_is_one_message(tmp_path, tiny_hopper_dir, monkeypatch, capsys):
