@@ -48,7 +48,8 @@ from run import ALGOS  # noqa: E402
 
 RESULTS_DIR = REPO / "benchmarks" / "results"
 README = REPO / "README.md"
-BLOCK_BEGIN = "<!-- results: begin (written by `python benchmarks/report.py` from benchmarks/results; edit report.py, not this block) -->"
+BLOCK_BEGIN = ("<!-- results: begin (written by `python benchmarks/report.py` from benchmarks/results; "
+               "edit report.py, not this block) -->")
 BLOCK_END = "<!-- results: end -->"
 RESAMPLES = 2000
 BOOTSTRAP_SEED = 0
