@@ -1,9 +1,11 @@
 """OMCDA: allocation, the alpha_i solve, the exp losses under minibatches, the influence and KL estimators against
 enumeration, the values of a multi-step chain against their closed form, allocation on a task where one agent matters,
-and smoke runs of the headline command and each ablation."""
+smoke runs of the headline command and each ablation, and benchmarks/omcda_diagnose.py on the smoke run's
+checkpoint."""
 
 import math
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -11,8 +13,11 @@ import torch
 
 import omcda
 from common.datasets import Dataset
-from conftest import (CHAIN_BEHAVIOUR, CHAIN_GAMMA, CHAIN_JOINT, CHAIN_REWARD, chain_dataset, chain_joint_batch,
-                      chain_soft_optimum, exp_loss_fixed_point, run_script, smoke_run)
+from conftest import (CHAIN_BEHAVIOUR, CHAIN_GAMMA, CHAIN_JOINT, CHAIN_REWARD, REPO, chain_dataset,
+                      chain_joint_batch, chain_soft_optimum, exp_loss_fixed_point, run_script, smoke_run)
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+import omcda_diagnose  # noqa: E402
 
 
 def test_allocation_budgets_are_nonnegative_sum_to_d_tot_and_follow_influence():
@@ -267,6 +272,36 @@ def test_headline_command_smoke(tiny_hopper_dir, tmp_path):
     assert {"alpha", "v", "q", "v_reward", "q_reward"} <= set(run.checkpoint["optimizers"])
     assert "log_alpha" in run.checkpoint["agents"] and "budget" in run.checkpoint["agents"]
     assert {f"agents/{name}_{i}" for name in ("alpha", "budget", "influence", "kl") for i in range(3)} <= run.scalars
+
+
+def diagnose(model, data_dir, capsys) -> tuple[list[list[str]], list[list[str]]]:
+    """omcda_diagnose's two tables (team rows, agent rows) for one checkpoint, as lists of cells."""
+    omcda_diagnose.main([str(model), "--data-dir", str(data_dir), "--samples", "256", "--kl-states", "32",
+                         "--action-samples", "4", "--batch-size", "64", "--episodes", "1", "--swaps"])
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ") and not line.startswith(("| checkpoint", "| step", "| ---"))]
+    return [row for row in rows if row[0].endswith(".pt")], [row for row in rows if not row[0].endswith(".pt")]
+
+
+def test_diagnosis_of_a_checkpoint_sees_pi_against_pi_b(tiny_hopper_dir, tmp_path, capsys):
+    run = smoke_run("omcda.py", tiny_hopper_dir, tmp_path, "--bc-steps", "20", total_steps=20)
+    (team,), agents = diagnose(run.run_dir / "model.pt", tiny_hopper_dir, capsys)
+    assert len(agents) == 3 and all(0 < float(row[6]) <= 1 for row in agents)  # the ess of the policy weights
+    assert max(float(row[9]) for row in agents) > 1e-3  # pi moved away from pi_b in 20 updates
+    assert team[3] != team[5]  # and acts differently: the returns of pi and pi_b
+    checkpoint = torch.load(run.run_dir / "model.pt", weights_only=False)
+    for name in [key for key in checkpoint["agents"] if key.startswith("behaviour.")]:
+        checkpoint["agents"]["policy." + name[len("behaviour."):]] = checkpoint["agents"][name].clone()
+    copied = tmp_path / "pi_is_pi_b.pt"
+    torch.save(checkpoint, copied)
+    (team,), agents = diagnose(copied, tiny_hopper_dir, capsys)
+    assert all(row[9] == "0.000" and row[10] == "0.000" for row in agents)  # kl_pi on the data and visited states
+    _, z_pi, z_b = zip(*(row[12].split(" / ") for row in agents))
+    assert z_pi == z_b
+    pi_return, _, pi_b_return = team[3:6]
+    assert pi_return == pi_b_return
+    swapped = [float(side) for pair in team[-1].split(" ; ") for side in pair.split(" / ")]  # printed to 0 decimals
+    assert len(swapped) == 6 and all(abs(side - float(pi_b_return)) <= 0.5 for side in swapped)
 
 
 @pytest.mark.parametrize("ablation", [("--allocation", "uniform"), ("--allocation", "random"), ("--no-decouple",)])
