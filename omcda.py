@@ -625,6 +625,30 @@ def update(agents: Agents, optimizers: dict, batch: Batch, args: Args) -> dict[s
             "agents/reward_value": reward_value.mean(-1)}
 
 
+class DecompositionMonitor:
+    """Warns when the decomposition's sign breaks: sum_i alpha_i Q^{c,i}_tot = Q_tot - Q^r_tot is minus a discounted
+    KL, never above 0 for exact critics. A minibatch mean above SIGN_TOLERANCE |Q^r_tot| means the soft chain sits
+    above the reward chain that bounds it; on Hopper medium-replay at d_tot 1.2 it rose with the critics'
+    overestimation of pi*'s return (docs/omcda.md) and crossed 5 % 25k-40k updates before the returns collapsed. Warns
+    once per seed, and again each time the excess doubles."""
+
+    SIGN_TOLERANCE = 0.05
+
+    def __init__(self):
+        self.warned_at: dict[int, float] = {}  # seed -> relative excess at its last warning
+
+    def check(self, values: dict[str, float], seed: int, step: int) -> str | None:
+        if "values/q_conservative_tot" not in values:  # --no-decouple: no reward chain
+            return None
+        excess = values["values/q_conservative_tot"] / max(abs(values["values/q_reward_tot"]), 1e-8)
+        if excess <= self.SIGN_TOLERANCE or excess < 2 * self.warned_at.get(seed, 0.0):
+            return None
+        self.warned_at[seed] = excess
+        return (f"warning: seed {seed}, update {step}: Q_tot - Q^r_tot = {values['values/q_conservative_tot']:.1f} is "
+                f"{excess:.0%} of |Q^r_tot| above 0, where the decomposition puts it at or below 0: the critics "
+                f"overestimate (docs/omcda.md, known problems); a smaller --d-tot keeps them closer")
+
+
 def agent_summary(agents: Agents) -> str:
     """The per-agent allocation state of each seed ("; " between seeds), for the terminal at each evaluation."""
     fields = {"alpha": agents.log_alpha.detach().exp(), "budget": agents.budget, "kl": agents.kl, "influence": agents.influence}
@@ -876,6 +900,7 @@ if __name__ == "__main__":
 
     last_eval = results[0].evaluations[-1]["mean"] if results[0].evaluations else float("nan")
     last_checked, tick, tick_step = start_step, time.perf_counter(), start_step
+    monitor = DecompositionMonitor()
     stop = StopOnSignal()
     progress = tqdm(range(start_step + 1, args.total_steps + 1), initial=start_step, total=args.total_steps,
                     mininterval=2.0, desc=args.exp_name)
@@ -885,6 +910,8 @@ if __name__ == "__main__":
             per_seed = seed_metrics(metrics, len(seeds))
             for values, seed in zip(per_seed, seeds):
                 check_finite(values, step, last_checked, seed)
+                if (decomposition_warning := monitor.check(values, seed, step)) is not None:
+                    tqdm.write(decomposition_warning)
             last_checked = step
             updates, seconds = step - tick_step, time.perf_counter() - tick
             updates_per_sec = updates / seconds

@@ -312,6 +312,23 @@ def test_ablation_flags_smoke(tiny_hopper_dir, tmp_path, ablation):
     assert "final return:" in result.stdout
 
 
+def test_decomposition_monitor_warns_when_the_soft_chain_rises_above_the_reward_chain():
+    """Q_tot - Q^r_tot is at most 0 for exact critics: no warning at or below 5 % of |Q^r_tot| above it, one when a
+    seed first exceeds it, none while the excess stays under twice the last warned one, and the seeds apart."""
+    monitor = omcda.DecompositionMonitor()
+
+    def values(gap, reward=200.0):
+        return {"values/q_conservative_tot": gap, "values/q_reward_tot": reward}
+
+    assert monitor.check(values(-30.0), 1, 1000) is None and monitor.check(values(10.0), 1, 2000) is None
+    warning = monitor.check(values(12.0), 1, 3000)
+    assert warning.startswith("warning: seed 1, update 3000: Q_tot - Q^r_tot = 12.0 is 6% of |Q^r_tot| above 0")
+    assert monitor.check(values(23.0), 1, 4000) is None  # 11.5 % < 2 x 6 %
+    assert "24.0 is 12%" in monitor.check(values(24.0), 1, 5000)
+    assert monitor.check(values(12.0), 2, 5000) is not None  # another seed warns on its own
+    assert monitor.check({"values/q_soft_tot": 1.0}, 1, 6000) is None  # --no-decouple logs no reward chain
+
+
 def test_unknown_allocation_is_a_clear_error(tiny_hopper_dir, tmp_path):
     result = run_script("omcda.py", "--data-dir", str(tiny_hopper_dir), "--no-generate", "--allocation", "greedy",
                         cwd=tmp_path)
