@@ -76,10 +76,10 @@ Choices the seeds leave open (OMIGA's published values where they apply; otherwi
 - alpha_i starts at 10 (OMIGA's MuJoCo alpha) and lives in [0.1, 100], log-alpha Adam lr 1e-3. The budget, not the
   floor, is the regulariser: on Hopper medium-replay (30k updates, d_tot 0.3 / 1.2 / 3) alpha_i fell to 0.15-1 within
   5k updates, then rose with the scale of Q (to 1-9 at 30k), and no logged step had every alpha_i on the floor.
-- Known limitation, measured there: at d_tot 3 (about 1 nat per agent) one seed of two collapsed within 30k updates
-  (on both the 80k- and the 400k-transition file) while z's spread grew to 7-15, so that a few samples carry the
-  policy's weighted likelihood; OMIGA at alpha 0.5, where OMCDA's dual settles at d_tot 3, collapsed as well. At
-  d_tot 0.3 and 1.2 every 10-episode evaluation from 10k on was 0.83-1.31 of OMIGA's. The README has the runs.
+- Known limitation (docs/omcda.md has the runs): on Hopper medium-replay the budgets of d_tot 1.2 and 3 hold alpha_i
+  where the soft backup overestimates without bound (OMIGA at the same alpha collapses too); the critics pass the true
+  return by 30k updates at 1.2 and the returns collapse from 60k. DecompositionMonitor warns when Q_tot - Q^r_tot
+  turns positive, the soft chain's share of that overestimation.
 """
 
 from __future__ import annotations
