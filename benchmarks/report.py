@@ -6,7 +6,7 @@
     python benchmarks/report.py --collect runs/benchmark         # copy finished runs in, then report
 
 Every result.json under RESULTS_DIR is a run (the scripts write one into every run directory). `--collect RUNS_DIR`
-copies the finished ones found under RUNS_DIR to RESULTS_DIR/{env}-{agent_conf}/{dataset}/{exp_name}/seed_{seed}/
+copies the finished ones found under RUNS_DIR to RESULTS_DIR/{env}-{agent_conf}/{dataset}/{exp_name}/{budget}_updates/seed_{seed}/
 result.json, replacing an older copy of the same cell, so that the committed benchmarks/results/ alone rebuilds the
 report. If a seed has more than one finished result, the one written last counts; unfinished runs are listed, not
 averaged.
@@ -132,7 +132,7 @@ class RunRecord:
 
     @property
     def cell(self) -> tuple:
-        return self.task, self.dataset, self.algo, self.seed
+        return self.task, self.dataset, self.algo, self.budget, self.seed
 
     @property
     def finished(self) -> bool:
@@ -169,8 +169,8 @@ def collect(runs_dir: Path, results_dir: Path) -> list[Path]:
     copy there was written later; returns the files written."""
     written = []
     for record in latest_finished_per_seed(load_results(runs_dir)):
-        task, dataset, algo, seed = record.cell
-        target = results_dir / "-".join(task) / dataset / algo / f"seed_{seed}" / "result.json"
+        task, dataset, algo, budget, seed = record.cell
+        target = results_dir / "-".join(task) / dataset / algo / f"{budget}_updates" / f"seed_{seed}" / "result.json"
         if target.exists() and json.loads(target.read_text())["written_at"] >= record.result["written_at"]:
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -309,8 +309,9 @@ class Grid:
                 continue
             per_dataset = list(scores.values())
             interval = stratified_bootstrap_ci(iqm, per_dataset)
+            runs = sum(map(len, per_dataset))
             cells[algo] = (f"{number(iqm(per_dataset), self.decimals)}{bracket(interval, self.decimals)} "
-                           f"({sum(map(len, per_dataset))} runs)")
+                           f"({runs} run{'s' * (runs != 1)})")
         return cells
 
     def improvement_cells(self) -> dict[str, str]:

@@ -173,10 +173,11 @@ def test_collect_copies_finished_runs_into_the_results_layout(tmp_path):
     write_result(runs / "a", "omiga", 0, [(100, 1.0)], written_at=1_000.0)
     write_result(runs / "b", "omiga", 0, [(100, 2.0)], written_at=2_000.0)  # the same cell, written later
     write_result(runs, "icq", 3, [(50, 3.0)], finished=False)
-    cell = results / "Hopper-3x1" / "medium-replay" / "omiga" / "seed_0"
-    assert report.collect(runs, results) == [cell / "result.json"]
-    (copied,) = results.rglob("result.json")
-    assert json.loads(copied.read_text())["last"]["mean"] == 2.0
+    write_result(runs / "c", "omiga", 0, [(100, 2.5), (300, 4.0)], written_at=3_000.0)  # the same seed, a longer run
+    cell = results / "Hopper-3x1" / "medium-replay" / "omiga"
+    assert sorted(report.collect(runs, results)) == [cell / "100_updates" / "seed_0" / "result.json",
+                                                     cell / "300_updates" / "seed_0" / "result.json"]
+    assert json.loads((cell / "100_updates" / "seed_0" / "result.json").read_text())["last"]["mean"] == 2.0
     assert report.collect(runs / "a", results) == []  # an older result does not replace a newer copy
 
 
@@ -189,7 +190,7 @@ def test_smax_runs_get_their_map_table_with_win_rates(tmp_path):
     write_result(runs, "bc", 1, [(100, 5.0, 0.0)], dataset="medium", env="5m_vs_6m", card=card)
     write_result(runs, "omiga", 1, [(100, 300.0)])  # a MuJoCo run: no win rates in its table
     report.collect(runs, results)
-    assert (results / "5m_vs_6m" / "good" / "omiga" / "seed_2" / "result.json").exists()
+    assert (results / "5m_vs_6m" / "good" / "omiga" / "100_updates" / "seed_2" / "result.json").exists()
     text = report.write_report(results, tmp_path / "results.md", "test")
     sections = {part.splitlines()[0]: part for part in text.split("\n## ")[1:]}
     smax = sections["5m_vs_6m, 100 updates"]
