@@ -1,6 +1,6 @@
 """BC: behaviour cloning of every agent's policy by maximum likelihood of the dataset's actions (imitation learning
 as in Pomerleau 1991, "Efficient Training of Artificial Neural Networks for Autonomous Navigation"); the simplest
-baseline of offline MARL comparisons, one that ComaDICE's published code (seed 004) also runs.
+baseline of offline MARL comparisons, one that ComaDICE's published code (Bui et al., ICLR 2025) also runs.
 
 Per agent i: a tanh-Gaussian policy pi_i(a_i | o_i), the same class as omiga.py's. Nothing else is learned: no
 values, no mixer, no rewards. The dataset's joint behaviour policy is a product of per-agent policies when each agent's
@@ -69,7 +69,7 @@ class Args:
     agent_conf: str | None = None
     """MuJoCo agent partition (default per env: Hopper 3x1, Ant 2x4, HalfCheetah 6x1)"""
     obs_mode: Literal["state", "local", "omiga"] | None = None
-    """agent inputs: state (global state + id, the seeds' MuJoCo setting), local (local observation + id, the only
+    """agent inputs: state (global state + id, the papers' MuJoCo setting), local (local observation + id, the only
     mode on SMAX), omiga; default: state on MuJoCo, local on SMAX"""
     dataset: Literal["expert", "medium", "medium-replay", "medium-expert", "good", "poor"] = "medium-replay"
     """dataset quality: MuJoCo expert, medium, medium-replay, medium-expert; SMAX good, medium, poor"""

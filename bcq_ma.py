@@ -1,16 +1,17 @@
 """BCQ-MA: batch-constrained deep Q-learning per agent (BCQ: Fujimoto, Meger and Precup, ICML 2019, "Off-Policy Deep
-Reinforcement Learning without Exploration"), the BCQ-MA baseline of seed 000's Table 1, with the offline decentralized
-framework of seed 003 (Jiang and Lu, "Offline Decentralized Multi-Agent Reinforcement Learning": value deviation
-lambda_vd, transition normalization lambda_tn, MABCQ, its Algorithm 1) as two flags.
+Reinforcement Learning without Exploration"), the BCQ-MA baseline of Table 1 of OMCDA's short paper, with the
+offline decentralized framework of Jiang and Lu ("Offline Decentralized Multi-Agent Reinforcement Learning": value
+deviation lambda_vd, transition normalization lambda_tn, MABCQ, its Algorithm 1) as two flags.
 
 Independent learners [ours]: every agent i learns from its own (o_i, a_i, r, o'_i, done) alone, with the team reward
-r; there is no mixer and no critic on the global state, with or without the flags. Seed 000 only names BCQ-MA; OMAR
-(Pan et al., ICML 2022), whose MuJoCo baselines seed 000 follows, builds its multi-agent baselines on decentralized
-critics, and seed 003's framework requires them (each agent sees only its own data). Agent inputs follow --obs-mode as
-in omiga.py: "state" (default: global state + one-hot id; seed 003's MuJoCo agents also get the robot's state) or
-"local". One dataset serves all agents, each reading only its own slice (seed 003 collects one dataset per agent).
+r; there is no mixer and no critic on the global state, with or without the flags. OMCDA's short paper only names
+BCQ-MA; OMAR (Pan et al., ICML 2022), whose MuJoCo baselines OMCDA's short paper follows, builds its multi-agent
+baselines on decentralized critics, and Jiang and Lu's framework requires them (each agent sees only its own data).
+Agent inputs follow --obs-mode as in omiga.py: "state" (default: global state + one-hot id; Jiang and Lu's MuJoCo
+agents also get the robot's state) or "local". One dataset serves all agents, each reading only its own slice (Jiang
+and Lu collect one dataset per agent).
 Like every script here, the agents share one set of network weights by default (told apart by the one-hot id in their
-inputs); seed 003's fully decentralized learners, which share nothing, are --per-agent-networks.
+inputs); Jiang and Lu's fully decentralized learners, which share nothing, are --per-agent-networks.
 Per agent, all agents batched in one matmul:
 
     G_i = {E_i(mu, sigma | o_i, a_i), D_i(a_i | o_i, z)}       conditional VAE, the behaviour model (BCQ Sec. 4)
@@ -18,33 +19,33 @@ Per agent, all agents batched in one matmul:
     Q_i^1, Q_i^2 twin critics; targets (hat) of Q and xi are Polyak copies (rate tau); G_i has no target.
 
 BCQ's losses (BCQ Sec. 4 and its Algorithm 1; cited by section, as the equation numbers could not be checked here;
-seed 003's are its own):
+Jiang and Lu's are their own):
     L_G  = E_D[ |D_i(o_i, z) - a_i|^2 ] + beta KL(N(mu, sigma) || N(0, I)),   z = mu + sigma eps   (BCQ Sec. 4, App.)
     candidates a^j = hat-xi_i(o', a~^j) + a~^j,  a~^j = D_i(o', z^j),  z^j ~ clip(N(0, I), -c, c),  j = 1..n
     V*_i(o') = max_j [ lam min_k hat-Q_i^k(o', a^j) + (1 - lam) max_k hat-Q_i^k(o', a^j) ]  (soft clipped double Q)
     y_i  = r + gamma (1 - done) V*_i(o')                                                      (BCQ Sec. 4)
-    L_Q  = E_D[ w_i sum_k (Q_i^k(o_i, a_i) - y_i)^2 ]                          (BCQ: w = 1; seed 003: its Eq. 1)
-    L_xi = -E_D[ w_i Q_i^1(o_i, a~ + xi_i(o_i, a~)) ],  a~ = D_i(o_i, z), z ~ clip(N(0, I), -c, c)  (seed 003 Eq. 2)
+    L_Q  = E_D[ w_i sum_k (Q_i^k(o_i, a_i) - y_i)^2 ]                          (BCQ: w = 1; Jiang and Lu: their Eq. 1)
+    L_xi = -E_D[ w_i Q_i^1(o_i, a~ + xi_i(o_i, a~)) ],  a~ = D_i(o_i, z), z ~ clip(N(0, I), -c, c) (Jiang and Lu, Eq. 2)
     pi_i(o_i) = argmax over the n candidates a^j (made with xi_i, not its target) of Q_i^1(o_i, a^j)   (BCQ Sec. 4)
 
-Seed 003's weights w_i = lambda_vd_i lambda_tn_i (each 1 when its flag is off), detached, Sec. 3.3 and 3.4:
+Jiang and Lu's weights w_i = lambda_vd_i lambda_tn_i (each 1 when its flag is off), detached, Sec. 3.3 and 3.4:
     --value-deviation:          lambda_vd_i = clip(1 + (V*_i(o') - E V*_i) / |E V*_i|, 1 - eps, 1 + eps)   (Sec. 3.1)
         V*_i(o') = (1 - done) times the BCQ target value above (the same candidates and soft clipped twin targets),
         E V*_i = E_{s'~P_B(.|s, a_i)} V*_i(s') estimated from the sample, without visiting the other next states, by
         inverting the Bellman equation on the target critic: E V*_i = (hat-Q_i(o_i, a_i) - r) / gamma        (Sec. 3.4)
         with hat-Q_i the soft clipped combination of the twin targets at the dataset action [ours], and eps the
-        optimism level (seed 003: 0.80 HalfCheetah, 0.48 Walker, 0.80 Hopper, 0.64 Ant, 0.99 SMAC, 0.9 MPE).
+        optimism level (Jiang and Lu: 0.80 HalfCheetah, 0.48 Walker, 0.80 Hopper, 0.64 Ant, 0.99 SMAC, 0.9 MPE).
     --transition-normalization: lambda_tn_i = 1 / P_B(s' | s, a_i) ~ rho_N(0,I)(mu^1) / rho_N(0,I)(mu^2)
                                             = exp((|mu^2|^2 - |mu^1|^2) / 2)                           (Sec. 3.2, 3.4)
-        with mu^1 = E^1_i's mean at (o_i, a_i) (G_i above is seed 003's G^1) and mu^2 the mean of a second VAE
+        with mu^1 = E^1_i's mean at (o_i, a_i) (G_i above is Jiang and Lu's G^1) and mu^2 the mean of a second VAE
         G^2_i = {E^2_i(mu^2, sigma^2 | o_i, a_i, o'_i), D^2_i(a_i | o_i, o'_i, z^2)} trained with L_G on (o_i, o'_i).
     The modified transition probability the weights stand for (Sec. 3.3), z_i a normaliser over next states:
         hat-P_B(s' | s, a_i) = P_B(s' | s, a_i) lambda_tn_i lambda_vd_i / z_i,  z_i = sum_s' P_B lambda_tn_i lambda_vd_i
     z_i does not depend on s' and only rescales p_B(s, a_i), so it leaves y_i's expectation unchanged and is not in
-    L_Q or L_xi (Sec. 3.3); `reweighted_transitions` computes hat-P_B for a tabular P_B (the matrix game of seed 003's
-    Tables 1-4, in the tests). Seed 003's ablation rows are the four flag settings: BCQ (neither flag),
+    L_Q or L_xi (Sec. 3.3); `reweighted_transitions` computes hat-P_B for a tabular P_B (the matrix game of Jiang and
+    Lu's Tables 1-4, in the tests). Jiang and Lu's ablation rows are the four flag settings: BCQ (neither flag),
     BCQ w/ lambda_vd (--value-deviation), BCQ w/ lambda_tn (--transition-normalization), MABCQ (both).
-    Logged as values/value_spread: seed 003's Table 6 measure, mean_s [max_i V*_i(s) - min_i V*_i(s)] (there MABCQ's
+    Logged as values/value_spread: Jiang and Lu's Table 6 measure, mean_s [max_i V*_i(s) - min_i V*_i(s)] (there MABCQ's
     is lower than BCQ w/ lambda_vd's), on the batch's next observations (the target's V*_i; the paper's subset is a
     uniform sample of the agents' states, of a size it does not give). benchmarks/bcq_ma_values.py measures it, and
     the weights' spread, with a run's final networks on one fixed sample of its dataset.
@@ -67,21 +68,21 @@ Choices the papers leave open (BCQ's published code unless marked otherwise):
   beta 0.5 (KL_loss averaged over latent dims and the batch, as the code does), latent samples clipped to
   [-0.5, 0.5], encoder log-std clamped to [-4, 15], decoder output tanh; Adam lr 1e-3 for Q, xi and G; gamma 0.99,
   tau 0.005; the VAE trained alongside the critic every update; no gradient clipping. L_Q sums the twin critics'
-  squared errors (mean over the batch), as the code does. Seed 003 trains with lr 1e-3 for Q, 1e-4 for xi and G,
-  latent dim 10, (64, 64) units and batch 1024 on MuJoCo (its Table 12): pass those to reproduce its setting.
+  squared errors (mean over the batch), as the code does. Jiang and Lu train with lr 1e-3 for Q, 1e-4 for xi and G,
+  latent dim 10, (64, 64) units and batch 1024 on MuJoCo (their Table 12): pass those to reproduce their setting.
 - Ours: hidden layers of 256 units for Q and xi (BCQ: 400 and 300; batched_mlp has equal widths), 750 for the VAEs
   (BCQ). Losses are means over the batch summed over agents (with --per-agent-networks the agents are independent:
   one Adam over the stacked parameters is n independent Adams).
-- Ours: seed 003's Algorithm 1 fits G^1 and G^2 before the Q-learning loop; here they are trained alongside it, as
+- Ours: Jiang and Lu's Algorithm 1 fits G^1 and G^2 before the Q-learning loop; here they are trained alongside it, as
   BCQ does, and lambda_tn uses the means of this update's VAE forward pass (before its step). Eq. 2 writes xi's input
   as the dataset action; xi is trained on VAE samples as BCQ does (they are what it perturbs when acting), each
   weighted by its transition's w_i.
 - Ours: |E V*_i| is floored at 1e-6 (the value deviation is undefined at E V* = 0, e.g. at initialisation; the clip
-  then bounds it); lambda_tn is clipped to [1 / tn_max, tn_max] with tn_max 10 only to guard the exp (seed 003
-  reports [0.2, 1.4] for almost all samples and states no clip). Dividing by |E V*| keeps a higher V*(s') weighted
-  more for either sign of E V*; with E V* > 0 (positive rewards, as seed 003's Theorem 1 assumes; Hopper's while it
+  then bounds it); lambda_tn is clipped to [1 / tn_max, tn_max] with tn_max 10 only to guard the exp (Jiang and Lu
+  report [0.2, 1.4] for almost all samples and states no clip). Dividing by |E V*| keeps a higher V*(s') weighted
+  more for either sign of E V*; with E V* > 0 (positive rewards, as Jiang and Lu's Theorem 1 assumes; Hopper's while it
   stands) both weights together give hat-P_B proportional to V*, the form of that theorem's proof.
-- Checked in tests/test_bcq_ma.py: on seed 003's matrix game (Table 1), independent tabular Q-learning on these
+- Checked in tests/test_bcq_ma.py: on Jiang and Lu's matrix game (Table 1), independent tabular Q-learning on these
   weighted objectives learns Table 2's (a1, a2), Table 3's (a2, a2) with lambda_vd and Table 4's optimum (a2, a1) with
   both, with the tables' values; the sample estimator's E V* is the reweighted expectation at the fixed point, where
   lambda_vd stays in [0.19, 1.5] (with E_{P_B} V* instead it would reach 3).
@@ -133,7 +134,7 @@ class Args:
     agent_conf: str | None = None
     """MuJoCo agent partition (default per env: Hopper 3x1, Ant 2x4, HalfCheetah 6x1)"""
     obs_mode: Literal["state", "local", "omiga"] | None = None
-    """agent inputs: state (global state + id, the seeds' MuJoCo setting), local (local observation + id, the only
+    """agent inputs: state (global state + id, the papers' MuJoCo setting), local (local observation + id, the only
     mode on SMAX), omiga; default: state on MuJoCo, local on SMAX"""
     dataset: Literal["expert", "medium", "medium-replay", "medium-expert", "good", "poor"] = "medium-replay"
     """dataset quality: MuJoCo expert, medium, medium-replay, medium-expert; SMAX good, medium, poor"""
@@ -188,23 +189,24 @@ class Args:
     kl_weight: float = 0.5
     """weight of the KL term in the VAE loss (BCQ: 0.5)"""
     q_lr: float = 1e-3
-    """learning rate of the twin critics (BCQ: 1e-3; seed 003: 1e-3)"""
+    """learning rate of the twin critics (BCQ: 1e-3; Jiang and Lu: 1e-3)"""
     perturbation_lr: float = 1e-3
-    """learning rate of the perturbation networks (BCQ: 1e-3; seed 003: 1e-4)"""
+    """learning rate of the perturbation networks (BCQ: 1e-3; Jiang and Lu: 1e-4)"""
     vae_lr: float = 1e-3
-    """learning rate of the VAEs (BCQ: 1e-3; seed 003: 1e-4)"""
+    """learning rate of the VAEs (BCQ: 1e-3; Jiang and Lu: 1e-4)"""
     hidden_dim: int = 256
     """hidden units of the two hidden layers of Q and xi"""
     vae_hidden_dim: int = 750
     """hidden units of the two hidden layers of the VAEs' encoders and decoders (BCQ: 750)"""
     value_deviation: bool = False
-    """if toggled, weight the TD and perturbation objectives by seed 003's value deviation lambda_vd (optimism)"""
+    """if toggled, weight the TD and perturbation objectives by Jiang and Lu's value deviation lambda_vd (optimism)"""
     transition_normalization: bool = False
-    """if toggled, weight them by seed 003's transition normalization lambda_tn (trains a second VAE on (o, a, o'))"""
+    """if toggled, weight them by Jiang and Lu's transition normalization lambda_tn (trains a second VAE on
+    (o, a, o'))"""
     optimism: float = 0.8
-    """optimism level epsilon: lambda_vd is clipped to [1 - epsilon, 1 + epsilon] (seed 003, Hopper: 0.8)"""
+    """optimism level epsilon: lambda_vd is clipped to [1 - epsilon, 1 + epsilon] (Jiang and Lu, Hopper: 0.8)"""
     tn_max: float = 10.0
-    """lambda_tn is clipped to [1 / tn_max, tn_max] (ours: only guards the exp; seed 003 saw [0.2, 1.4])"""
+    """lambda_tn is clipped to [1 / tn_max, tn_max] (ours: only guards the exp; Jiang and Lu saw [0.2, 1.4])"""
     threshold: float = 0.3
     """discrete actions: an action is a candidate when G(a | o) / max G(. | o) exceeds this (discrete BCQ: 0.3)"""
 
@@ -341,7 +343,7 @@ def mix(w: torch.Tensor, values: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 # ALGO LOGIC: networks, losses and the update
 class BatchedVAE(nn.Module):
     """Conditional VAE per agent, all agents batched: E(mu, sigma | c, a) and D(a | c, z), with the condition c = o_i
-    (G^1, the behaviour model) or c = [o_i, o'_i] (seed 003's G^2)."""
+    (G^1, the behaviour model) or c = [o_i, o'_i] (Jiang and Lu's G^2)."""
 
     def __init__(self, weight_sets: int, cond_dim: int, act_dim: int, latent_dim: int, hidden_dim: int,
                  latent_clip: float):
@@ -495,7 +497,7 @@ class Agents(nn.Module):
                        else BCQPolicy(self.vae, self.perturbation, self.critic, args.candidates))
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
         self.perturbation_target = None if discrete else copy.deepcopy(self.perturbation).requires_grad_(False)
-        # seed 003's G^2 on (o, a, o'), only for transition normalization
+        # Jiang and Lu's G^2 on (o, a, o'), only for transition normalization
         self.transition_vae = (BatchedVAE(nets, 2 * obs_dim, act_dim, latent_dim, args.vae_hidden_dim,
                                           args.latent_clip) if args.transition_normalization else None)
 
@@ -522,14 +524,14 @@ VALUE_FLOOR = 1e-6  # |E V*| below this is treated as this: the value deviation 
 
 
 def value_deviation(next_value: torch.Tensor, expected_value: torch.Tensor, optimism: float) -> torch.Tensor:
-    """lambda_vd = clip(1 + (V*(s') - E V*) / |E V*|, 1 - epsilon, 1 + epsilon) (seed 003, Sec. 3.1 and 3.4)."""
+    """lambda_vd = clip(1 + (V*(s') - E V*) / |E V*|, 1 - epsilon, 1 + epsilon) (Jiang and Lu, Sec. 3.1 and 3.4)."""
     deviation = 1.0 + (next_value - expected_value) / expected_value.abs().clamp_min(VALUE_FLOOR)
     return deviation.clamp(1.0 - optimism, 1.0 + optimism)
 
 
 def value_deviation_weight(next_value: torch.Tensor, q_target: torch.Tensor, rewards: torch.Tensor,
                            dones: torch.Tensor, gamma: float, optimism: float) -> torch.Tensor:
-    """lambda_vd from one sample (seed 003, Sec. 3.4): V*(s') = (1 - done) next_value and
+    """lambda_vd from one sample (Jiang and Lu, Sec. 3.4): V*(s') = (1 - done) next_value and
     E_{s'} V*(s') = (Q̂(s, a) - r) / gamma, the Bellman equation of the target critic solved for the expectation.
     next_value, q_target [n, B]; rewards, dones [B]."""
     expected = (q_target - rewards) / gamma
@@ -538,14 +540,14 @@ def value_deviation_weight(next_value: torch.Tensor, q_target: torch.Tensor, rew
 
 def transition_normalization_weight(mean: torch.Tensor, transition_mean: torch.Tensor,
                                     tn_max: float) -> torch.Tensor:
-    """lambda_tn = rho_N(0,I)(mu^1) / rho_N(0,I)(mu^2) = exp((|mu^2|^2 - |mu^1|^2) / 2) (seed 003, Sec. 3.4), mu^1 the
-    mean of G^1 at (o, a), mu^2 of G^2 at (o, a, o'), each [n, B, latent]; clipped to [1 / tn_max, tn_max]."""
+    """lambda_tn = rho_N(0,I)(mu^1) / rho_N(0,I)(mu^2) = exp((|mu^2|^2 - |mu^1|^2) / 2) (Jiang and Lu, Sec. 3.4),
+    mu^1 the mean of G^1 at (o, a), mu^2 of G^2 at (o, a, o'), each [n, B, latent]; clipped to [1 / tn_max, tn_max]."""
     log_ratio = 0.5 * (transition_mean.pow(2).sum(-1) - mean.pow(2).sum(-1))
     return log_ratio.clamp(-math.log(tn_max), math.log(tn_max)).exp()
 
 
 def objective_weights(lambda_vd: torch.Tensor | None, lambda_tn: torch.Tensor | None) -> torch.Tensor | float:
-    """w = lambda_tn lambda_vd of seed 003's Eq. 1 and 2, a factor being 1 when its flag is off (None)."""
+    """w = lambda_tn lambda_vd of Jiang and Lu's Eq. 1 and 2, a factor being 1 when its flag is off (None)."""
     weight = 1.0
     if lambda_vd is not None:
         weight = weight * lambda_vd
@@ -556,16 +558,16 @@ def objective_weights(lambda_vd: torch.Tensor | None, lambda_tn: torch.Tensor | 
 
 def value_spread(values: torch.Tensor) -> torch.Tensor:
     """Mean over the batch of max_i V*_i(s) - min_i V*_i(s), values [n, B]: how far the agents' value estimates of
-    the same sampled states disagree (seed 003, Table 6: adding transition normalization to lambda_vd lowers it)."""
+    the same sampled states disagree (Jiang and Lu, Table 6: adding transition normalization to lambda_vd lowers it)."""
     return (values.max(0).values - values.min(0).values).mean()
 
 
 def reweighted_transitions(probs: torch.Tensor, next_values: torch.Tensor, expected_value: torch.Tensor | None,
                            value_dev: bool, transition_norm: bool, optimism: float) -> torch.Tensor:
-    """seed 003's hat-P_B(s' | s, a) = P_B lambda_tn lambda_vd / z (Sec. 3.3) for a tabular P_B: probs and next_values
-    [..., S'] over the next states of one (s, a) (probability 0 where s' is never reached), expected_value [...] the
-    E V* in lambda_vd (None: E_{P_B} V*, the exact expectation). z = sum_s' P_B lambda_tn lambda_vd; without either
-    flag this returns P_B."""
+    """Jiang and Lu's hat-P_B(s' | s, a) = P_B lambda_tn lambda_vd / z (Sec. 3.3) for a tabular P_B: probs and
+    next_values [..., S'] over the next states of one (s, a) (probability 0 where s' is never reached), expected_value
+    [...] the E V* in lambda_vd (None: E_{P_B} V*, the exact expectation). z = sum_s' P_B lambda_tn lambda_vd; without
+    either flag this returns P_B."""
     seen = probs > 0
     if expected_value is None:
         expected_value = (probs * next_values).sum(-1)
@@ -576,13 +578,14 @@ def reweighted_transitions(probs: torch.Tensor, next_values: torch.Tensor, expec
 
 
 def td_loss(q: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | float) -> torch.Tensor:
-    """Weighted squared TD error, mean over the batch, summed over agents: q, target, weight [n, B] (seed 003 Eq. 1)."""
+    """Weighted squared TD error, mean over the batch, summed over agents: q, target, weight [n, B] (Jiang and Lu,
+    Eq. 1)."""
     return (weight * (q - target).pow(2)).mean(-1).sum()
 
 
 def perturbation_loss(perturbed_q: torch.Tensor, weight: torch.Tensor | float) -> torch.Tensor:
-    """L_xi: minus the weighted Q_i^1 of the perturbed VAE samples, mean over the batch, summed over agents (seed 003
-    Eq. 2 with BCQ's samples)."""
+    """L_xi: minus the weighted Q_i^1 of the perturbed VAE samples, mean over the batch, summed over agents (Jiang and
+    Lu, Eq. 2 with BCQ's samples)."""
     return -(weight * perturbed_q).mean(-1).sum()
 
 
@@ -607,8 +610,8 @@ def weight_metrics(lambda_vd: torch.Tensor | None, lambda_tn: torch.Tensor | Non
 
 
 def update(agents: Agents, optimizers: dict, batch: Batch, args: Args) -> dict[str, torch.Tensor]:
-    """One BCQ-MA update (BCQ Algorithm 1, seed 003 Algorithm 1 under the flags): the VAEs (L_G), the twin critics
-    (L_Q, seed 003 Eq. 1), the perturbation networks (L_xi, Eq. 2), then the targets."""
+    """One BCQ-MA update (BCQ Algorithm 1, Jiang and Lu's Algorithm 1 under the flags): the VAEs (L_G), the twin critics
+    (L_Q, Jiang and Lu, Eq. 1), the perturbation networks (L_xi, Eq. 2), then the targets."""
     if batch.avail is not None:
         return update_discrete(agents, optimizers, batch, args)
     recon, mean, log_std = agents.vae(batch.obs, batch.actions)

@@ -92,7 +92,7 @@ class Args:
     agent_conf: str | None = None
     """MuJoCo agent partition (default per env: Hopper 3x1, Ant 2x4, HalfCheetah 6x1)"""
     obs_mode: Literal["state", "local", "omiga"] | None = None
-    """agent inputs: state (global state + id, the seeds' MuJoCo setting), local (local observation + id, the only
+    """agent inputs: state (global state + id, the papers' MuJoCo setting), local (local observation + id, the only
     mode on SMAX), omiga; default: state on MuJoCo, local on SMAX"""
     dataset: Literal["expert", "medium", "medium-replay", "medium-expert", "good", "poor"] = "medium-replay"
     """dataset quality: MuJoCo expert, medium, medium-replay, medium-expert; SMAX good, medium, poor"""

@@ -1,4 +1,4 @@
-"""ComaDICE: offline cooperative MARL with stationary distribution correction (seed 004: Bui et al., ICLR 2025).
+"""ComaDICE: offline cooperative MARL with stationary distribution correction (Bui et al., ICLR 2025).
 
 Per agent i: nu_i(o_i), q_i(o_i, a_i) and a tanh-Gaussian policy pi_i(a_i | o_i); one mixer M on the global state s,
 a "1-layer" linear mixer: M_s[x] = sum_i w_i(s) x_i + b(s), a single linear combination of the agents' values with
@@ -24,7 +24,7 @@ f-divergences (--f-divergence), y = A_tot / alpha:
     kl         f(t) = t log t;          f'^{-1}(y) = e^(y - 1);  f*(y) = e^(y - 1)
 
 Agent inputs follow --obs-mode: "state" (default) gives every agent the global state plus a one-hot id, the setting
-of the seeds' MuJoCo experiments; "local" gives each agent its local observation (agent_obsk=1) plus the id.
+of the papers' MuJoCo experiments; "local" gives each agent its local observation (agent_obsk=1) plus the id.
 
 Discrete actions (SMAX maps, --env 5m_vs_6m): pi_i is categorical over the actions available at o_i (the others
 masked to probability 0) and the critics take the one-hot action; the losses above are unchanged, and evaluation takes the
@@ -61,7 +61,7 @@ Ours, where neither settles it:
   before this update (the paper updates them "simultaneously"); w* is detached and not clipped.
 - Every update draws batch_size initial states uniformly from D0, independent of the transition minibatch.
 - Policy: state-dependent log-std clamped to [-5, 2]; dataset actions clamped to +-(1 - 1e-6) before atanh;
-  evaluation action tanh(mean). Not offered: the 2-layer mixer of the seed's ablation.
+  evaluation action tanh(mean). Not offered: the 2-layer mixer of the paper's ablation.
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ class Args:
     agent_conf: str | None = None
     """MuJoCo agent partition (default per env: Hopper 3x1, Ant 2x4, HalfCheetah 6x1)"""
     obs_mode: Literal["state", "local", "omiga"] | None = None
-    """agent inputs: state (global state + id, the seeds' MuJoCo setting), local (local observation + id, the only
+    """agent inputs: state (global state + id, the papers' MuJoCo setting), local (local observation + id, the only
     mode on SMAX), omiga; default: state on MuJoCo, local on SMAX"""
     dataset: Literal["expert", "medium", "medium-replay", "medium-expert", "good", "poor"] = "medium-replay"
     """dataset quality: MuJoCo expert, medium, medium-replay, medium-expert; SMAX good, medium, poor"""
@@ -151,7 +151,7 @@ class Args:
     tau: float = 0.005
     """target network update rate"""
     alpha: float = 10.0
-    """strength alpha of the f-divergence between the occupancies of pi_tot and mu_tot (seed 004: 10)"""
+    """strength alpha of the f-divergence between the occupancies of pi_tot and mu_tot (ComaDICE: 10)"""
     f_divergence: Literal["soft-chi2", "chi2", "kl"] = "soft-chi2"
     """the f of the regulariser D_f: soft-chi2, chi2 or kl"""
     q_lr: float = 1e-4
@@ -434,7 +434,7 @@ def sample_initial_states(dataset: Dataset, batch_size: int,
 
 
 def update(agents: Agents, optimizers: dict, batch: Batch, initial_batch: Batch, args: Args) -> dict[str, torch.Tensor]:
-    """One ComaDICE update (seed 004, Sec. 5): q and mixer (Eq. 10), nu (Eq. 11), then the policy (Eq. 12)."""
+    """One ComaDICE update (ComaDICE, Sec. 5): q and mixer (Eq. 10), nu (Eq. 11), then the policy (Eq. 12)."""
     divergence = F_DIVERGENCES[args.f_divergence]
     with torch.no_grad():
         next_w, next_b = agents.mixer_target(batch.next_states)

@@ -1,6 +1,6 @@
 """MA-CQL: conservative Q-learning with a mixed team critic (CQL: Kumar et al., NeurIPS 2020, "Conservative
 Q-Learning for Offline Reinforcement Learning"), multi-agent as offline-MARL papers run it as a baseline (OMAR, Pan et
-al., ICML 2022; the CQL-MA baseline of OMIGA, seed 002, and ComaDICE, seed 004).
+al., ICML 2022; the CQL-MA baseline of OMIGA and ComaDICE).
 
 Per agent i: Q_i(o_i, a_i) and a tanh-Gaussian policy pi_i(a_i | o_i); a mixer hypernetwork on the global state s gives
 w(s) = |.| >= 0 and b(s), as in omiga.py. Targets (bar) are Polyak copies of Q and the mixer. The joint action a is
@@ -87,7 +87,7 @@ class Args:
     agent_conf: str | None = None
     """MuJoCo agent partition (default per env: Hopper 3x1, Ant 2x4, HalfCheetah 6x1)"""
     obs_mode: Literal["state", "local", "omiga"] | None = None
-    """agent inputs: state (global state + id, the seeds' MuJoCo setting), local (local observation + id, the only
+    """agent inputs: state (global state + id, the papers' MuJoCo setting), local (local observation + id, the only
     mode on SMAX), omiga; default: state on MuJoCo, local on SMAX"""
     dataset: Literal["expert", "medium", "medium-replay", "medium-expert", "good", "poor"] = "medium-replay"
     """dataset quality: MuJoCo expert, medium, medium-replay, medium-expert; SMAX good, medium, poor"""

@@ -1,6 +1,7 @@
 """ICQ: implicit constraint Q-learning, multi-agent (Yang et al., NeurIPS 2021, "Believe What You See: Implicit
-Constraint Approach for Offline Multi-Agent Reinforcement Learning"; a baseline of seeds 000, 002 and 004, and in
-seed 002's "Discussion with prior works" the method that estimates the partition function Z from the minibatch).
+Constraint Approach for Offline Multi-Agent Reinforcement Learning"; a baseline of OMCDA's short paper, OMIGA and
+ComaDICE, and in OMIGA's "Discussion with prior works" the method that estimates the partition function Z from the
+minibatch).
 
 Per agent i: twin critics Q^1_i, Q^2_i(o_i, a_i) and a tanh-Gaussian policy pi_i(a_i | o_i); a mixer hypernetwork on
 the global state s gives w(s) = |.| >= 0 and b(s). Targets (bar) are Polyak copies of the critics and the mixer.
@@ -22,9 +23,9 @@ Discrete actions (SMAX maps, --env 5m_vs_6m): pi_i is categorical over the actio
 masked to probability 0) and Q_i takes the one-hot action; the losses above are unchanged, and evaluation takes the
 most probable available action. Agents then see their local observation + id (--obs-mode local, SMAC's setting).
 
-Choices the paper leaves open ("published code" is the continuous multi-agent ICQ that seed 004 runs as a baseline,
+Choices the paper leaves open ("published code" is the continuous multi-agent ICQ that ComaDICE runs as a baseline,
 vietbt/ComaDICE agents/continuous/icq.py; OMIGA's repository has no ICQ; "ours" marks the rest):
-- Ours: alpha 10,000 (seed 002's Table 5 and the published code use 10; see the batch Z below for why 10 cannot be
+- Ours: alpha 10,000 (OMIGA's Table 5 and the published code use 10; see the batch Z below for why 10 cannot be
   run on MuJoCo here), beta 100, gamma 0.99, tau 0.005,
   Adam lr 1e-4 (the published code's command-line default), batch 128, 2x256 ReLU networks, mixer with one hidden
   layer of 64, gradient-norm clip 1.0. Both temperatures are in units of Q:
@@ -98,7 +99,7 @@ class Args:
     agent_conf: str | None = None
     """MuJoCo agent partition (default per env: Hopper 3x1, Ant 2x4, HalfCheetah 6x1)"""
     obs_mode: Literal["state", "local", "omiga"] | None = None
-    """agent inputs: state (global state + id, the seeds' MuJoCo setting), local (local observation + id, the only
+    """agent inputs: state (global state + id, the papers' MuJoCo setting), local (local observation + id, the only
     mode on SMAX), omiga; default: state on MuJoCo, local on SMAX"""
     dataset: Literal["expert", "medium", "medium-replay", "medium-expert", "good", "poor"] = "medium-replay"
     """dataset quality: MuJoCo expert, medium, medium-replay, medium-expert; SMAX good, medium, poor"""
@@ -141,7 +142,7 @@ class Args:
     tau: float = 0.005
     """target network update rate"""
     alpha: float = 10_000.0
-    """temperature of the critic's implicit constraint, in units of Q (ICQ's Lagrangian coefficient; seed 002: 10,
+    """temperature of the critic's implicit constraint, in units of Q (ICQ's Lagrangian coefficient; OMIGA: 10,
     which diverges with the batch estimate of Z on MuJoCo: see the docstring)"""
     beta: float = 100.0
     """temperature of the policy weights softmax(w_i Q_i / beta), in units of Q (published code: 100)"""

@@ -44,10 +44,10 @@ Check the actor objective against the paper before quoting it.
 
 Independent critics, not cql_ma.py's mixed Q_tot: the paper builds OMAR, and its CQL and TD3+BC baselines, "on the
 independent TD3 based on decentralized critics" (centralised MATD3 critics only in an appendix), and its optimiser
-searches each agent's own Q_i(o_i, .). The seeds run OMAR as such a baseline: OMIGA (seed 002) implements OMAR "based
-on the algorithm described in their papers" and gives the linear mixer only to BCQ-MA and CQL-MA. With the mixer,
-argmax_a w_i(s) Q_i = argmax_a Q_i (w_i >= 0), so the optimiser would be unchanged, but the critic would be
-cql_ma.py's, and OMAR would differ from MA-CQL only in its actor; here it differs in the critic's factorisation too,
+searches each agent's own Q_i(o_i, .). The papers this project compares with run OMAR as such a baseline: OMIGA
+implements OMAR "based on the algorithm described in their papers" and gives the linear mixer only to BCQ-MA and CQL-MA.
+With the mixer, argmax_a w_i(s) Q_i = argmax_a Q_i (w_i >= 0), so the optimiser would be unchanged, but the critic would
+be cql_ma.py's, and OMAR would differ from MA-CQL only in its actor; here it differs in the critic's factorisation too,
 as in the paper. The mixer class stays in the shared section, unused.
 
 Settings. [code]: the paper is silent and the value is the authors' code's (ling-pan/OMAR, its Multi-Agent MuJoCo
@@ -117,7 +117,7 @@ class Args:
     agent_conf: str | None = None
     """MuJoCo agent partition (default per env: Hopper 3x1, Ant 2x4, HalfCheetah 6x1)"""
     obs_mode: Literal["state", "local", "omiga"] | None = None
-    """agent inputs: state (global state + id, the seeds' MuJoCo setting), local (local observation + id, the only
+    """agent inputs: state (global state + id, the papers' MuJoCo setting), local (local observation + id, the only
     mode on SMAX), omiga; default: state on MuJoCo, local on SMAX"""
     dataset: Literal["expert", "medium", "medium-replay", "medium-expert", "good", "poor"] = "medium-replay"
     """dataset quality: MuJoCo expert, medium, medium-replay, medium-expert; SMAX good, medium, poor"""

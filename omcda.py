@@ -1,14 +1,15 @@
-"""OMCDA: offline MARL with conservative degree allocation (seeds 000 and 001, "Who Matters Matters").
+"""OMCDA: offline MARL with conservative degree allocation (OMCDA's short paper and "Who Matters Matters", ICLR 2026).
 
-OMIGA (seed 002) with one KL budget d_i and one price alpha_i per agent instead of one alpha for all:
+OMIGA (Wang et al., NeurIPS 2023) with one KL budget d_i and one price alpha_i per agent instead of one alpha for all:
     max_pi E[ sum_t gamma^t r_t ]  s.t.  KL_i := E_D[ KL(pi_i(.|o_i) || pi_b,i(.|o_i)) ] <= d_i,  sum_i d_i = d_tot,
 through its Lagrangian, the return of r_t - sum_i alpha_i KL(pi_i || pi_b,i), pi_tot = prod_i pi_i.
-[seed] = stated by seeds 000/001; [ours] = the concrete reading where the seeds give the structure, not the equation.
+[paper] = stated by the OMCDA papers (OMCDA's short paper, "Who Matters Matters"); [ours] = the concrete reading where
+the papers give the structure, not the equation.
 
- 1. Behaviour cloning [seed]: pi_b,i = argmax E_D[log pi_b,i(a_i | o_i)] for --bc-steps, then frozen; pi_i starts as
+ 1. Behaviour cloning [paper]: pi_b,i = argmax E_D[log pi_b,i(a_i | o_i)] for --bc-steps, then frozen; pi_i starts as
     a copy of pi_b,i.
- 2. Decoupled values [seed 001, key design 1]: Q_tot = Q^r_tot + sum_i alpha_i Q^{c,i}_tot, the soft return of
-    r - sum_i alpha_i KL_i split into the return of the rewards Q^r_tot and minus agent i's discounted future KL
+ 2. Decoupled values [Who Matters Matters, key design 1]: Q_tot = Q^r_tot + sum_i alpha_i Q^{c,i}_tot, the soft return
+    of r - sum_i alpha_i KL_i split into the return of the rewards Q^r_tot and minus agent i's discounted future KL
     Q^{c,i}_tot. [ours] Two of the three are learned, each with OMIGA's mixer (Eq. 8), the third is their difference:
       Q_tot(s, a)   = sum_i w_i(s) Q_i(o_i, a_i) + b(s)           (soft value: sets pi*, as OMIGA)
       Q^r_tot(s, a) = sum_i w^r_i(s) Q^r_i(o_i, a_i) + b^r(s)     (reward value of pi*: measures influence)
@@ -19,11 +20,11 @@ through its Lagrangian, the return of r_t - sum_i alpha_i KL(pi_i || pi_b,i), pi
     value's log-sum-exp, which also pays alpha_i KL_i per step. Measured on Hopper medium-replay
     (benchmarks/history.md): that form inflated Q^r_tot past 1,000 and collapsed the returns at d_tot 1.2 and 3. Here
     pi* comes from the soft chain and Q^r evaluates that pi*, with no feedback into control.
- 3. Consistent local policy [seed 001, Prop. 3.1, 3.2, Thm. 3.3; OMIGA Eq. 10 with per-agent alpha_i]:
+ 3. Consistent local policy [Who Matters Matters, Prop. 3.1, 3.2, Thm. 3.3; OMIGA Eq. 10 with per-agent alpha_i]:
       pi*_i ∝ pi_b,i exp(z_i),   z_i = w̄_i (Q̄_i - V_i) / alpha_i = x_i + y_i,   x_i = w̄^r_i (Q̄^r_i - V^r_i) / alpha_i,
     x_i the reward part of Prop. 3.2's exponent and y_i = z_i - x_i its conservative part Q^{c,i} - V^{c,i}. With
     per-agent alpha_i the soft value pays exactly sum_i alpha_i KL_i: V_tot = E_{pi*}[Q_tot] - sum_i alpha_i KL_i.
- 4. Value losses [OMIGA Eq. 11-13 with per-agent alpha_i; seed 001 Prop. 3.4: V normalises pi*_i]:
+ 4. Value losses [OMIGA Eq. 11-13 with per-agent alpha_i; Who Matters Matters, Prop. 3.4: V normalises pi*_i]:
       L_V  = E_D[ exp(z_i - c_i) + exp(-c_i) w̄_i V_i / alpha_i ]   -> E_{pi_b}[exp(z_i) | o_i] = 1: pi*_i is normalised
       L_Vr = E_D[ sg(exp(z_i)) (Q̄^r_i - V^r_i)^2 ]                -> V^r_i = E_{pi*}[Q^r_i | o_i]
       L_Q  = E_D[ (r + gamma (1 - done) V̄_tot(s') - Q_tot(s, a))^2 ],       V_tot = sum_i w_i V_i + b
@@ -31,7 +32,7 @@ through its Lagrangian, the return of r_t - sum_i alpha_i KL(pi_i || pi_b,i), pi
  5. KL_i [ours: in-sample, of the policy the values define]: KL(pi*_i || pi_b,i) = E_{pi*}[z_i] = E_D[exp(z_i) z_i],
     no policy action needed (estimated self-normalised, see below). The KL of the extracted Gaussian pi_i to pi_b,i
     is logged beside it as a diagnostic.
- 6. Influence [seed 001, key design 2: m_i = dV^r_tot / dKL(pi_i || pi_b,i), by the chain rule through pi_i].
+ 6. Influence [Who Matters Matters, key design 2: m_i = dV^r_tot / dKL(pi_i || pi_b,i), by the chain rule through pi_i].
     [ours] The family pi_i moves on is pi_i(beta_i) ∝ pi_b,i exp(beta_i z_i), sharpening (beta_i > 1) or flattening
     agent i's policy, at beta_i = 1; with the critics held fixed and K_i(o_i) = E_{pi*}[z_i | o_i] = KL_i(o_i),
       dV^r_tot / dbeta_i = alpha_i Cov_{pi*}(x_i, z_i | o_i),   dKL_i / dbeta_i = Var_{pi*}(z_i | o_i),
@@ -42,22 +43,24 @@ through its Lagrangian, the return of r_t - sum_i alpha_i KL(pi_i || pi_b,i), pi
     pi*_i deviates, and |m_i| <= alpha_i sd(x_i) / sd(z_i); moving alpha_i instead (Prop. 3.2's reward part alone)
     divides by Cov(x_i, z_i), which crossed zero on Hopper and sent m_i to -40. With --no-decouple there is no
     reward part to isolate: m_i = alpha_i.
- 7. Allocation [seed]: d = softmax(m̂ / tau_m) d_tot with m̂ = m / max_i |m_i| [ours: scale-free], so sum_i d_i = d_tot.
- 8. alpha_i [seed 001]: min_{alpha_i >= 0} alpha_i (d_i - KL_i), by dual descent on log alpha_i (loss
+ 7. Allocation [paper]: d = softmax(m̂ / tau_m) d_tot with m̂ = m / max_i |m_i| [ours: scale-free], so
+    sum_i d_i = d_tot.
+ 8. alpha_i [Who Matters Matters]: min_{alpha_i >= 0} alpha_i (d_i - KL_i), by dual descent on log alpha_i (loss
     log alpha_i sg(d_i - KL_i)) within [--alpha-min, --alpha-max]: alpha_i rises while agent i exceeds its budget.
  9. Policy [OMIGA Eq. 14]: L_pi = -E_D[ sg(exp(clamp(z_i, -z_clip, z_clip))) log pi_i(a_i | o_i) ].
-Ablations (seed 001): --allocation uniform (w/o-CDA), --allocation random (rd: one Dirichlet(1) draw per run), and
---no-decouple (w/o-dq: the soft chain alone, as OMIGA with per-agent alpha_i; no Q^r to measure influence with).
+Ablations (Who Matters Matters): --allocation uniform (w/o-CDA), --allocation random (rd: one Dirichlet(1) draw per
+run), and --no-decouple (w/o-dq: the soft chain alone, as OMIGA with per-agent alpha_i; no Q^r to measure influence
+with).
 
 Agent inputs follow --obs-mode: "state" (default) gives every agent the global state plus a one-hot id, the setting
-of the seeds' MuJoCo experiments; "local" gives each agent its local observation (agent_obsk=1) plus the id.
+of the papers' MuJoCo experiments; "local" gives each agent its local observation (agent_obsk=1) plus the id.
 
 Discrete actions (SMAX maps, --env 5m_vs_6m): pi_i is categorical over the actions available at o_i (the others
 masked to probability 0) and Q_i and Q^r_i take the one-hot action; the losses above are unchanged, the logged
 policy_kl is the categorical KL in closed form, sum_a pi_i (log pi_i - log pi_b,i), and evaluation takes the
 most probable available action. Agents then see their local observation + id (--obs-mode local, SMAC's setting).
 
-Choices the seeds leave open (OMIGA's published values where they apply; otherwise ours):
+Choices the papers leave open (OMIGA's published values where they apply; otherwise ours):
 - gamma 0.99, tau 0.005 (targets of Q, V, Q^r, V^r and both mixers), Adam lr 5e-4, batch 128, 1e6 updates,
   2x256 ReLU networks, hypernetworks with one hidden layer of 64 on the global state, gradient-norm clip 1.0.
 - The shift c_i of L_V is a running average of the minibatch maximum of z_i at rate tau,
@@ -126,7 +129,7 @@ class Args:
     agent_conf: str | None = None
     """MuJoCo agent partition (default per env: Hopper 3x1, Ant 2x4, HalfCheetah 6x1)"""
     obs_mode: Literal["state", "local", "omiga"] | None = None
-    """agent inputs: state (global state + id, the seeds' MuJoCo setting), local (local observation + id, the only
+    """agent inputs: state (global state + id, the papers' MuJoCo setting), local (local observation + id, the only
     mode on SMAX), omiga; default: state on MuJoCo, local on SMAX"""
     dataset: Literal["expert", "medium", "medium-replay", "medium-expert", "good", "poor"] = "medium-replay"
     """dataset quality: MuJoCo expert, medium, medium-replay, medium-expert; SMAX good, medium, poor"""
@@ -169,7 +172,7 @@ class Args:
     tau: float = 0.005
     """target network update rate"""
     d_tot: float = 1.2
-    """total KL budget sum_i d_i shared by the agents (seed 001 MuJoCo sweeps: 0.3, 1.2, 3)"""
+    """total KL budget sum_i d_i shared by the agents (Who Matters Matters, MuJoCo sweeps: 0.3, 1.2, 3)"""
     allocation: Literal["influence", "uniform", "random"] = "influence"
     """how d_tot is split: influence (OMCDA), uniform (w/o-CDA), random (rd)"""
     no_decouple: bool = False
@@ -392,7 +395,7 @@ EXP_HEADROOM = 50.0  # exp(z - c) <= e^50 in the exp value losses; float32 overf
 
 
 def value_loss(v: torch.Tensor, q_target: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """OMIGA's L_V (seed 002, Eq. 12) with per-agent alpha [..., n, 1]: E_D[exp(z_i - c_i) + exp(-c_i) w_i V_i / alpha_i],
+    """OMIGA's L_V (OMIGA, Eq. 12) with per-agent alpha [..., n, 1]: E_D[exp(z_i - c_i) + exp(-c_i) w_i V_i / alpha_i],
     z_i = w_i (Q̄_i - V_i) / alpha_i, summed over agents: [...]. Its minimiser is the soft value, E_{pi_b}[exp(z_i) | o_i]
     = 1. c_i is the running shift [..., n], the same for every minibatch, so minibatch gradients stay unbiased."""
     z = w * (q_target - v) / alpha

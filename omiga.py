@@ -1,4 +1,4 @@
-"""OMIGA: offline MARL with implicit global-to-local value regularization (seed 002: Wang et al., NeurIPS 2023).
+"""OMIGA: offline MARL with implicit global-to-local value regularization (Wang et al., NeurIPS 2023).
 
 Per agent i: V_i(o_i), Q_i(o_i, a_i) and a tanh-Gaussian policy pi_i(a_i | o_i); a mixer hypernetwork on the global
 state s gives w(s) = |.| >= 0 and b(s). Targets (bar) are Polyak copies of V, Q and the mixer.
@@ -10,7 +10,7 @@ state s gives w(s) = |.| >= 0 and b(s). Targets (bar) are Polyak copies of V, Q 
     L_pi = -E_D[ sg(exp(z_i)) log pi_i(a_i | o_i) ]                                                    (Eq. 14)
 
 Agent inputs follow --obs-mode: "state" (default) gives every agent the global state plus a one-hot id, the setting
-of the seeds' MuJoCo experiments; "local" gives each agent its local observation (agent_obsk=1) plus the id.
+of the papers' MuJoCo experiments; "local" gives each agent its local observation (agent_obsk=1) plus the id.
 
 Discrete actions (SMAX maps, --env 5m_vs_6m): pi_i is categorical over the actions available at o_i (the others
 masked to probability 0) and Q_i takes the one-hot action; the losses above are unchanged, and evaluation takes the
@@ -76,7 +76,7 @@ class Args:
     agent_conf: str | None = None
     """MuJoCo agent partition (default per env: Hopper 3x1, Ant 2x4, HalfCheetah 6x1)"""
     obs_mode: Literal["state", "local", "omiga"] | None = None
-    """agent inputs: state (global state + id, the seeds' MuJoCo setting), local (local observation + id, the only
+    """agent inputs: state (global state + id, the papers' MuJoCo setting), local (local observation + id, the only
     mode on SMAX), omiga; default: state on MuJoCo, local on SMAX"""
     dataset: Literal["expert", "medium", "medium-replay", "medium-expert", "good", "poor"] = "medium-replay"
     """dataset quality: MuJoCo expert, medium, medium-replay, medium-expert; SMAX good, medium, poor"""
@@ -119,7 +119,7 @@ class Args:
     tau: float = 0.005
     """target network update rate"""
     alpha: float = 10.0
-    """regularisation strength alpha of the global KL(pi_tot || mu_tot) (seed 002: 10; 1 for HalfCheetah medium)"""
+    """regularisation strength alpha of the global KL(pi_tot || mu_tot) (OMIGA: 10; 1 for HalfCheetah medium)"""
     q_lr: float = 5e-4
     """learning rate of the local Q networks and the mixer"""
     v_lr: float = 5e-4
@@ -342,7 +342,7 @@ def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
 
 
 def update(agents: Agents, optimizers: dict, batch: Batch, args: Args) -> dict[str, torch.Tensor]:
-    """One OMIGA update (seed 002, Algorithm 1): V (Eq. 12), then Q and mixer (Eq. 13), then policy (Eq. 14)."""
+    """One OMIGA update (OMIGA, Algorithm 1): V (Eq. 12), then Q and mixer (Eq. 13), then policy (Eq. 14)."""
     with torch.no_grad():
         w_target, _ = agents.mixer_target(batch.states)
         q_target = agents.q_target(batch.obs, batch.actions)

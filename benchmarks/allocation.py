@@ -3,8 +3,8 @@
 Reads a run's TensorBoard scalars and prints, per run, a markdown table of every agent's alpha_i, in-sample KL_i,
 budget d_i, influence m_i and reward value w^r_i V^r_i at the given steps (the logged values nearest at or before
 each step), with whether agent i's budget binds there (KL_i within 20 % of d_i and alpha_i strictly inside its
-range), and the evaluation returns, then at how many of all its logs a budget binds. Then seed 001's Figure 3
-claim, measured: the Spearman rank correlation between w^r_i V^r_i and m_i over every (agent, evaluation step)
+range), and the evaluation returns, then at how many of all its logs a budget binds. Then Who Matters Matters'
+Figure 3 claim, measured: the Spearman rank correlation between w^r_i V^r_i and m_i over every (agent, evaluation step)
 pair of all the runs given, and the mean over evaluation steps of the rank correlation across agents at one step.
 """
 

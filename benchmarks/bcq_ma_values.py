@@ -1,10 +1,10 @@
-"""What seed 003's weights did in finished bcq_ma.py runs, measured on one fixed sample of their dataset:
+"""What Jiang and Lu's weights did in finished bcq_ma.py runs, measured on one fixed sample of their dataset:
 
     python benchmarks/bcq_ma_values.py RUN_DIR [RUN_DIR ...] [--samples 20000] [--data-dir DIR]
 
 Loads each run's final networks (model.pt, written by --save-model) and, on the same `--samples` transitions of its
 dataset (drawn with a fixed seed, so runs on one dataset see the same states), prints a markdown row per run of:
-the value spread mean_s [max_i V*_i(s') - min_i V*_i(s')] (seed 003's Table 6 measure; V*_i the BCQ target value of
+the value spread mean_s [max_i V*_i(s') - min_i V*_i(s')] (Jiang and Lu's Table 6 measure; V*_i the BCQ target value of
 the run's target networks), and the distributions (mean, std, 5th and 95th percentile) of lambda_vd and lambda_tn as
 the run's update computes them. lambda_vd needs only the critics, so it is shown for every run (what the weight
 would be with those networks); lambda_tn needs G^2, which only --transition-normalization runs have. The training

@@ -6,7 +6,7 @@
 
 Behaviour policies are single-agent actors on the global state over the joint action (TD3, or SAC for Ant). With
 per-dimension independent action noise such a policy factorises exactly into per-agent policies
-a_i = mu_i(s) + eps_i given the state: the seeds' setting, where every agent sees the state.
+a_i = mu_i(s) + eps_i given the state: the papers' setting, where every agent sees the state.
 
 `train` evaluates (10 deterministic episodes) and stores the actor every `--checkpoint-every` steps in
 `runs/behaviour/{env}/`. `select` keeps, in `behaviour_policies/{env}.pt` (fp16, committed), the checkpoints from
@@ -44,7 +44,7 @@ from common.datasets import (QUALITIES, SMAX_QUALITIES, DatasetError, dataset_pa
 from common.envs import ENV_NAMES, SMAX_MAPS, check_env_name, make_env
 
 POLICY_DIR = Path(__file__).resolve().parent.parent / "behaviour_policies"
-# Mean episode return of OMIGA's MuJoCo data (seed 002, Table 2), the target quality of our checkpoints.
+# Mean episode return of OMIGA's MuJoCo data (OMIGA, Table 2), the target quality of our checkpoints.
 TARGET_RETURNS = {
     "Hopper": {"medium": 723.57, "expert": 2452.02},
     "Ant": {"medium": 1418.70, "expert": 2055.07},

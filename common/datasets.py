@@ -17,7 +17,7 @@ Native format: one HDF5 file per (env, agent_conf, quality), e.g. `Hopper-3x1-me
            files add discrete = True and win_rate.
 
 Files are named `{env}-{agent_conf}-{quality}.hdf5` (MuJoCo: expert, medium, medium-replay, medium-expert) and
-`{map}-{quality}.hdf5` (SMAX: good, medium, poor, the seeds' names for SMAC data). Loaded, a discrete file's actions
+`{map}-{quality}.hdf5` (SMAX: good, medium, poor, the papers' names for SMAC data). Loaded, a discrete file's actions
 become one-hot rows [n_agents, N, n_actions], so critics take (observation, one-hot action) as they take continuous
 actions, and its masks come with every minibatch.
 

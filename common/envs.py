@@ -10,7 +10,7 @@ MuJoCo: actions [n_agents, act_dim] in [-1, 1], discrete = False. SMAX: actions 
 discrete = True, plus avail_actions() [n_agents, act_dim] and won (see common.smax).
 
 Agent inputs depend on `obs_mode` (see `build_agent_obs`):
-    "state"  global state + one-hot agent id: the setting of the seeds' experiments (OMIGA, ComaDICE, OMCDA).
+    "state"  global state + one-hot agent id: the setting of the papers' experiments (OMIGA, ComaDICE, OMCDA).
     "local"  local observation (agent_obsk=1), zero-padded to the largest agent, + one-hot id.
     "omiga"  OMIGA's published pipeline: its env records, per agent, [state, one-hot id] z-scored over its own
              entries (Ant: the state first zero-padded to 111 entries, where Ant-v2 had its always-zero contact
@@ -62,7 +62,7 @@ ENV_NAMES = tuple(ENV_SPECS)
 
 
 def default_obs_mode(env: str) -> str:
-    """The agent inputs of the seeds' experiments: the global state + id on MuJoCo, the local observation on SMAX."""
+    """The agent inputs of the papers' experiments: the global state + id on MuJoCo, the local observation on SMAX."""
     return "local" if env in SMAX_MAPS else "state"
 
 

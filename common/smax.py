@@ -21,7 +21,7 @@ Choices:
   Passing an action whose mask is false raises a ValueError: SMAX itself would silently ignore it.
 - team_reward: REWARD_SCALE (10) times SMAX's reward, the same for every ally: the health the enemies lost this step
   as a fraction of their full health, summed and divided by the number of enemies, plus 1 when the battle is won.
-  Returns lie in [0, 20], the scale of SMAC's normalised rewards, at which the seeds report SMAC returns (seed 002,
+  Returns lie in [0, 20], the scale of SMAC's normalised rewards, at which the papers report SMAC returns (OMIGA,
   Table 4: good data 20.0 on 5m_vs_6m) and tuned their hyperparameters.
 - won: every enemy dead while an ally lives, the condition of SMAX's win bonus (both teams dying in the same step is
   a draw, as in SMAC). terminated: either team wiped out. truncated: SMAX's time limit (100 steps by default); it

@@ -7,7 +7,7 @@ fresh machine from committed checkpoints, as common.collect does for MuJoCo. The
     python -m common.smax_collect dataset --map 5m_vs_6m --quality good [--episodes 1000] [--data-dir DIR]
 
 Behaviour policies: MAPPO (Yu et al., NeurIPS 2022 Datasets and Benchmarks) with parameter sharing, the method that
-made the seeds' SMAC data (seed 002, Appendix B: Meng et al.'s datasets, collected from MAPPO agents). One
+made the papers' SMAC data (OMIGA, Appendix B: Meng et al.'s datasets, collected from MAPPO agents). One
 categorical actor pi(a_i | o_i) shared by the agents (its input holds the one-hot id), a centralised V(s) on the
 world state, PPO's clipped objective with the team's advantage for every agent, unavailable actions masked out of
 the logits:
@@ -27,11 +27,11 @@ behaviour policy lies in it), advantages normalised per iteration, no value norm
 
 Checkpoints: every --checkpoint-every env steps, the actor (fp16) with its return and win rate over 128 episodes of
 sampled actions (the policy as it collects data). `select` keeps, per quality, the checkpoint (of one or more runs)
-whose return is nearest to that of the seeds' SMAC data (seed 002, Table 4), in `behaviour_policies/smax-{map}.pt`
+whose return is nearest to that of the papers' SMAC data (OMIGA, Table 4), in `behaviour_policies/smax-{map}.pt`
 (committed). [ours] Where training never reaches the good return (20 on 5m_vs_6m: every battle won), the three targets
-are scaled by best / good, keeping the seeds' ratios between the qualities.
+are scaled by best / good, keeping the papers' ratios between the qualities.
 
-Datasets: EPISODES (1000) whole episodes of the quality's checkpoint, actions sampled (seed 002's SMAC datasets are
+Datasets: EPISODES (1000) whole episodes of the quality's checkpoint, actions sampled (OMIGA's SMAC datasets are
 1000 episodes each), taken in the order they start, round-robin over the envs, so that short episodes are not
 favoured. Observations are stored without the one-hot id, as for MuJoCo; actions as indices, with the availability
 masks of both observations.
@@ -52,7 +52,7 @@ from tqdm import tqdm
 from common.collect import POLICY_DIR, atomic_save, fp16_state, mlp
 from common.datasets import SMAX_QUALITIES, dataset_path, write_dataset
 
-# Mean episode return of the seeds' SMAC data (seed 002, Table 4), the target quality of our checkpoints.
+# Mean episode return of the papers' SMAC data (OMIGA, Table 4), the target quality of our checkpoints.
 TARGET_RETURNS = {
     "5m_vs_6m": {"good": 20.00, "medium": 11.03, "poor": 8.50},
     "6h_vs_8z": {"good": 17.84, "medium": 11.96, "poor": 9.12},
@@ -269,7 +269,7 @@ def select(map_name: str, work_dirs: list[Path], out: Path | None = None) -> Pat
     """Write the checkpoint nearest to each quality's target return to behaviour_policies/smax-{map}.pt, choosing among
     the checkpoints of every run in `work_dirs` (a long run and a short one with dense early checkpoints cover both the
     fast early rise and the plateau). When no checkpoint reaches the good target, every target is scaled by best return
-    / good target, so that the three qualities keep the seeds' ratios instead of medium and good both landing on the
+    / good target, so that the three qualities keep the papers' ratios instead of medium and good both landing on the
     best checkpoint."""
     if map_name not in TARGET_RETURNS:
         raise ValueError(f"no target returns for {map_name}; maps with targets: {', '.join(TARGET_RETURNS)}")
