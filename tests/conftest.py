@@ -204,8 +204,10 @@ def chain_soft_optimum(agent: int, alpha: float) -> tuple[np.ndarray, np.ndarray
     return q, v, behaviour * np.exp((q - v[:, None]) / alpha)
 
 
-def chain_dataset(episode_length: int | None = None, discrete: bool = False):
-    """Every joint (s, a) of the two-agent chain, repeated in proportion to the behaviour policies; never terminal.
+def chain_dataset(episode_length: int | None = None, discrete: bool = False, terminal_state: int | None = None):
+    """Every joint (s, a) of the two-agent chain, repeated in proportion to the behaviour policies; never terminal,
+    unless terminal_state names a joint state 2 s_0 + s_1 whose every transition ends the episode (its next state keeps
+    the value it has from its other predecessors, so only the (1 - done) of a backup makes Q there equal r).
     Both agents observe the global state (one-hot of (s_0, s_1)). With episode_length the rows are shuffled and every
     episode_length-th is a timeout, so that the rows after them (and row 0) are episode starts. With discrete, the
     actions are the indices 0 and 1 (loaded one-hot), both always available."""
@@ -222,7 +224,8 @@ def chain_dataset(episode_length: int | None = None, discrete: bool = False):
     rewards = CHAIN_REWARD[0, rows[:, 0], rows[:, 2]] + CHAIN_REWARD[1, rows[:, 1], rows[:, 3]]
     arrays = dict(observations=np.repeat(states[:, None], 2, 1), next_observations=np.repeat(next_states[:, None], 2, 1),
                   states=states, next_states=next_states, actions=CHAIN_ACTIONS[rows[:, 2:]][..., None],
-                  rewards=rewards.astype(np.float32), terminals=np.zeros(len(rows), bool), timeouts=timeouts)
+                  rewards=rewards.astype(np.float32), terminals=rows[:, 0] * 2 + rows[:, 1] == terminal_state,
+                  timeouts=timeouts)
     if discrete:
         arrays.update(actions=rows[:, 2:].astype(np.int32), avail_actions=np.ones((len(rows), 2, 2), bool),
                       next_avail_actions=np.ones((len(rows), 2, 2), bool))

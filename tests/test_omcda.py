@@ -264,6 +264,40 @@ def test_influential_agent_gets_the_larger_budget_and_no_worse_return():
 SMOKE_FLAGS = ("--no-generate", "--eval-episodes", "1", "--final-eval-episodes", "1", "--bc-steps", "20")
 
 
+def test_a_terminal_transition_backs_up_nothing():
+    """On the chain with every transition out of joint state (1, 1) terminal, the soft Q_tot and the reward Q^r_tot
+    there are the reward alone, while the next states' values are far from 0 (a backup without (1 - done) in either
+    chain would add gamma V(s') to it)."""
+    torch.manual_seed(0)
+    dataset = chain_dataset(terminal_state=3)
+    args = omcda.Args(gamma=CHAIN_GAMMA, tau=0.05, hidden_dim=64, mixer_hidden_dim=32, q_lr=2e-3, v_lr=2e-3,
+                      alpha_lr=0.0, alpha_min=0.1, alpha_max=10.0, bc_steps=0)
+    agents = omcda.Agents(2, dataset.obs_dim, 1, 4, args)
+    with torch.no_grad():
+        agents.log_alpha.copy_(torch.tensor(np.log(CHAIN_ALPHA), dtype=torch.float32))
+    optimizers = omcda.make_optimizers(agents, args)
+    generator = torch.Generator().manual_seed(0)
+    omcda.pretrain_behaviour(agents, dataset, args, generator)
+    for _ in range(2000):
+        omcda.update(agents, optimizers, dataset.sample(128, generator), args)
+    batch = chain_joint_batch(dataset)
+    terminal = batch.dones.bool()
+    with torch.no_grad():
+        w, b = agents.mixer(batch.states)
+        w_reward, b_reward = agents.mixer_reward(batch.states)
+        q_tot = omcda.mix(w, agents.q(batch.obs, batch.actions), b)
+        q_reward_tot = omcda.mix(w_reward, agents.q_reward(batch.obs, batch.actions), b_reward)
+        next_w, next_b = agents.mixer(batch.next_states)
+        next_w_reward, next_b_reward = agents.mixer_reward(batch.next_states)
+        next_v_tot = omcda.mix(next_w, agents.v(batch.next_obs), next_b)
+        next_v_reward_tot = omcda.mix(next_w_reward, agents.v_reward(batch.next_obs), next_b_reward)
+    assert terminal.sum() == 4
+    torch.testing.assert_close(q_tot[terminal], batch.rewards[terminal], atol=0.1, rtol=0)
+    torch.testing.assert_close(q_reward_tot[terminal], batch.rewards[terminal], atol=0.1, rtol=0)
+    # what a missing (1 - done) would add in each chain
+    assert (CHAIN_GAMMA * torch.stack([next_v_tot, next_v_reward_tot])[:, terminal]).abs().amax(-1).min() > 0.5
+
+
 def test_headline_command_smoke(tiny_hopper_dir, tmp_path):
     run = smoke_run("omcda.py", tiny_hopper_dir, tmp_path, "--env", "Hopper", "--dataset", "medium-replay", "--d-tot",
                     "1.2", "--bc-steps", "20", total_steps=40)

@@ -111,6 +111,29 @@ def behaviour_cloning_return(dataset: Dataset, best: np.ndarray, steps: int) -> 
     return toy_return(policy, dataset, best)
 
 
+def test_a_terminal_transition_backs_up_nothing():
+    """On the chain with every transition out of joint state (1, 1) terminal, Q_tot there is the reward alone, while
+    the next states' values are far from 0 (a backup without (1 - done) would add gamma V_tot(s') to it)."""
+    torch.manual_seed(0)
+    dataset = chain_dataset(terminal_state=3)
+    args = omiga.Args(alpha=1.0, gamma=CHAIN_GAMMA, tau=0.05, hidden_dim=64, mixer_hidden_dim=32, q_lr=2e-3, v_lr=2e-3)
+    agents = omiga.Agents(2, dataset.obs_dim, 1, 4, args)
+    optimizers = omiga.make_optimizers(agents, args)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(2000):
+        omiga.update(agents, optimizers, dataset.sample(128, generator), args)
+    batch = chain_joint_batch(dataset)
+    terminal = batch.dones.bool()
+    with torch.no_grad():
+        w, b = agents.mixer(batch.states)
+        q_tot = omiga.mix(w, agents.q(batch.obs, batch.actions), b)
+        next_w, next_b = agents.mixer(batch.next_states)
+        next_v_tot = omiga.mix(next_w, agents.v(batch.next_obs), next_b)
+    assert terminal.sum() == 4
+    torch.testing.assert_close(q_tot[terminal], batch.rewards[terminal], atol=0.1, rtol=0)
+    assert (CHAIN_GAMMA * next_v_tot[terminal]).abs().max() > 0.5  # what a missing (1 - done) would add to one
+
+
 def test_omiga_beats_behaviour_cloning_on_toy_task():
     torch.manual_seed(0)
     dataset, best = toy_dataset()
