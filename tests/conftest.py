@@ -58,8 +58,8 @@ class ForkedRun:
 
     def __init__(self, script: str, *args: str, cwd: Path):
         self.stdout_path, self.stderr_path = cwd / f"{script}.stdout", cwd / f"{script}.stderr"
-        self.stdout_path.touch()
-        self.stderr_path.touch()
+        self.stdout_path.write_text("")  # emptied: an earlier run's longer output in the same folder must not show through
+        self.stderr_path.write_text("")
         self.returncode: int | None = None
         self.pid = os.fork()
         if self.pid == 0:
