@@ -106,12 +106,12 @@ def cell_status(cell: Path, total_steps: int | None, running: set[Path]) -> dict
         final = next(result for result in results if result.get("finished"))["last"]
         return dict(state="finished", done=total, total=total, ups=latest.get("updates_per_sec"),
                     note=f"{final['mean']:.1f} ± {final['std']:.1f}")
-    _, run_dir = plan(cell)
+    checkpoints = sorted(cell.glob("runs/*/model.pt"), key=lambda path: path.stat().st_mtime)
     if cell.resolve() in running:
         state = "running"
-    elif run_dir is not None:
+    elif checkpoints:
         state = "resumable"
-        done = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=False)["step"]
+        done = torch.load(checkpoints[-1], map_location="cpu", weights_only=False)["step"]
     else:
         state = "not started" if not results else "restart"  # results but no checkpoint: starts again
     return dict(state=state, done=done, total=total, ups=latest.get("updates_per_sec"), note="")
