@@ -80,9 +80,8 @@ Choices the papers leave open (OMIGA's published values where they apply; otherw
   floor, is the regulariser: on Hopper medium-replay (30k updates, d_tot 0.3 / 1.2 / 3) alpha_i fell to 0.15-1 within
   5k updates, then rose with the scale of Q (to 1-9 at 30k), and no logged step had every alpha_i on the floor.
 - Known limitation (docs/omcda.md has the runs): on Hopper medium-replay the budgets of d_tot 1.2 and 3 hold alpha_i
-  where the soft backup overestimates without bound (OMIGA at the same alpha collapses too); the critics pass the true
-  return by 30k updates at 1.2 and the returns collapse from 60k. DecompositionMonitor warns when Q_tot - Q^r_tot
-  turns positive, the soft chain's share of that overestimation.
+  where the soft backup's overestimation grows without bound (OMIGA at the same alpha collapses too), and the returns
+  collapse. DecompositionMonitor warns when Q_tot - Q^r_tot turns positive, the soft chain's share of it.
 """
 
 from __future__ import annotations
@@ -631,9 +630,8 @@ def update(agents: Agents, optimizers: dict, batch: Batch, args: Args) -> dict[s
 class DecompositionMonitor:
     """Warns when the decomposition's sign breaks: sum_i alpha_i Q^{c,i}_tot = Q_tot - Q^r_tot is minus a discounted
     KL, never above 0 for exact critics. A minibatch mean above SIGN_TOLERANCE |Q^r_tot| means the soft chain sits
-    above the reward chain that bounds it; on Hopper medium-replay at d_tot 1.2 it rose with the critics'
-    overestimation of pi*'s return (docs/omcda.md) and crossed 5 % 25k-40k updates before the returns collapsed. Warns
-    once per seed, and again each time the excess doubles."""
+    above the reward chain that bounds it, which came before the collapse docs/omcda.md measures. Warns once per
+    seed, and again each time the excess doubles."""
 
     SIGN_TOLERANCE = 0.05
 

@@ -40,7 +40,8 @@ sys.path.insert(0, str(REPO))
 
 import omcda  # noqa: E402
 from common.datasets import dataset_path, load_dataset  # noqa: E402
-from common.envs import check_env_name, default_obs_mode, make_env  # noqa: E402
+from common.cli import with_env_defaults  # noqa: E402
+from common.envs import check_env_name, make_env  # noqa: E402
 
 SAMPLE_SEED = 0
 SATURATED = 0.99
@@ -51,13 +52,11 @@ def load_agents(model: Path) -> tuple[omcda.Args, omcda.Agents, int]:
     checkpoint = torch.load(model, map_location="cpu", weights_only=False)
     names = {f.name for f in fields(omcda.Args)}
     args = omcda.Args(**{k: v for k, v in checkpoint["args"].items() if k in names})
-    if args.obs_mode is None:
-        args.obs_mode = default_obs_mode(args.env)
+    args = with_env_defaults(args)
     env = make_env(args.env, args.agent_conf, args.obs_mode)
     if env.discrete:
         raise SystemExit(f"{model}: {args.env} has discrete actions; this tool measures the continuous policy")
-    state_dim = env.state_dim
-    agents = omcda.Agents(env.n_agents, env.obs_dim, env.act_dim, state_dim, args)
+    agents = omcda.Agents(env.n_agents, env.obs_dim, env.act_dim, env.state_dim, args)
     agents.load_state_dict(checkpoint["agents"])
     return args, agents.eval(), checkpoint["step"]
 
@@ -104,14 +103,12 @@ def data_measures(agents: omcda.Agents, args: omcda.Args, batch, action_samples:
     kl_state = omcda.in_sample_kl(z_drawn.movedim(0, -1))  # [seeds, n, S]
     out.update(lognorm_mean=log_norm.mean(-1), lognorm_std=log_norm.std(-1), kl_state=kl_state.mean(-1))
 
-    w_all, b = agents.mixer(states)
-    q_tot = omcda.mix(w_all, agents.q(obs, actions), b)
     if agents.decouple:
+        w_all, b = agents.mixer(states)
         w_r, b_r = agents.mixer_reward(states)
-        q_r_tot = omcda.mix(w_r, agents.q_reward(obs, actions), b_r)
+        q_tot, q_r_tot = omcda.mix(w_all, agents.q(obs, actions), b), omcda.mix(w_r, agents.q_reward(obs, actions), b_r)
         out["q_minus_qr"] = (q_tot - q_r_tot).mean(-1)
         out["v_minus_vr"] = (omcda.mix(w_all, agents.v(obs), b) - omcda.mix(w_r, agents.v_reward(obs), b_r)).mean(-1)
-    out["q_tot"] = q_tot.mean(-1)
     return out
 
 
@@ -125,7 +122,7 @@ class Team:
 
     @torch.no_grad()
     def __call__(self, obs: np.ndarray, states: np.ndarray) -> np.ndarray:
-        """obs [E, n, obs_dim] -> actions [E, n, act_dim]."""
+        """obs [E, n, obs_dim] -> actions [E, n, act_dim]; `states` unused (TiltedTeam's mixer needs them)."""
         x = seeded(torch.as_tensor(obs, dtype=torch.float32).transpose(0, 1), self.agents.log_alpha.shape[0])
         pi_mean, pi_log_std = (t[self.seed] for t in self.agents.policy(x))
         b_mean = self.agents.behaviour(x)[0][self.seed]

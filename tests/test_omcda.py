@@ -13,7 +13,7 @@ import torch
 
 import omcda
 from common.datasets import Dataset
-from conftest import (CHAIN_BEHAVIOUR, CHAIN_GAMMA, CHAIN_JOINT, CHAIN_REWARD, REPO, chain_dataset,
+from conftest import (CHAIN_GAMMA, CHAIN_JOINT, CHAIN_REWARD, REPO, chain_dataset,
                       chain_joint_batch, chain_soft_optimum, exp_loss_fixed_point, run_script, smoke_run)
 
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -175,12 +175,9 @@ def chain_exact_values() -> dict:
     return exact
 
 
-def test_values_match_the_closed_form_on_a_multi_step_chain():
-    """gamma 0.8, no terminals, alpha = (0.5, 2) held fixed: the trained soft Q_tot, V_tot and the reward values
-    Q^r_tot, V^r_tot equal those of pi*, so bootstrapping, both backups, the KL payment, alpha_i inside z_i and the
-    weights of L_Vr all count."""
-    torch.manual_seed(0)
-    dataset = chain_dataset()
+def chain_agents(dataset: Dataset) -> tuple[omcda.Args, omcda.Agents, dict, torch.Generator]:
+    """OMCDA's networks for the chain, alpha_i held at CHAIN_ALPHA, pi_b cloned; their optimizers and the sampling
+    generator."""
     args = omcda.Args(gamma=CHAIN_GAMMA, tau=0.05, hidden_dim=64, mixer_hidden_dim=32, q_lr=2e-3, v_lr=2e-3,
                       alpha_lr=0.0, alpha_min=0.1, alpha_max=10.0, bc_steps=0)
     agents = omcda.Agents(2, dataset.obs_dim, 1, 4, args)
@@ -189,6 +186,16 @@ def test_values_match_the_closed_form_on_a_multi_step_chain():
     optimizers = omcda.make_optimizers(agents, args)
     generator = torch.Generator().manual_seed(0)
     omcda.pretrain_behaviour(agents, dataset, args, generator)
+    return args, agents, optimizers, generator
+
+
+def test_values_match_the_closed_form_on_a_multi_step_chain():
+    """gamma 0.8, no terminals, alpha = (0.5, 2) held fixed: the trained soft Q_tot, V_tot and the reward values
+    Q^r_tot, V^r_tot equal those of pi*, so bootstrapping, both backups, the KL payment, alpha_i inside z_i and the
+    weights of L_Vr all count."""
+    torch.manual_seed(0)
+    dataset = chain_dataset()
+    args, agents, optimizers, generator = chain_agents(dataset)
     batch = chain_joint_batch(dataset)
 
     def values() -> dict[str, torch.Tensor]:
@@ -270,14 +277,7 @@ def test_a_terminal_transition_backs_up_nothing():
     chain would add gamma V(s') to it)."""
     torch.manual_seed(0)
     dataset = chain_dataset(terminal_state=3)
-    args = omcda.Args(gamma=CHAIN_GAMMA, tau=0.05, hidden_dim=64, mixer_hidden_dim=32, q_lr=2e-3, v_lr=2e-3,
-                      alpha_lr=0.0, alpha_min=0.1, alpha_max=10.0, bc_steps=0)
-    agents = omcda.Agents(2, dataset.obs_dim, 1, 4, args)
-    with torch.no_grad():
-        agents.log_alpha.copy_(torch.tensor(np.log(CHAIN_ALPHA), dtype=torch.float32))
-    optimizers = omcda.make_optimizers(agents, args)
-    generator = torch.Generator().manual_seed(0)
-    omcda.pretrain_behaviour(agents, dataset, args, generator)
+    args, agents, optimizers, generator = chain_agents(dataset)
     for _ in range(2000):
         omcda.update(agents, optimizers, dataset.sample(128, generator), args)
     batch = chain_joint_batch(dataset)

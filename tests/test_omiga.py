@@ -56,17 +56,23 @@ def test_policy_gradient_raises_high_advantage_action():
     assert gap_after > gap_before + 1e-4
 
 
+def train_on_chain(dataset, updates: int) -> tuple[omiga.Args, omiga.Agents]:
+    """OMIGA at alpha 1 trained on the chain for `updates` minibatches of 128."""
+    args = omiga.Args(alpha=1.0, gamma=CHAIN_GAMMA, tau=0.05, hidden_dim=64, mixer_hidden_dim=32, q_lr=2e-3, v_lr=2e-3)
+    agents = omiga.Agents(2, dataset.obs_dim, 1, 4, args)
+    optimizers = omiga.make_optimizers(agents, args)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(updates):
+        omiga.update(agents, optimizers, dataset.sample(128, generator), args)
+    return args, agents
+
+
 def test_values_match_the_soft_optimum_on_a_multi_step_chain():
     """gamma 0.8, no terminals, alpha 1: Q_tot and V_tot are the soft (KL-regularised) optimum's, which separates per
     agent on the chain: Q_tot = Q_0 + Q_1, V_tot = V_0 + V_1. A Q target without gamma V_tot(s') misses by > 1."""
     torch.manual_seed(0)
     dataset = chain_dataset()
-    args = omiga.Args(alpha=1.0, gamma=CHAIN_GAMMA, tau=0.05, hidden_dim=64, mixer_hidden_dim=32, q_lr=2e-3, v_lr=2e-3)
-    agents = omiga.Agents(2, dataset.obs_dim, 1, 4, args)
-    optimizers = omiga.make_optimizers(agents, args)
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(3000):
-        omiga.update(agents, optimizers, dataset.sample(128, generator), args)
+    args, agents = train_on_chain(dataset, 3000)
 
     batch = chain_joint_batch(dataset)
     with torch.no_grad():
@@ -116,12 +122,7 @@ def test_a_terminal_transition_backs_up_nothing():
     the next states' values are far from 0 (a backup without (1 - done) would add gamma V_tot(s') to it)."""
     torch.manual_seed(0)
     dataset = chain_dataset(terminal_state=3)
-    args = omiga.Args(alpha=1.0, gamma=CHAIN_GAMMA, tau=0.05, hidden_dim=64, mixer_hidden_dim=32, q_lr=2e-3, v_lr=2e-3)
-    agents = omiga.Agents(2, dataset.obs_dim, 1, 4, args)
-    optimizers = omiga.make_optimizers(agents, args)
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(2000):
-        omiga.update(agents, optimizers, dataset.sample(128, generator), args)
+    _, agents = train_on_chain(dataset, 2000)
     batch = chain_joint_batch(dataset)
     terminal = batch.dones.bool()
     with torch.no_grad():
