@@ -339,15 +339,6 @@ def mix(w: torch.Tensor, values: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 # ALGO LOGIC: networks, losses and the update
-TWINS = 2  # soft chains, each with its own Q_i, V_i and mixer; their targets take the smaller V_tot (item 10)
-
-
-def twins(x: torch.Tensor, event_dims: int) -> torch.Tensor:
-    """The same input for every twin soft chain: x [..., *event] with `event_dims` event dims -> [..., TWINS, *event],
-    the twin dim after the seed dim, where the twins' weight sets sit in the networks."""
-    return x.unsqueeze(-event_dims - 1).expand(*x.shape[:-event_dims], TWINS, *x.shape[-event_dims:])
-
-
 class Agents(nn.Module):
     """Every network of OMCDA, the frozen behaviour policy, log alpha_i and the allocation state; targets are Polyak
     copies. `v`, `q`, `mixer` are the soft values Q_tot = Q^r_tot + sum_i alpha_i Q^{c,i}_tot and V that set pi*;
@@ -359,13 +350,12 @@ class Agents(nn.Module):
         super().__init__()
         seeds, nets = args.num_seeds, count_weight_sets(n_agents, args.per_agent_networks, args.num_seeds)
         self.decouple = not args.no_decouple
-        # The twin soft chains are extra weight sets after each seed's: inputs [..., TWINS, n, B, d] (see `twins`).
-        self.v = AgentValue(nets * TWINS, obs_dim, args.hidden_dim)
-        self.q = AgentQ(nets * TWINS, obs_dim, act_dim, args.hidden_dim)
-        self.mixer = Mixer(state_dim, n_agents, args.mixer_hidden_dim, seeds * TWINS)
+        self.v = AgentValue(nets, obs_dim, args.hidden_dim)
+        self.q = AgentQ(nets, obs_dim, act_dim, args.hidden_dim)
+        self.mixer = Mixer(state_dim, n_agents, args.mixer_hidden_dim, seeds)
         self.policy = make_policy(discrete, nets, obs_dim, act_dim, args.hidden_dim)
         self.v_target, self.q_target, self.mixer_target = (copy.deepcopy(m).requires_grad_(False) for m in (self.v, self.q, self.mixer))
-        self.register_buffer("value_shift", torch.zeros(seeds, TWINS, n_agents))
+        self.register_buffer("value_shift", torch.zeros(seeds, n_agents))
         if self.decouple:
             self.v_reward = AgentValue(nets, obs_dim, args.hidden_dim)
             self.q_reward = AgentQ(nets, obs_dim, act_dim, args.hidden_dim)
@@ -555,23 +545,20 @@ def update(agents: Agents, optimizers: dict, batch: Batch, args: Args) -> dict[s
     """One OMCDA update: V and V^r, then Q and Q^r, then the policy, then KL_i, influence, allocation and the alpha_i
     step."""
     alpha = agents.log_alpha.detach().exp()[..., None]
-    obs, states = twins(batch.obs, 3), twins(batch.states, 2)
     with torch.no_grad():
-        w_target, _ = agents.mixer_target(states)
-        q_target = agents.q_target(obs, twins(batch.actions, 3))
-        next_w, next_b = agents.mixer_target(twins(batch.next_states, 2))
-        next_v_tot = mix(next_w, agents.v_target(twins(batch.next_obs, 3)), next_b).min(-2).values
+        w_target, _ = agents.mixer_target(batch.states)
+        q_target = agents.q_target(batch.obs, batch.actions)
+        next_w, next_b = agents.mixer_target(batch.next_states)
+        next_v_tot = mix(next_w, agents.v_target(batch.next_obs), next_b)
         if agents.decouple:
             w_reward_target, _ = agents.mixer_reward_target(batch.states)
             q_reward_target = agents.q_reward_target(batch.obs, batch.actions)
             next_w_reward, next_b_reward = agents.mixer_reward_target(batch.next_states)
             next_v_reward_tot = mix(next_w_reward, agents.v_reward_target(batch.next_obs), next_b_reward)
 
-    v = agents.v(obs)
-    twin_alpha = alpha[..., None, :, :]
-    twin_z = w_target * (q_target - v.detach()) / twin_alpha  # [..., TWINS, n, B]
-    z = twin_z.min(-3).values
-    loss_v = value_loss(v, q_target, w_target, twin_alpha, agents.value_shift).sum(-1)
+    v = agents.v(batch.obs)
+    z = w_target * (q_target - v.detach()) / alpha
+    loss_v = value_loss(v, q_target, w_target, alpha, agents.value_shift)
     metrics = {}
     if agents.decouple:
         v_reward = agents.v_reward(batch.obs)
@@ -590,12 +577,11 @@ def update(agents: Agents, optimizers: dict, batch: Batch, args: Args) -> dict[s
     else:  # no reward part to isolate: m_i = alpha_i E[z^2] / E[z^2] = alpha_i
         reward_part, state_kl = z, torch.zeros_like(z)
         clipped_step(optimizers["v"], loss_v, args.grad_clip, args.num_seeds)
-    track_shift(agents.value_shift, twin_z, args.tau)
+    track_shift(agents.value_shift, z, args.tau)
 
-    w, b = agents.mixer(states)
-    twin_q_tot = mix(w, agents.q(obs, twins(batch.actions, 3)), b)  # [..., TWINS, B], both fitted to one target
-    loss_q = q_loss(twin_q_tot, twins(batch.rewards, 1), twins(batch.dones, 1), twins(next_v_tot, 1), args.gamma).sum(-1)
-    q_tot = twin_q_tot.mean(-2)
+    w, b = agents.mixer(batch.states)
+    q_tot = mix(w, agents.q(batch.obs, batch.actions), b)
+    loss_q = q_loss(q_tot, batch.rewards, batch.dones, next_v_tot, args.gamma)
     if agents.decouple:
         w_reward, b_reward = agents.mixer_reward(batch.states)
         q_reward_tot = mix(w_reward, agents.q_reward(batch.obs, batch.actions), b_reward)
@@ -607,7 +593,7 @@ def update(agents: Agents, optimizers: dict, batch: Batch, args: Args) -> dict[s
         reward_value = w_reward.detach() * v_reward.detach()
     else:
         clipped_step(optimizers["q"], loss_q, args.grad_clip, args.num_seeds)
-        reward_value = (w.detach() * v.detach()).mean(-3)
+        reward_value = w.detach() * v.detach()
 
     loss_pi = policy_loss(agents.policy.log_prob(batch.obs, batch.actions, batch.avail), z, args.z_clip)
     clipped_step(optimizers["policy"], loss_pi, args.grad_clip, args.num_seeds)
@@ -634,10 +620,10 @@ def update(agents: Agents, optimizers: dict, batch: Batch, args: Args) -> dict[s
         soft_update(agents.q_reward_target, agents.q_reward, args.tau)
         soft_update(agents.mixer_reward_target, agents.mixer_reward, args.tau)
     return {"losses/v_soft": loss_v.detach(), "losses/q_soft": loss_q.detach(), "losses/policy": loss_pi.detach(),
-            **metrics, "values/q_soft_tot": q_tot.detach().mean(-1), "values/v_soft": v.detach().mean((-3, -2, -1)),
+            **metrics, "values/q_soft_tot": q_tot.detach().mean(-1), "values/v_soft": v.detach().mean((-2, -1)),
             "agents/alpha": agents.log_alpha.detach().exp(), "agents/budget": agents.budget.clone(),
             "agents/influence": agents.influence.clone(), "agents/kl": agents.kl.clone(), "agents/policy_kl": policy_kl,
-            "agents/normaliser": torch.exp(twin_z.clamp(-args.z_clip, args.z_clip)).mean((-3, -1)), "agents/z_std": z.std(-1),
+            "agents/normaliser": torch.exp(z_clipped).mean(-1), "agents/z_std": z.std(-1),
             "agents/reward_value": reward_value.mean(-1)}
 
 

@@ -4,7 +4,7 @@
 
 Loads each checkpoint (model.pt of a --save-model run; fused seeds are measured one by one) and prints one markdown
 row per (checkpoint, seed, agent). On one fixed sample of the dataset (same transitions for every checkpoint):
-  shift c      the running shift c_i of the soft value's exp loss, the larger twin's (its gradient scales with exp(-c_i));
+  shift c      the running shift c_i of the soft value's exp loss (its gradient scales with exp(-c_i));
   z_std        the spread of z_i = w̄_i (Q̄_i - V_i) / alpha_i over the sample (the update's z);
   ess          the effective sample size of the policy weights exp(clamp(z_i)) per minibatch of --batch-size,
                (sum w)^2 / sum w^2 / B, averaged over the sample's minibatches;
@@ -66,41 +66,18 @@ def seeded(x: torch.Tensor, seeds: int) -> torch.Tensor:
     return x.expand(seeds, *x.shape)
 
 
-def soft_baseline(agents: omcda.Agents, obs: torch.Tensor, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each twin soft chain's target mixer weights w̄_i and V_i [seeds, TWINS, n, B], the parts of z that need no
-    action."""
-    return agents.mixer_target(omcda.twins(states, 2))[0], agents.v(omcda.twins(obs, 3))
-
-
-def tilt(agents: omcda.Agents, obs: torch.Tensor, actions: torch.Tensor, w_target: torch.Tensor, v: torch.Tensor
-         ) -> torch.Tensor:
-    """z_i [seeds, n, B] of pi*_i ∝ pi_b,i exp(z_i) at (obs, actions), as omcda.update forms it: the smaller of the
-    twins' w̄_i (Q̄_i - V_i) / alpha_i."""
-    q = agents.q_target(omcda.twins(obs, 3), omcda.twins(actions, 3))
-    return (w_target * (q - v) / agents.log_alpha.exp()[..., None, :, None]).min(-3).values
-
-
-def soft_values(agents: omcda.Agents, obs: torch.Tensor, actions: torch.Tensor | None, states: torch.Tensor
-                ) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """The soft chain's Q_tot (the twins' mean: both fit one target; None without actions) and V_tot (the smaller
-    twin's, the one the backups take) [seeds, B]."""
-    w, b = agents.mixer(omcda.twins(states, 2))
-    v_tot = omcda.mix(w, agents.v(omcda.twins(obs, 3)), b).min(-2).values
-    if actions is None:
-        return None, v_tot
-    return omcda.mix(w, agents.q(omcda.twins(obs, 3), omcda.twins(actions, 3)), b).mean(-2), v_tot
-
-
 @torch.no_grad()
 def data_measures(agents: omcda.Agents, args: omcda.Args, batch, action_samples: int, kl_states: int,
                   batch_size: int) -> dict[str, torch.Tensor]:
     """The sample's measures of every seed and agent [seeds, n] (see the module docstring)."""
     seeds = args.num_seeds
     obs, actions, states = seeded(batch.obs, seeds), seeded(batch.actions, seeds), seeded(batch.states, seeds)
-    w_target, v = soft_baseline(agents, obs, states)
+    alpha = agents.log_alpha.exp()[..., None]
+    w_target, _ = agents.mixer_target(states)
+    v = agents.v(obs)
 
     def z_of(a: torch.Tensor) -> torch.Tensor:
-        return tilt(agents, obs, a, w_target, v)
+        return w_target * (agents.q_target(obs, a) - v) / alpha
 
     z = z_of(actions)
     clipped = z.clamp(-args.z_clip, args.z_clip)
@@ -112,7 +89,7 @@ def data_measures(agents: omcda.Agents, args: omcda.Args, batch, action_samples:
     b_mean, b_log_std = agents.behaviour(obs)
     out = {"z_std": z.std(-1), "ess": ess, "z_data": z.mean(-1), "z_pi": z_of(torch.tanh(mean)).mean(-1),
            "z_b": z_of(torch.tanh(b_mean)).mean(-1), "kl_pi": omcda.gaussian_kl(mean, log_std, b_mean, b_log_std).mean(-1),
-           "log_std": log_std.mean((-2, -1)), "log_std_b": b_log_std.mean((-2, -1)), "shift": agents.value_shift.amax(-2)}
+           "log_std": log_std.mean((-2, -1)), "log_std_b": b_log_std.mean((-2, -1)), "shift": agents.value_shift.clone()}
 
     # log E_{pi_b}[exp z | o] and KL(pi* || pi_b | o) from actions of pi_b at the first kl_states states
     few = slice(0, kl_states)
@@ -120,18 +97,18 @@ def data_measures(agents: omcda.Agents, args: omcda.Args, batch, action_samples:
     bm, bs = b_mean[..., few, :], b_log_std[..., few, :]
     noise = torch.randn((action_samples, *bm.shape), generator=torch.Generator().manual_seed(SAMPLE_SEED))
     drawn = torch.tanh(bm + bs.exp() * noise)  # [K, seeds, n, S, act]
-    z_drawn = torch.stack([tilt(agents, o, drawn[k], w, vv) for k in range(action_samples)])  # [K, seeds, n, S]
-    z_drawn = z_drawn.clamp(-args.z_clip, args.z_clip)
+    q_drawn = torch.stack([agents.q_target(o, drawn[k]) for k in range(action_samples)])  # [K, seeds, n, S]
+    z_drawn = (w * (q_drawn - vv) / alpha).clamp(-args.z_clip, args.z_clip)
     log_norm = torch.logsumexp(z_drawn, 0) - np.log(action_samples)  # [seeds, n, S]
     kl_state = omcda.in_sample_kl(z_drawn.movedim(0, -1))  # [seeds, n, S]
     out.update(lognorm_mean=log_norm.mean(-1), lognorm_std=log_norm.std(-1), kl_state=kl_state.mean(-1))
 
     if agents.decouple:
-        q_tot, v_tot = soft_values(agents, obs, actions, states)
+        w_all, b = agents.mixer(states)
         w_r, b_r = agents.mixer_reward(states)
-        q_r_tot = omcda.mix(w_r, agents.q_reward(obs, actions), b_r)
+        q_tot, q_r_tot = omcda.mix(w_all, agents.q(obs, actions), b), omcda.mix(w_r, agents.q_reward(obs, actions), b_r)
         out["q_minus_qr"] = (q_tot - q_r_tot).mean(-1)
-        out["v_minus_vr"] = (v_tot - omcda.mix(w_r, agents.v_reward(obs), b_r)).mean(-1)
+        out["v_minus_vr"] = (omcda.mix(w_all, agents.v(obs), b) - omcda.mix(w_r, agents.v_reward(obs), b_r)).mean(-1)
     return out
 
 
@@ -170,8 +147,10 @@ class TiltedTeam:
         b_mean, b_log_std = self.agents.behaviour(x)
         noise = torch.randn((self.candidates, *b_mean.shape), generator=self.generator)
         drawn = torch.tanh(b_mean + b_log_std.exp() * noise)  # [K, seeds, n, E, act]
-        w, v = soft_baseline(self.agents, x, s)
-        z = torch.stack([tilt(self.agents, x, drawn[k], w, v) for k in range(self.candidates)])
+        w, _ = self.agents.mixer_target(s)
+        v = self.agents.v(x)
+        alpha = self.agents.log_alpha.exp()[..., None]
+        z = torch.stack([w * (self.agents.q_target(x, drawn[k]) - v) / alpha for k in range(self.candidates)])
         logits = z.clamp(-self.z_clip, self.z_clip)[:, self.seed].movedim(0, -1)  # [n, E, K]
         pick = torch.multinomial(torch.softmax(logits, -1).reshape(-1, self.candidates), 1, generator=self.generator)
         chosen = drawn[:, self.seed].movedim(0, -2).reshape(-1, self.candidates, drawn.shape[-1])
@@ -209,9 +188,9 @@ def start_values(agents: omcda.Agents, env, starts: list[int]) -> tuple[torch.Te
     seeds = agents.log_alpha.shape[0]
     obs = seeded(torch.as_tensor(np.stack([o for o, _ in first]), dtype=torch.float32).transpose(0, 1), seeds)
     states = seeded(torch.as_tensor(np.stack([s for _, s in first]), dtype=torch.float32), seeds)
+    w, b = agents.mixer(states)
     w_r, b_r = agents.mixer_reward(states)
-    v_tot = soft_values(agents, obs, None, states)[1]
-    return v_tot.mean(-1), omcda.mix(w_r, agents.v_reward(obs), b_r).mean(-1)
+    return omcda.mix(w, agents.v(obs), b).mean(-1), omcda.mix(w_r, agents.v_reward(obs), b_r).mean(-1)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -200,11 +200,10 @@ def test_values_match_the_closed_form_on_a_multi_step_chain():
 
     def values() -> dict[str, torch.Tensor]:
         with torch.no_grad():
-            w, b = agents.mixer(omcda.twins(batch.states, 2))
+            w, b = agents.mixer(batch.states)
             w_reward, b_reward = agents.mixer_reward(batch.states)
-            obs = omcda.twins(batch.obs, 3)
-            return dict(q_soft=omcda.mix(w, agents.q(obs, omcda.twins(batch.actions, 3)), b),  # each twin
-                        v_soft=omcda.mix(w, agents.v(obs), b)[..., ::4],
+            return dict(q_soft=omcda.mix(w, agents.q(batch.obs, batch.actions), b),
+                        v_soft=omcda.mix(w, agents.v(batch.obs), b)[..., ::4],
                         q_reward=omcda.mix(w_reward, agents.q_reward(batch.obs, batch.actions), b_reward),
                         v_reward=omcda.mix(w_reward, agents.v_reward(batch.obs), b_reward)[..., ::4])
 
@@ -222,7 +221,7 @@ def test_values_match_the_closed_form_on_a_multi_step_chain():
     expected.update({name: [exact[0][name][s0] + exact[1][name][s1] for s0, s1, _, _ in local[::4]]
                      for name in ("v_soft", "v_reward")})
     for name, value in expected.items():
-        torch.testing.assert_close(learned[name], torch.tensor(value, dtype=torch.float32).expand_as(learned[name]), atol=0.08, rtol=0,
+        torch.testing.assert_close(learned[name], torch.tensor(value, dtype=torch.float32), atol=0.08, rtol=0,
                                    msg=lambda m, name=name: f"{name}: {m}")
     # Agent 0's discounted KL is far from zero, so the soft and reward values differ: the KL payment is tested.
     assert (exact[0]["v_reward"] - exact[0]["v_soft"]).min() > 0.5
@@ -284,13 +283,13 @@ def test_a_terminal_transition_backs_up_nothing():
     batch = chain_joint_batch(dataset)
     terminal = batch.dones.bool()
     with torch.no_grad():
-        w, b = agents.mixer(omcda.twins(batch.states, 2))
+        w, b = agents.mixer(batch.states)
         w_reward, b_reward = agents.mixer_reward(batch.states)
-        q_tot = omcda.mix(w, agents.q(omcda.twins(batch.obs, 3), omcda.twins(batch.actions, 3)), b).min(-2).values
+        q_tot = omcda.mix(w, agents.q(batch.obs, batch.actions), b)
         q_reward_tot = omcda.mix(w_reward, agents.q_reward(batch.obs, batch.actions), b_reward)
-        next_w, next_b = agents.mixer(omcda.twins(batch.next_states, 2))
+        next_w, next_b = agents.mixer(batch.next_states)
         next_w_reward, next_b_reward = agents.mixer_reward(batch.next_states)
-        next_v_tot = omcda.mix(next_w, agents.v(omcda.twins(batch.next_obs, 3)), next_b).min(-2).values
+        next_v_tot = omcda.mix(next_w, agents.v(batch.next_obs), next_b)
         next_v_reward_tot = omcda.mix(next_w_reward, agents.v_reward(batch.next_obs), next_b_reward)
     assert terminal.sum() == 4
     torch.testing.assert_close(q_tot[terminal], batch.rewards[terminal], atol=0.1, rtol=0)
