@@ -237,3 +237,37 @@ def chain_joint_batch(dataset):
     taken = dataset.actions.argmax(-1) if dataset.discrete else (dataset.actions[..., 0] > 0).long()
     keys = (dataset.states.argmax(1) * 4 + taken[0] * 2 + taken[1]).tolist()
     return dataset.gather(torch.tensor([keys.index(k) for k in range(16)]))
+
+
+def random_batch(n_agents: int = 2, obs_dim: int = 3, act_dim: int = 1, state_dim: int = 4, size: int = 64,
+                 seed: int = 0, terminal_fraction: float = 0.25):
+    """A minibatch of random continuous transitions, some of them terminal: input for checks of which network feeds
+    which loss, where the numbers themselves do not matter."""
+    from common.datasets import Batch
+
+    generator = torch.Generator().manual_seed(seed)
+    state, next_state = torch.randn(2, size, state_dim, generator=generator)
+    return Batch(obs=torch.randn(n_agents, size, obs_dim, generator=generator),
+                 actions=torch.rand(n_agents, size, act_dim, generator=generator) * 1.8 - 0.9,
+                 rewards=torch.randn(size, generator=generator),
+                 next_obs=torch.randn(n_agents, size, obs_dim, generator=generator),
+                 dones=(torch.rand(size, generator=generator) < terminal_fraction).float(),
+                 states=state, next_states=next_state)
+
+
+@torch.no_grad()
+def perturb_(module: torch.nn.Module, scale: float = 0.5, seed: int = 1) -> None:
+    """Add Gaussian noise of std `scale` to every parameter of `module`, in place."""
+    generator = torch.Generator().manual_seed(seed)
+    for parameter in module.parameters():
+        parameter.add_(scale * torch.randn(parameter.shape, generator=generator))
+
+
+def assert_polyak_step(targets_before: dict, agents: torch.nn.Module, pairs: dict[str, str], tau: float) -> None:
+    """After one update, each target network (name in `pairs`) is (1 - tau) x its old weights + tau x its online
+    network's new ones; targets_before maps the target names to their state_dicts before the update."""
+    for target_name, online_name in pairs.items():
+        online = getattr(agents, online_name).state_dict()
+        for key, after in getattr(agents, target_name).state_dict().items():
+            expected = torch.lerp(targets_before[target_name][key], online[key], tau)
+            torch.testing.assert_close(after, expected, msg=lambda m: f"{target_name}.{key}: {m}")

@@ -3,6 +3,7 @@ enumeration, the values of a multi-step chain against their closed form, allocat
 smoke runs of the headline command and each ablation, and benchmarks/omcda_diagnose.py on the smoke run's
 checkpoint."""
 
+import copy
 import math
 import re
 import sys
@@ -13,8 +14,9 @@ import torch
 
 import omcda
 from common.datasets import Dataset
-from conftest import (CHAIN_GAMMA, CHAIN_JOINT, CHAIN_REWARD, REPO, chain_dataset,
-                      chain_joint_batch, chain_soft_optimum, exp_loss_fixed_point, run_script, smoke_run)
+from conftest import (CHAIN_GAMMA, CHAIN_JOINT, CHAIN_REWARD, REPO, assert_polyak_step, chain_dataset,
+                      chain_joint_batch, chain_soft_optimum, exp_loss_fixed_point, perturb_, random_batch, run_script,
+                      smoke_run)
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import omcda_diagnose  # noqa: E402
@@ -368,3 +370,118 @@ def test_unknown_allocation_is_a_clear_error(tiny_hopper_dir, tmp_path):
                         cwd=tmp_path)
     assert result.returncode != 0
     assert "invalid choice 'greedy'" in result.stderr and "'influence', 'uniform', 'random'" in result.stderr
+
+
+def small_agents(obs_dim: int = 3, state_dim: int = 4, **overrides) -> tuple[omcda.Args, omcda.Agents]:
+    """Two agents with one action dim each, the input sizes of random_batch unless given."""
+    torch.manual_seed(0)
+    args = omcda.Args(hidden_dim=16, mixer_hidden_dim=8, **overrides)
+    return args, omcda.Agents(2, obs_dim, 1, state_dim, args)
+
+
+@pytest.mark.parametrize("online, unchanged", [
+    ("v", ["losses/q_soft", "losses/q_reward"]),  # the backups read V̄ and V̄^r at s'
+    ("v_reward", ["losses/q_soft", "losses/q_reward", "losses/v_soft", "losses/policy"]),
+    ("mixer", ["losses/v_soft", "losses/v_reward", "losses/policy", "agents/influence"]),  # z reads the target w̄
+    ("q", ["losses/v_soft", "losses/v_reward", "losses/policy", "agents/influence"]),  # z reads Q̄
+    ("mixer_reward", ["losses/v_reward", "agents/influence"]),  # the reward part reads w̄^r
+    ("q_reward", ["losses/v_reward", "agents/influence"]),  # ... and Q̄^r
+])
+def test_losses_read_the_target_networks_where_the_maths_has_them(online, unchanged):
+    """Perturbing an online network before one update leaves every quantity whose inputs are target networks
+    unchanged: one that read the online network instead would move."""
+    args, base = small_agents(alpha_init=1.0)
+    perturbed = copy.deepcopy(base)
+    perturb_(getattr(perturbed, online))
+    batch = random_batch()
+    expected = omcda.update(base, omcda.make_optimizers(base, args), batch, args)
+    got = omcda.update(perturbed, omcda.make_optimizers(perturbed, args), batch, args)
+    for name in unchanged:
+        torch.testing.assert_close(got[name], expected[name], msg=lambda m: f"{name}: {m}")
+    moved = {"v": "losses/v_soft", "v_reward": "losses/v_reward"}.get(online, "losses/q_soft")
+    moved = "losses/q_reward" if online in ("mixer_reward", "q_reward") else moved
+    assert not torch.allclose(got[moved], expected[moved])  # the perturbation itself shows
+
+
+def test_targets_are_polyak_averages_of_the_online_networks():
+    args, agents = small_agents(tau=0.3)
+    pairs = {"v_target": "v", "q_target": "q", "mixer_target": "mixer", "v_reward_target": "v_reward",
+             "q_reward_target": "q_reward", "mixer_reward_target": "mixer_reward"}
+    before = {name: copy.deepcopy(getattr(agents, name).state_dict()) for name in pairs}
+    omcda.update(agents, omcda.make_optimizers(agents, args), random_batch(), args)
+    assert_polyak_step(before, agents, pairs, args.tau)
+
+
+def test_policy_weights_are_clamped_at_z_clip():
+    """exp(z) enters the policy loss clamped: z beyond +-z_clip weighs as much as z_clip (Hopper's z spread reached
+    7-15)."""
+    log_prob = torch.randn(2, 8)
+    z = torch.tensor([30.0, -30.0, 12.0, 0.5]).repeat(2, 2)
+    torch.testing.assert_close(omcda.policy_loss(log_prob, z, 10.0), omcda.policy_loss(log_prob, z.clamp(-10, 10), 10.0))
+
+
+FROZEN = dict(q_lr=0.0, v_lr=0.0, policy_lr=0.0, alpha_lr=0.0)  # nothing learns: a stationary stream of estimates
+
+
+def test_update_moves_the_value_shift_towards_the_minibatch_max_of_z():
+    """Nothing learning and one minibatch repeated, z is fixed and the shift c after k updates is
+    (1 - (1 - tau)^k) max_B z: the update tracks it itself, as L_V's unbiasedness needs."""
+    args, agents = small_agents(tau=0.1, alpha_init=0.2, **FROZEN)
+    optimizers, batch = omcda.make_optimizers(agents, args), random_batch()
+    with torch.no_grad():
+        w, _ = agents.mixer_target(batch.states)
+        z = w * (agents.q_target(batch.obs, batch.actions) - agents.v(batch.obs)) / args.alpha_init
+    for _ in range(20):
+        omcda.update(agents, optimizers, batch, args)
+    torch.testing.assert_close(agents.value_shift, (1 - (1 - args.tau) ** 20) * z.max(-1).values[None])
+    assert (agents.value_shift.abs() > 0.01).all()
+
+
+def estimate_series(estimate_ema: float, updates: int = 300) -> dict[str, torch.Tensor]:
+    """agents/kl and agents/influence after each update on fresh random minibatches, nothing learning."""
+    args, agents = small_agents(alpha_init=0.3, estimate_ema=estimate_ema, **FROZEN)
+    optimizers = omcda.make_optimizers(agents, args)
+    series = [omcda.update(agents, optimizers, random_batch(seed=k), args) for k in range(updates)]
+    return {name: torch.stack([metrics[name] for metrics in series])[100:] for name in ("agents/kl", "agents/influence")}
+
+
+def test_kl_and_influence_estimates_are_smoothed_across_minibatches():
+    """On a stationary stream an exponential moving average at rate 0.05 has sqrt(0.05 / 1.95) = 0.16 of the spread
+    of the single-minibatch estimates (rate 1): the KL the dual step reads and the influence the allocation reads
+    are the smoothed ones (their spikes drove alpha_i upward on Hopper). Asserted below 0.5."""
+    smoothed, single = estimate_series(0.05), estimate_series(1.0)
+    for name in smoothed:
+        ratio = smoothed[name].std(0) / single[name].std(0)
+        print(name, ratio.tolist())
+        assert (ratio < 0.5).all(), name
+
+
+def test_influence_is_zero_when_the_reward_critic_is():
+    """m_i = alpha_i Cov(x_i, z_i) / Var(z_i) with the reward part x_i = w̄^r_i (Q̄^r_i - V^r_i) / alpha_i: with
+    Q̄^r = V^r = 0 there is no reward part, so every agent's influence is 0 after an update whatever z is; read
+    off the soft critic instead, it is not."""
+    args, agents = small_agents(alpha_init=0.3)
+    with torch.no_grad():
+        for network in (agents.q_reward_target, agents.v_reward):
+            network.net[-1].weight.zero_()
+            network.net[-1].bias.zero_()
+    metrics = omcda.update(agents, omcda.make_optimizers(agents, args), random_batch(), args)
+    torch.testing.assert_close(metrics["agents/influence"], torch.zeros(1, 2))
+    _, with_reward = small_agents(alpha_init=0.3)
+    metrics = omcda.update(with_reward, omcda.make_optimizers(with_reward, args), random_batch(), args)
+    assert (metrics["agents/influence"].abs() > 1e-3).all()
+
+
+def test_policy_starts_as_the_cloned_behaviour_policy():
+    """Step 1 of OMCDA: pi_i starts as a copy of pi_b,i, so KL(pi || pi_b) = 0 before the first update."""
+    dataset = chain_dataset()
+    args, agents = small_agents(dataset.obs_dim, dataset.state_dim, bc_steps=5)
+    initial = copy.deepcopy(agents.behaviour.state_dict())
+    omcda.pretrain_behaviour(agents, dataset, args, torch.Generator().manual_seed(0))
+    behaviour, policy = agents.behaviour.state_dict(), agents.policy.state_dict()
+    assert any(not torch.equal(behaviour[key], initial[key]) for key in behaviour)  # cloning moved pi_b
+    for key in behaviour:
+        torch.testing.assert_close(policy[key], behaviour[key])
+    batch = dataset.sample(32, torch.Generator().manual_seed(1))
+    kl = omcda.extracted_policy_kl(agents.policy, agents.behaviour, batch.obs, batch.avail)
+    torch.testing.assert_close(kl, torch.zeros_like(kl))

@@ -1,14 +1,16 @@
 """OMIGA: the V loss's minimiser, the policy loss's direction, the values of a multi-step chain against their closed
 form, learning on a toy task, and a smoke run."""
 
+import copy
 
 import numpy as np
+import pytest
 import torch
 
 import omiga
 from common.datasets import Dataset
-from conftest import (CHAIN_GAMMA, CHAIN_JOINT, chain_dataset, chain_joint_batch, chain_soft_optimum,
-                      exp_loss_fixed_point, run_script, smoke_run)
+from conftest import (CHAIN_GAMMA, CHAIN_JOINT, assert_polyak_step, chain_dataset, chain_joint_batch,
+                      chain_soft_optimum, exp_loss_fixed_point, perturb_, random_batch, run_script, smoke_run)
 
 
 def test_value_loss_minimiser_is_closed_form():
@@ -192,3 +194,64 @@ def test_shared_and_per_agent_layers_are_one_matmul_equal_to_separate_linears():
     args = omiga.Args()
     assert omiga.Agents(3, 7, 1, 5, args).v.net[0].weight.shape == (1, 7, 256)
     assert omiga.Agents(3, 7, 1, 5, omiga.Args(per_agent_networks=True)).v.net[0].weight.shape == (3, 7, 256)
+
+
+def one_update_metrics(agents: omiga.Agents, args: omiga.Args, batch) -> dict[str, torch.Tensor]:
+    return omiga.update(agents, omiga.make_optimizers(agents, args), batch, args)
+
+
+@pytest.mark.parametrize("online, unchanged", [
+    ("v", ["losses/q"]),                     # Q's target reads V̄ and the target mixer at s'
+    ("mixer", ["losses/v", "losses/policy"]),  # z reads the target mixer's w̄
+    ("q", ["losses/v", "losses/policy"]),      # z reads Q̄
+])
+def test_losses_read_the_target_networks_where_the_maths_has_them(online, unchanged):
+    """Perturbing an online network before one update leaves every loss whose inputs are target networks unchanged
+    (targets are separate copies): a loss that read the online network instead would move."""
+    torch.manual_seed(0)
+    args = omiga.Args(hidden_dim=16, mixer_hidden_dim=8)
+    base = omiga.Agents(2, 3, 1, 4, args)
+    perturbed = copy.deepcopy(base)
+    perturb_(getattr(perturbed, online))
+    batch = random_batch()
+    expected, got = one_update_metrics(base, args, batch), one_update_metrics(perturbed, args, batch)
+    for name in unchanged:
+        torch.testing.assert_close(got[name], expected[name], msg=lambda m: f"{name}: {m}")
+    moved = {"v": "losses/v", "mixer": "losses/q", "q": "losses/q"}[online]  # the perturbation itself shows
+    assert not torch.allclose(got[moved], expected[moved])
+
+
+def test_targets_are_polyak_averages_of_the_online_networks():
+    torch.manual_seed(0)
+    args = omiga.Args(hidden_dim=16, mixer_hidden_dim=8, tau=0.3)
+    agents = omiga.Agents(2, 3, 1, 4, args)
+    pairs = {"v_target": "v", "q_target": "q", "mixer_target": "mixer"}
+    before = {name: copy.deepcopy(getattr(agents, name).state_dict()) for name in pairs}
+    one_update_metrics(agents, args, random_batch())
+    assert_polyak_step(before, agents, pairs, args.tau)
+
+
+def test_policy_weights_are_clamped_at_z_clip():
+    """exp(z) enters the policy loss clamped: z beyond +-z_clip weighs as much as z_clip, so one sample far in the
+    tail cannot dominate a minibatch (Hopper's z spread reached 7-15)."""
+    log_prob = torch.randn(2, 8, requires_grad=True)
+    z = torch.tensor([30.0, -30.0, 12.0, 0.5]).repeat(2, 2)
+    loss, clamped = omiga.policy_loss(log_prob, z, 10.0), omiga.policy_loss(log_prob, z.clamp(-10.0, 10.0), 10.0)
+    torch.testing.assert_close(loss, clamped)
+    assert torch.isfinite(loss)
+
+
+def test_update_moves_the_value_shift_towards_the_minibatch_max_of_z():
+    """With every learning rate 0 and one minibatch repeated, z is fixed and the shift c after k updates is
+    (1 - (1 - tau)^k) max_B z: the update tracks it itself, as L_V's unbiasedness needs."""
+    torch.manual_seed(0)
+    args = omiga.Args(hidden_dim=16, mixer_hidden_dim=8, alpha=0.05, tau=0.1, q_lr=0.0, v_lr=0.0, policy_lr=0.0)
+    agents = omiga.Agents(2, 3, 1, 4, args)
+    optimizers, batch = omiga.make_optimizers(agents, args), random_batch()
+    with torch.no_grad():
+        w, _ = agents.mixer_target(batch.states)
+        z_max = (w * (agents.q_target(batch.obs, batch.actions) - agents.v(batch.obs)) / args.alpha).max(-1).values
+    for _ in range(20):
+        omiga.update(agents, optimizers, batch, args)
+    torch.testing.assert_close(agents.value_shift, (1 - (1 - args.tau) ** 20) * z_max[None])
+    assert (agents.value_shift.abs() > 0.01).all()

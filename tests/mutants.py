@@ -1,0 +1,217 @@
+"""A mutation check anyone can run (not part of CI): one-line changes to a script's losses and update, each run against
+the script's own test file, to show which tests see which term.
+
+    python tests/mutants.py omiga                 # every mutant of omiga.py: killed / survived, and by which test
+    python tests/mutants.py omcda --only no-done  # one mutant
+    python tests/mutants.py --list                # the mutants of every script, without running anything
+
+Each mutant replaces one exact piece of the script's text, which must occur exactly once (a mutant that no longer
+applies is an error, so the list follows the code; tests/test_mutants.py checks this in CI). The tests run on a copy
+of the repository's tracked files in a temporary directory, one thread, stopping at the first failure, so the work
+tree is never touched. A mutant that changes nothing training computes is listed with the one line that argues it
+equivalent and is not run. Every new loss line should get a mutant here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    original: str
+    replacement: str
+    equivalent: str | None = None  # why the mutant cannot change what training computes; it is then not run
+
+
+OMIGA = [
+    Mutant("no-done", "rewards + gamma * (1.0 - dones) * next_v_tot", "rewards + gamma * next_v_tot"),
+    Mutant("no-gamma", "rewards + gamma * (1.0 - dones) * next_v_tot", "rewards + (1.0 - dones) * next_v_tot"),
+    Mutant("value-loss-sign", "torch.exp(z - c) + torch.exp(-c) * w * v / alpha",
+           "torch.exp(z - c) - torch.exp(-c) * w * v / alpha"),
+    Mutant("no-mix-bias", "return (w * values).sum(-2) + b", "return (w * values).sum(-2)"),
+    Mutant("no-shift-tracking", "    track_shift(agents.value_shift, z, args.tau)\n", "\n"),
+    Mutant("minibatch-shift", "c = torch.maximum(shift, z.detach().max(-1).values - EXP_HEADROOM)[..., None]",
+           "c = z.detach().max(-1).values[..., None]"),
+    Mutant("no-z-clamp", "weight = torch.exp(z.detach().clamp(-z_clip, z_clip))", "weight = torch.exp(z.detach())"),
+    Mutant("policy-loss-sign", "return -(weight * log_prob).mean(-1).sum(-1)",
+           "return (weight * log_prob).mean(-1).sum(-1)"),
+    Mutant("online-next-v", "mix(next_w, agents.v_target(batch.next_obs), next_b)",
+           "mix(next_w, agents.v(batch.next_obs).detach(), next_b)"),
+    Mutant("online-w-in-z", "w_target, _ = agents.mixer_target(batch.states)",
+           "w_target, _ = [x.detach() for x in agents.mixer(batch.states)]"),
+    Mutant("online-q-in-z", "q_target = agents.q_target(batch.obs, batch.actions)",
+           "q_target = agents.q(batch.obs, batch.actions).detach()"),
+    Mutant("frozen-v-target", "    soft_update(agents.v_target, agents.v, args.tau)\n", "\n"),
+    Mutant("frozen-mixer-target", "    soft_update(agents.mixer_target, agents.mixer, args.tau)\n", "\n"),
+]
+
+OMCDA = [
+    Mutant("no-done", "rewards + gamma * (1.0 - dones) * next_v_tot", "rewards + gamma * next_v_tot"),
+    Mutant("no-gamma", "rewards + gamma * (1.0 - dones) * next_v_tot", "rewards + (1.0 - dones) * next_v_tot"),
+    Mutant("value-loss-sign", "torch.exp(z - c) + torch.exp(-c) * w * v / alpha",
+           "torch.exp(z - c) - torch.exp(-c) * w * v / alpha"),
+    Mutant("reward-value-unweighted", "return (weight * (q_target - v_reward).pow(2))",
+           "return ((q_target - v_reward).pow(2))"),
+    Mutant("state-kl-unweighted", "return (torch.exp(z) * (z - state_kl).pow(2))", "return ((z - state_kl).pow(2))"),
+    Mutant("kl-without-normaliser", "(torch.softmax(z, -1) * z).sum(-1) - (torch.logsumexp(z, -1) - math.log(z.shape[-1]))",
+           "(torch.softmax(z, -1) * z).sum(-1)"),
+    Mutant("influence-uncentred", "centred = z - state_kl", "centred = z"),
+    Mutant("influence-from-soft-critic", "reward_part = w_reward_target * (q_reward_target - v_reward.detach()) / alpha",
+           "reward_part = z"),
+    Mutant("influence-without-alpha", "return alpha * moments[..., 0, :] / moments[..., 1, :]",
+           "return moments[..., 0, :] / moments[..., 1, :]"),
+    Mutant("alpha-step-sign", "(log_alpha * (budget - kl).detach())", "(log_alpha * (kl - budget).detach())"),
+    Mutant("no-kl-smoothing", "agents.kl.lerp_(in_sample_kl(z_clipped), args.estimate_ema)",
+           "agents.kl.copy_(in_sample_kl(z_clipped))"),
+    Mutant("no-moment-smoothing",
+           "agents.influence_moments.lerp_(influence_moments(reward_part, z_clipped, state_kl), args.estimate_ema)",
+           "agents.influence_moments.copy_(influence_moments(reward_part, z_clipped, state_kl))"),
+    Mutant("no-shift-tracking", "    track_shift(agents.value_shift, z, args.tau)\n", "\n"),
+    Mutant("no-z-clamp", "weight = torch.exp(z.detach().clamp(-z_clip, z_clip))\n    return -(weight * log_prob)",
+           "weight = torch.exp(z.detach())\n    return -(weight * log_prob)"),
+    Mutant("policy-loss-sign", "return -(weight * log_prob).mean(-1).sum(-1)",
+           "return (weight * log_prob).mean(-1).sum(-1)"),
+    Mutant("policy-not-from-behaviour", "    agents.policy.load_state_dict(agents.behaviour.state_dict())\n", "\n"),
+    Mutant("online-next-v", "mix(next_w, agents.v_target(batch.next_obs), next_b)",
+           "mix(next_w, agents.v(batch.next_obs).detach(), next_b)"),
+    Mutant("online-next-v-reward", "mix(next_w_reward, agents.v_reward_target(batch.next_obs), next_b_reward)",
+           "mix(next_w_reward, agents.v_reward(batch.next_obs).detach(), next_b_reward)"),
+    Mutant("online-w-in-z", "w_target, _ = agents.mixer_target(batch.states)",
+           "w_target, _ = [x.detach() for x in agents.mixer(batch.states)]"),
+    Mutant("frozen-v-target", "    soft_update(agents.v_target, agents.v, args.tau)\n", "\n"),
+    Mutant("frozen-reward-mixer-target", "    soft_update(agents.mixer_reward_target, agents.mixer_reward, args.tau)\n",
+           "\n"),
+]
+
+CQL_MA = [
+    Mutant("no-done", "target = rewards + gamma * (1.0 - dones) * next_q_tot", "target = rewards + gamma * next_q_tot"),
+    Mutant("no-gamma", "target = rewards + gamma * (1.0 - dones) * next_q_tot",
+           "target = rewards + (1.0 - dones) * next_q_tot"),
+    Mutant("no-penalty", "loss_cql = conservative_penalty(q_tot_all[1:], log_density, q_tot)",
+           "loss_cql = 0.0 * conservative_penalty(q_tot_all[1:], log_density, q_tot)"),
+    Mutant("online-next-q", "mix(next_w, agents.q_target(batch.next_obs, next_actions), next_b)\n        # Proposals",
+           "mix(next_w, agents.q(batch.next_obs, next_actions).detach(), next_b)\n        # Proposals"),
+]
+
+ICQ = [
+    Mutant("terminals-bootstrap", "rho = batch_softmax_weights(next_q_tot, alpha, live=dones == 0)",
+           "rho = batch_softmax_weights(next_q_tot, alpha, live=torch.ones_like(dones, dtype=torch.bool))"),
+    Mutant("no-gamma", "return rewards + gamma * rho * next_q_tot, rho", "return rewards + rho * next_q_tot, rho"),
+    Mutant("uniform-target-weights", "return rewards + gamma * rho * next_q_tot, rho",
+           "return rewards + gamma * (dones == 0) * next_q_tot, rho"),
+    Mutant("policy-weights-uniform",
+           "policy_weights = batch_softmax_weights(w.detach() * q_twins.detach().min(-3).values, args.beta)",
+           "policy_weights = torch.ones_like(q_twins[..., 0, :, :]).detach()"),
+]
+
+COMADICE = [
+    Mutant("no-done-in-q", "td_residual = rewards + gamma * (1.0 - dones) * next_nu_tot.detach() - nu_tot",
+           "td_residual = rewards + gamma * next_nu_tot.detach() - nu_tot"),
+    Mutant("no-done-in-nu", "return advantage_tot + gamma * (1.0 - dones) * (next_nu_tot - next_nu_tot.detach())",
+           "return advantage_tot + gamma * (next_nu_tot - next_nu_tot.detach())"),
+    Mutant("no-flow-in", "return advantage_tot + gamma * (1.0 - dones) * (next_nu_tot - next_nu_tot.detach())",
+           "return advantage_tot"),
+    Mutant("no-initial-term", "return (1.0 - gamma) * initial_nu_tot.mean(-1) + alpha",
+           "return 0.0 * initial_nu_tot.mean(-1) + alpha"),
+    Mutant("policy-unweighted", "loss_pi = policy_loss(agents.policy.log_prob(batch.obs, batch.actions, batch.avail), weight)",
+           "loss_pi = policy_loss(agents.policy.log_prob(batch.obs, batch.actions, batch.avail), torch.ones_like(weight))"),
+]
+
+MUTANTS: dict[str, list[Mutant]] = {"omiga": OMIGA, "omcda": OMCDA, "cql_ma": CQL_MA, "icq": ICQ, "comadice": COMADICE}
+
+
+def check_applies(script: str, mutant: Mutant, text: str) -> None:
+    count = text.count(mutant.original)
+    if count != 1:
+        raise SystemExit(f"mutants.py: error: {script}.py mutant {mutant.name!r}: its original text occurs {count} "
+                         f"times (must be once): {mutant.original!r}")
+
+
+def copy_tracked_files(destination: Path) -> None:
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, check=True, capture_output=True).stdout
+    for name in tracked.decode().split("\0"):
+        if name and (REPO / name).is_file():
+            (destination / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, destination / name)
+
+
+def run_tests(copy: Path, test_file: str, timeout: int) -> tuple[bool, str, float]:
+    """(passed, the first failing test or the reason, seconds)."""
+    started = time.perf_counter()
+    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", test_file]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    try:
+        finished = subprocess.run(command, cwd=copy, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return False, f"timeout after {timeout} s", time.perf_counter() - started
+    failed = re.search(r"^(?:FAILED|ERROR) (\S+)", finished.stdout, re.MULTILINE)
+    reason = failed.group(1).split("::", 1)[-1] if failed else finished.stdout.strip().splitlines()[-1:]
+    return finished.returncode == 0, str(reason), time.perf_counter() - started
+
+
+def check_script(script: str, only: str | None, timeout: int) -> int:
+    """Print the script's mutation table (markdown); 1 if a mutant survived, else 0."""
+    text = (REPO / f"{script}.py").read_text()
+    mutants = [m for m in MUTANTS[script] if only is None or m.name == only]
+    if not mutants:
+        raise SystemExit(f"mutants.py: error: {script}.py has no mutant {only!r}")
+    for mutant in mutants:
+        check_applies(script, mutant, text)
+    test_file = f"tests/test_{script}.py"
+    survived = 0
+    with tempfile.TemporaryDirectory(prefix=f"mutants-{script}-") as tmp:
+        copy = Path(tmp)
+        copy_tracked_files(copy)
+        passed, reason, seconds = run_tests(copy, test_file, timeout)
+        if not passed:
+            raise SystemExit(f"mutants.py: error: {test_file} fails without a mutant ({reason}); fix that first")
+        print(f"{script}.py against {test_file} (unmutated: passes in {seconds:.0f} s)\n")
+        print("| mutant | result | killed by | seconds |\n| --- | --- | --- | ---: |", flush=True)
+        for mutant in mutants:
+            if mutant.equivalent:
+                print(f"| {mutant.name} | equivalent | {mutant.equivalent} | |", flush=True)
+                continue
+            (copy / f"{script}.py").write_text(text.replace(mutant.original, mutant.replacement))
+            passed, reason, seconds = run_tests(copy, test_file, timeout)
+            survived += passed
+            print(f"| {mutant.name} | {'SURVIVED' if passed else 'killed'} | {'' if passed else reason} | "
+                  f"{seconds:.0f} |", flush=True)
+        (copy / f"{script}.py").write_text(text)
+    return int(survived > 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("scripts", nargs="*", metavar="SCRIPT", help=f"scripts to mutate: {', '.join(MUTANTS)}")
+    parser.add_argument("--only", help="run only the mutant of this name")
+    parser.add_argument("--list", action="store_true", help="list the mutants and check that each applies")
+    parser.add_argument("--timeout", type=int, default=1200, help="seconds for one run of a test file")
+    args = parser.parse_args(argv)
+    if args.list:
+        for script, mutants in MUTANTS.items():
+            text = (REPO / f"{script}.py").read_text()
+            for mutant in mutants:
+                check_applies(script, mutant, text)
+                print(f"{script}: {mutant.name}" + (f" (equivalent: {mutant.equivalent})" if mutant.equivalent else ""))
+        return 0
+    unknown = [script for script in args.scripts if script not in MUTANTS]
+    if unknown or not args.scripts:
+        parser.error(f"name scripts among {', '.join(MUTANTS)}, or --list" + (f" (not {', '.join(unknown)})" if unknown else ""))
+    return max(check_script(script, args.only, args.timeout) for script in args.scripts)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
