@@ -1,5 +1,6 @@
 """CFCQL: the counterfactual penalty against numerical integrals and against MA-CQL's joint penalty, the agent
-weights against a closed-form KL, learning on a toy task and a smoke run."""
+weights against a closed-form KL, the TD fixed point of a multi-step chain with a terminal state, learning on a toy
+task and a smoke run."""
 
 import math
 
@@ -8,7 +9,7 @@ import torch
 import cfcql
 import cql_ma
 from conftest import smoke_run
-from test_cql_ma import q_on_and_off_data
+from test_cql_ma import chain_values, q_on_and_off_data
 from test_omiga import behaviour_cloning_return, toy_dataset, toy_return
 
 GRID = torch.linspace(-1.0, 1.0, 20_001)  # for numerical integrals over a 1-D action in [-1, 1]
@@ -120,3 +121,8 @@ def test_counterfactual_q_tot_equals_mixing_with_one_agents_action_swapped():
                 swapped = actions[:, 0].clone()
                 swapped[agent] = actions[agent, 1 + k]
                 torch.testing.assert_close(cf_q_tot[k, agent], cfcql.mix(w, critic(obs, swapped), b))
+
+
+def test_td_fixed_point_of_a_multi_step_chain_with_a_terminal_state():
+    """test_cql_ma's chain (gamma 0.9, B terminal): Q_tot = 10, 2, 9.5 at A, B, C with the penalty off."""
+    torch.testing.assert_close(chain_values(cfcql), torch.tensor([10.0, 2.0, 9.5]), atol=0.15, rtol=0)

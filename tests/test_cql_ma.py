@@ -86,20 +86,26 @@ def mixed_q(agents: cql_ma.Agents, states: torch.Tensor, actions: torch.Tensor) 
         return cql_ma.mix(w, agents.q(states.expand(actions.shape[0], -1, -1), actions), b)
 
 
-def test_td_fixed_point_of_a_multi_step_chain():
-    """gamma = 0.9, rewards independent of actions: Q_tot(A) = 1 / (1 - 0.9) = 10, Q_tot(C) = 0.5 + 0.9 * 10 = 9.5 and
-    Q_tot(B) = 2 for every joint action. The penalty is off: this checks the backup, targets, discount and dones."""
+def chain_values(script=cql_ma) -> torch.Tensor:
+    """Q_tot at A, B, C (mean over random joint actions) after `script` (cql_ma or a diff of it with the same Args,
+    Agents and update) trained on chain_batch with gamma 0.9 and the penalty off."""
     torch.manual_seed(0)
-    args = cql_ma.Args(gamma=0.9, tau=0.1, cql_alpha=0.0, cql_samples=2, hidden_dim=32, mixer_hidden_dim=8, q_lr=3e-3,
+    args = script.Args(gamma=0.9, tau=0.1, cql_alpha=0.0, cql_samples=2, hidden_dim=32, mixer_hidden_dim=8, q_lr=3e-3,
                        policy_lr=1e-3)
-    agents = cql_ma.Agents(2, 3, 1, 3, args)
-    optimizers = cql_ma.make_optimizers(agents, args)
+    agents = script.Agents(2, 3, 1, 3, args)
+    optimizers = script.make_optimizers(agents, args)
     generator = torch.Generator().manual_seed(0)
     for _ in range(800):
-        cql_ma.update(agents, optimizers, chain_batch(64, generator), args)
+        script.update(agents, optimizers, chain_batch(64, generator), args)
     actions = torch.rand(2, 300, 1, generator=generator) * 2.0 - 1.0
-    values = [mixed_q(agents, torch.eye(3)[state].expand(300, -1), actions).mean() for state in range(3)]
-    torch.testing.assert_close(torch.stack(values), torch.tensor([10.0, 2.0, 9.5]), atol=0.15, rtol=0)
+    return torch.stack([mixed_q(agents, torch.eye(3)[state].expand(300, -1), actions).mean() for state in range(3)])
+
+
+def test_td_fixed_point_of_a_multi_step_chain():
+    """gamma = 0.9, rewards independent of actions: Q_tot(A) = 1 / (1 - 0.9) = 10, Q_tot(C) = 0.5 + 0.9 * 10 = 9.5 and
+    Q_tot(B) = 2 for every joint action (B is terminal: a backup without (1 - done) would make it 20). The penalty is
+    off: this checks the backup, targets, discount and dones."""
+    torch.testing.assert_close(chain_values(), torch.tensor([10.0, 2.0, 9.5]), atol=0.15, rtol=0)
 
 
 def narrow_data_batch(batch_size: int, generator: torch.Generator) -> Batch:
