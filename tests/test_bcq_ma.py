@@ -12,6 +12,7 @@ import torch
 import bcq_ma
 from common.datasets import Batch
 from conftest import REPO, smoke_run
+from test_cql_ma import chain_batch
 from test_omiga import behaviour_cloning_return, toy_dataset, toy_return
 
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -336,3 +337,21 @@ def test_smoke_run_of_mabcq_writes_logs_checkpoint_and_final_line(tiny_hopper_di
     assert (measured["lambda_vd"] - 1.0).abs().max() <= run.args["optimism"] + 1e-6
     assert measured["lambda_tn"].log().abs().max() <= math.log(run.args["tn_max"]) + 1e-6
     assert len(bcq_ma_values.table_row(measured)) == 6
+
+
+def test_td_fixed_point_of_a_multi_step_chain_with_a_terminal_state():
+    """test_cql_ma's chain (gamma 0.9, rewards independent of actions, B terminal): each agent's twin critics reach
+    Q_i = 1 / (1 - 0.9) = 10 at A, 2 at B (a backup from B would give 20) and 0.5 + 0.9 x 10 = 9.5 at C (within 0.01
+    here; asserted to 0.2)."""
+    torch.manual_seed(0)
+    args = small_args(gamma=0.9, tau=0.1, q_lr=3e-3)
+    agents = bcq_ma.Agents(2, 3, 1, 3, args)
+    optimizers = bcq_ma.make_optimizers(agents, args)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(800):
+        bcq_ma.update(agents, optimizers, chain_batch(64, generator), args)
+    actions = torch.rand(2, 300, 1, generator=generator) * 2.0 - 1.0
+    with torch.no_grad():
+        values = torch.stack([torch.stack(agents.critic(torch.eye(3)[state].expand(2, 300, -1), actions)).mean(-1)
+                              for state in range(3)], -1)  # [twin, agent, state]
+    torch.testing.assert_close(values, torch.tensor([10.0, 2.0, 9.5]).expand(2, 2, 3), atol=0.2, rtol=0)
