@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import re
 import shlex
 import shutil
@@ -44,6 +45,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from common.datasets import QUALITIES, SMAX_QUALITIES  # noqa: E402
 from common.envs import SMAX_MAPS, check_env_name  # noqa: E402
+from common.results import read_result  # noqa: E402
 from run import ALGOS  # noqa: E402
 
 RESULTS_DIR = REPO / "benchmarks" / "results"
@@ -153,7 +155,9 @@ class RunRecord:
 
 
 def load_results(folder: Path) -> list[RunRecord]:
-    return [RunRecord(path, json.loads(path.read_text())) for path in sorted(folder.rglob("result.json"))]
+    """Every readable result.json under `folder`; the others are skipped with a warning naming them."""
+    results = ((path, read_result(path)) for path in sorted(folder.rglob("result.json")))
+    return [RunRecord(path, result) for path, result in results if result is not None]
 
 
 def latest_finished_per_seed(records: list[RunRecord]) -> list[RunRecord]:
@@ -171,10 +175,11 @@ def collect(runs_dir: Path, results_dir: Path) -> list[Path]:
     for record in latest_finished_per_seed(load_results(runs_dir)):
         task, dataset, algo, budget, seed = record.cell
         target = results_dir / "-".join(task) / dataset / algo / f"{budget}_updates" / f"seed_{seed}" / "result.json"
-        if target.exists() and json.loads(target.read_text())["written_at"] >= record.result["written_at"]:
+        committed = read_result(target) if target.exists() else None
+        if committed is not None and committed["written_at"] >= record.result["written_at"]:
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp")
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         shutil.copyfile(record.path, tmp)
         tmp.replace(target)
         written.append(target)
@@ -412,7 +417,7 @@ def plot_learning_curves(records: list[RunRecord], out_dir: Path) -> dict[tuple,
         axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # outside: never over a curve
         path = out_dir / "curves" / f"{'-'.join(task)}-{dataset}-{budget}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         figure.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
         tmp.replace(path)
         plt.close(figure)
@@ -502,7 +507,7 @@ def replace_block(text: str, block: str) -> str:
 
 def write_atomically(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
     tmp.replace(path)
 

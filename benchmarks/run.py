@@ -27,7 +27,6 @@ algorithm's name.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -44,6 +43,7 @@ import torch  # noqa: E402
 from common.collect import ensure_dataset  # noqa: E402
 from common.datasets import QUALITIES, dataset_path  # noqa: E402
 from common.envs import ENV_NAMES  # noqa: E402
+from common.results import read_result  # noqa: E402
 
 ALGOS = ("omcda", "omiga", "icq", "comadice", "bc", "cql_ma", "cfcql", "omar", "bcq_ma")
 GRID_FLAGS = ("--env", "--dataset", "--seed", "--exp-name", "--data-dir", "--resume")
@@ -70,7 +70,8 @@ class Run:
 def plan(cell: Path) -> tuple[str, Path | None]:
     """What to do with a grid cell: ("skip", None) when one of its runs finished, ("resume", run directory) when one
     has a checkpoint (the latest), else ("run", None)."""
-    if any(json.loads(path.read_text())["finished"] for path in cell.glob("runs/*/result.json")):
+    results = (read_result(path) for path in cell.glob("runs/*/result.json"))
+    if any(result is not None and result["finished"] for result in results):
         return "skip", None
     checkpoints = sorted(cell.glob("runs/*/model.pt"), key=lambda path: path.stat().st_mtime)
     if checkpoints:
@@ -92,12 +93,7 @@ def running_cells() -> set[Path]:
 def cell_status(cell: Path, total_steps: int | None, running: set[Path]) -> dict:
     """One cell's state: finished / running / resumable / not started, its updates done (the checkpoint's step, or
     the last evaluation's for a running cell), the planned total and its measured updates/s (None when unknown)."""
-    results = []
-    for path in cell.glob("runs/*/result.json"):
-        try:
-            results.append(json.loads(path.read_text()))
-        except (OSError, json.JSONDecodeError) as error:
-            print(f"warning: skipping {path}: {error}", file=sys.stderr)
+    results = [result for path in cell.glob("runs/*/result.json") if (result := read_result(path)) is not None]
     results.sort(key=lambda result: result.get("written_at", 0))
     latest = results[-1] if results else {}
     done = latest["evaluations"][-1]["step"] if latest.get("evaluations") else 0
@@ -182,8 +178,8 @@ def make_job(run: Run, cell: Path, arguments: list[str], threads: str) -> submit
 
 def outcome(cell: Path, job: submitit.Job) -> tuple[bool, str]:
     """Whether the cell's run finished, with its last evaluation, or the end of the job's error log."""
-    results = [json.loads(path.read_text()) for path in cell.glob("runs/*/result.json")]
-    finished = [result for result in results if result["finished"]]
+    results = (read_result(path) for path in cell.glob("runs/*/result.json"))
+    finished = [result for result in results if result is not None and result["finished"]]
     if job.state != "FINISHED" or job.exception() is not None or not finished:
         log = Path(job.paths.stderr)
         text = log.read_text(errors="replace") if log.exists() else ""

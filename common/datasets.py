@@ -32,6 +32,8 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shlex
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,16 +80,18 @@ def remake_commands(path: Path) -> str:
     smax = re.fullmatch(r"(.+)-(good|medium|poor)\.hdf5", path.name)
     if smax and smax[1] in SMAX_MAPS:
         return (f"  generate it from the committed behaviour policies (needs pip install -r requirements-smax.txt):\n"
-                f"    python -m common.smax_collect dataset --map {smax[1]} --quality {smax[2]} --data-dir {path.parent}")
+                f"    python -m common.smax_collect dataset --map {smax[1]} --quality {smax[2]} --data-dir {shlex.quote(str(path.parent))}")
     match = re.fullmatch(r"([A-Za-z]+)-([^-]+)-(.+)\.hdf5", path.name)
     named = match is not None and match[1] in ENV_SPECS and match[3] in QUALITIES
     env, conf, quality = match.groups() if named else ("ENV", None, "QUALITY")
     conf_arg = f" --agent-conf {conf}" if named and conf != ENV_SPECS[env].default_agent_conf else ""
     return (
         f"  generate it from the committed behaviour policies:\n"
-        f"    python -m common.collect dataset --env {env} --quality {quality} --data-dir {path.parent}{conf_arg}\n"
+        f"    python -m common.collect dataset --env {env} --quality {quality} --data-dir {shlex.quote(str(path.parent))}"
+        f"{conf_arg}\n"
         f"  or import OMIGA's published file ({{Scenario}}-v2-{{conf}}-{{quality}}.hdf5):\n"
-        f"    python -m common.datasets import-omiga FILE --env {env} --quality {quality} --data-dir {path.parent}"
+        f"    python -m common.datasets import-omiga FILE --env {env} --quality {quality} "
+        f"--data-dir {shlex.quote(str(path.parent))}"
         f"{conf_arg}"
     )
 
@@ -169,6 +173,8 @@ def read_dataset(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
     path = Path(path)
     if not path.exists():
         raise DatasetError(missing_dataset_message(path))
+    if path.is_dir():
+        raise DatasetError(f"{path}: a directory, not a dataset file")
     try:
         with h5py.File(path, "r") as f:
             attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}
@@ -346,13 +352,16 @@ def import_omiga(src: str | Path, dst: str | Path, env: str, agent_conf: str | N
     spec = check_env_name(env)
     agent_conf = agent_conf or spec.default_agent_conf
     src = Path(src)
-    if not src.exists():
-        raise DatasetError(f"OMIGA file not found: {src}")
-    with h5py.File(src, "r") as f:
-        missing = [k for k in ("s", "o", "a", "r", "d") if k not in f]
-        if missing:
-            raise DatasetError(f"{src}: missing keys {missing}; OMIGA's files hold s, o, a, r, d")
-        s, o, a, r, d = (f[k][()] for k in ("s", "o", "a", "r", "d"))
+    if not src.is_file():
+        raise DatasetError(f"OMIGA file not found: {src}" + (" (a directory)" if src.is_dir() else ""))
+    try:
+        with h5py.File(src, "r") as f:
+            missing = [k for k in ("s", "o", "a", "r", "d") if k not in f]
+            if missing:
+                raise DatasetError(f"{src}: missing keys {missing}; OMIGA's files hold s, o, a, r, d")
+            s, o, a, r, d = (f[k][()] for k in ("s", "o", "a", "r", "d"))
+    except OSError as error:  # not HDF5, truncated, or corrupt inside
+        raise DatasetError(f"{src}: not a readable HDF5 file ({error})") from None
     if s.ndim != 3 or o.ndim != 3 or a.ndim != 3:
         raise DatasetError(f"{src}: s, o and a must be [N, n_agents, dim]; got s {s.shape}, o {o.shape}, a {a.shape}")
     n = len(o)
@@ -391,6 +400,14 @@ def main(argv: list[str] | None = None) -> None:
     imp.add_argument("--agent-conf", default=None)
     imp.add_argument("--data-dir", default="data")
     args = parser.parse_args(argv)
+    try:
+        run_command(args)
+    except DatasetError as error:
+        print(f"{parser.prog} {args.command}: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def run_command(args: argparse.Namespace) -> None:
     if args.command == "info":
         if args.markdown:
             print("| file | episodes | transitions | return mean ± std | min | max | how it was made |\n|---|---:|---:|---|---:|---:|---|")

@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,10 +31,32 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def write_json(path: Path, obj) -> None:
-    """Write `obj` as JSON to `path` atomically: a reader sees the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    """Write `obj` as JSON to `path` atomically: a reader sees the old file or the new one, never half of one (the
+    temporary name is the process's own, so two writers cannot interleave)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(obj, indent=2))
     os.replace(tmp, path)
+
+
+RESULT_KEYS = ("args", "dataset", "evaluations", "finished", "written_at")
+RESULT_ARGS = ("env", "dataset", "exp_name", "seed", "total_steps")
+
+
+def read_result(path: Path) -> dict | None:
+    """A result.json as a dict, or None with one warning line naming the file when it cannot be read, is not JSON or
+    lacks what the tools read (RESULT_KEYS, and RESULT_ARGS in its args): one bad file must not stop a report."""
+    try:
+        result = json.loads(path.read_text())
+        missing = [key for key in RESULT_KEYS if key not in result]
+        missing += [f"args.{key}" for key in RESULT_ARGS if key not in result.get("args", {})]
+        if missing:
+            raise ValueError(f"no {', '.join(missing)}")
+        if not isinstance(result["evaluations"], list):
+            raise ValueError("evaluations is not a list")
+    except (OSError, ValueError, AttributeError, TypeError) as error:  # JSONDecodeError is a ValueError
+        print(f"warning: skipping {path}: {error}", file=sys.stderr)
+        return None
+    return result
 
 
 def git_commit() -> str | None:

@@ -213,6 +213,31 @@ def test_report_without_runs_says_so(tmp_path, capsys):
     assert f"report.py: error: no finished runs under {tmp_path}" in capsys.readouterr().err
 
 
+def test_malformed_result_files_are_named_and_skipped_by_report_collect_and_status(tmp_path, capsys):
+    """A truncated file, a JSON that is not a result, one without args.seed: each gets one warning line naming it,
+    and the report, --collect and --status go on with the good file."""
+    runs = tmp_path / "runs"
+    write_result(runs, "omiga", 1, [(100, 5.0)])
+    bad = {"truncated": '{"args": {"env": "Hop', "not_a_result": "[1, 2]", "no_seed": json.dumps(
+        {"args": {"env": "Hopper", "dataset": "medium", "exp_name": "omiga", "total_steps": 100}, "dataset": {},
+         "evaluations": [], "finished": True, "written_at": 1.0})}
+    for name, text in bad.items():
+        (runs / name).mkdir()
+        (runs / name / "result.json").write_text(text)
+    assert report.main([str(runs), "--out", str(tmp_path / "results.md")]) in (None, 0)
+    assert "5.0" in (tmp_path / "results.md").read_text()
+    assert len(report.collect(runs, tmp_path / "results")) == 1
+    err = capsys.readouterr().err
+    for name in bad:
+        assert re.search(rf"^warning: skipping {re.escape(str(runs / name / 'result.json'))}: ", err, re.MULTILINE)
+    cell = tmp_path / "grid" / "Hopper__medium__omiga__1"
+    (cell / "runs" / "x").mkdir(parents=True)
+    (cell / "runs" / "x" / "result.json").write_text("{")
+    assert run.main(["--status", "--algos", "omiga", "--datasets", "medium", "--seeds", "1",
+                     "--runs-dir", str(tmp_path / "grid")]) == 0
+    assert "not started" in capsys.readouterr().out
+
+
 def test_dry_run_lists_the_grid_and_runs_nothing(tmp_path, tiny_hopper_dir, capsys):
     runs_dir = tmp_path / "grid"
     assert run.main(["--algos", "omiga", "icq", "--datasets", "expert", "medium-replay", "--seeds", "0", "1",

@@ -121,6 +121,23 @@ def test_info_cli_prints_the_dataset_card(native_file, tmp_path):
     assert "tests: hand-made" in out
 
 
+def test_dataset_commands_give_one_error_line_and_exit_2_on_what_is_not_a_dataset(tmp_path):
+    """A directory, a text file, and a missing file under a folder with a space: one message, exit status 2, no
+    traceback, no advice to delete a directory, and paths in the printed commands quoted for the shell."""
+    (tmp_path / "not hdf5.txt").write_text("hello")
+    cases = {("info", str(tmp_path)): "a directory, not a dataset file",
+             ("info", str(tmp_path / "not hdf5.txt")): "not a readable HDF5 file",
+             ("import-omiga", str(tmp_path / "not hdf5.txt"), "--env", "Hopper", "--quality", "medium", "--data-dir",
+              str(tmp_path)): "not a readable HDF5 file",
+             ("info", str(tmp_path / "a folder" / "Hopper-3x1-medium.hdf5")): f"--data-dir '{tmp_path / 'a folder'}'"}
+    for args, expected in cases.items():
+        result = run_module("common.datasets", *args, cwd=tmp_path, timeout=120)
+        assert result.returncode == 2, (args, result.stderr)
+        assert result.stderr.startswith(f"python -m common.datasets {args[0]}: error: "), result.stderr
+        assert expected in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert "delete" not in run_module("common.datasets", "info", str(tmp_path), cwd=tmp_path, timeout=120).stderr
+
+
 @pytest.mark.parametrize("mode", ["state", "local", "omiga"])
 @pytest.mark.parametrize("name", ["Hopper", "Ant"])
 def test_load_time_inputs_equal_the_envs_inputs(tmp_path, name, mode):
