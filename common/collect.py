@@ -39,8 +39,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common.datasets import (QUALITIES, SMAX_QUALITIES, DatasetError, dataset_path, missing_dataset_message,
-                             write_dataset)
+from common.datasets import (QUALITIES, SMAX_QUALITIES, DatasetError, check_writable_dir, dataset_path,
+                             missing_dataset_message, write_dataset)
 from common.envs import ENV_NAMES, SMAX_MAPS, check_env_name, make_env
 
 POLICY_DIR = Path(__file__).resolve().parent.parent / "behaviour_policies"
@@ -454,6 +454,7 @@ def ensure_dataset(data_dir: str | Path, env: str, agent_conf: str | None, quali
         return path
     if not generate:
         raise FileNotFoundError(missing_dataset_message(path))
+    check_writable_dir(path.parent)
     print(f"dataset {path} not found: generating it from the committed behaviour policies (once)")
     if smax:
         from common.smax_collect import generate_dataset as generate_smax_dataset

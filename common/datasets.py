@@ -117,8 +117,26 @@ def write_dataset(path: str | Path, arrays: dict[str, np.ndarray], attrs: dict) 
                 f.attrs[key] = value
         os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # e.g. the folder is not writable: the error that got us here is the one to see
+            pass
     return path
+
+
+def check_writable_dir(folder: str | Path) -> None:
+    """Create `folder` if needed and write and delete a file there, so that generating a dataset (minutes) fails at
+    once, with one line, where its file could not be written."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise DatasetError(f"--data-dir {folder}: a file, not a folder")
+    probe = folder / f".write-test.{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise DatasetError(f"--data-dir {folder}: cannot write a dataset there ({error.strerror or error})") from None
 
 
 def validate_arrays(arrays: dict[str, np.ndarray], path: Path | str = "<arrays>") -> None:

@@ -73,6 +73,17 @@ def test_bad_input_is_one_message_and_exit_status_2(script, case, bad_data_dir, 
     assert not (tmp_path / "runs").exists()  # rejected before a run directory is made
 
 
+@pytest.mark.parametrize("script", ["omiga.py", "omcda.py"])
+def test_a_data_dir_that_cannot_hold_the_dataset_is_refused_before_generating(script, tmp_path):
+    """Generating Hopper medium-replay takes minutes: a --data-dir that is a file is refused first, in one line."""
+    (tmp_path / "a_file").write_text("")
+    started = time.perf_counter()
+    result = run_forked(script, "--data-dir", str(tmp_path / "a_file"), "--total-steps", "10", cwd=tmp_path)
+    assert result.returncode == 2 and TRACEBACK not in result.stderr, result.stderr
+    assert re.search(rf"^{re.escape(script)}: error: --data-dir \S+a_file: a file, not a folder$", result.stderr, re.M)
+    assert time.perf_counter() - started < 60 and not (tmp_path / "runs").exists()
+
+
 @pytest.mark.parametrize("args, valid", [(["--dataset", "foo"], "medium-replay"), (["--env", "Hoper"], "HalfCheetah")])
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_unknown_choice_lists_the_valid_values(script, args, valid, bad_data_dir, tmp_path):
@@ -189,6 +200,19 @@ def test_unreadable_file_names_itself_the_problem_and_the_command(tmp_path, dama
     assert re.match(rf"{re.escape(str(path))}: {message}", str(error.value)), error.value
     assert (f"python -m common.collect dataset --env Ant --quality medium --data-dir {tmp_path} --agent-conf 4x2"
             in str(error.value))
+
+
+def test_a_failed_dataset_write_shows_its_own_error_even_when_the_cleanup_fails(tmp_path, monkeypatch):
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    def cleanup_refused(self, missing_ok=False):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(h5py.Group, "create_dataset", disk_full)
+    monkeypatch.setattr(Path, "unlink", cleanup_refused)
+    with pytest.raises(OSError, match="No space left on device"):
+        write_dataset(tmp_path / "Hopper-3x1-expert.hdf5", native_arrays(), {})
 
 
 def test_ctrl_c_while_writing_a_dataset_keeps_the_previous_file(tmp_path, monkeypatch):
