@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import omiga
-from common.datasets import Dataset
+from common.datasets import Batch, Dataset
 from conftest import (CHAIN_GAMMA, CHAIN_JOINT, assert_polyak_step, chain_dataset, chain_joint_batch,
                       chain_soft_optimum, exp_loss_fixed_point, perturb_, random_batch, run_script, smoke_run)
 
@@ -255,3 +255,22 @@ def test_update_moves_the_value_shift_towards_the_minibatch_max_of_z():
         omiga.update(agents, optimizers, batch, args)
     torch.testing.assert_close(agents.value_shift, (1 - (1 - args.tau) ** 20) * z_max[None])
     assert (agents.value_shift.abs() > 0.01).all()
+
+
+def test_the_mixers_state_bias_carries_what_the_agents_cannot_see():
+    """One agent that sees only a constant, one action, two equally likely states with rewards +1 and -1, every
+    transition terminal: Q_tot(s) = r(s) needs b(s), since w(s) >= 0 times one local value has a single sign."""
+    torch.manual_seed(0)
+    state = torch.arange(256) % 2
+    batch = Batch(obs=torch.ones(1, 256, 1), actions=torch.zeros(1, 256, 1), rewards=1.0 - 2.0 * state.float(),
+                  next_obs=torch.ones(1, 256, 1), dones=torch.ones(256), states=torch.eye(2)[state],
+                  next_states=torch.eye(2)[state])
+    args = omiga.Args(hidden_dim=16, mixer_hidden_dim=8, q_lr=3e-3, v_lr=3e-3)
+    agents = omiga.Agents(1, 1, 1, 2, args)
+    optimizers = omiga.make_optimizers(agents, args)
+    for _ in range(500):
+        omiga.update(agents, optimizers, batch, args)
+    with torch.no_grad():
+        w, b = agents.mixer(batch.states[:2])
+        q_tot = omiga.mix(w, agents.q(batch.obs[:, :2], batch.actions[:, :2]), b)
+    torch.testing.assert_close(q_tot, torch.tensor([1.0, -1.0]), atol=0.1, rtol=0)
