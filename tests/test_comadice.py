@@ -149,18 +149,17 @@ def exact_chain_nu(dataset: Dataset, divergence: comadice.FDivergence, alpha: fl
     return nu.detach()
 
 
-def test_values_match_the_exact_dual_optimum_on_a_multi_step_chain():
-    """gamma 0.8, no terminals, episodes of 10 rows for D0: the trained nu_tot(s) and A_tot(s, a) equal the minimiser
-    nu* of Eq. 11 on the same data and r + gamma nu*(s') - nu*(s). Dropping the bootstrap term misses by far more."""
-    torch.manual_seed(0)
-    dataset = chain_dataset(episode_length=10)
+def trained_chain_values(dataset: Dataset) -> tuple[comadice.Args, torch.Tensor, torch.Tensor]:
+    """ComaDICE at alpha 1 trained on the chain for 3,000 minibatches of 128: nu_tot [4 joint states] and A_tot
+    [16 joint (s, a)], iterates averaged over the last 1,000 updates (at lr 2e-3 a single iterate still moves by
+    ~0.05)."""
     args = comadice.Args(alpha=1.0, gamma=CHAIN_GAMMA, tau=0.05, hidden_dim=64, mixer_hidden_dim=32, q_lr=2e-3,
                          nu_lr=2e-3)
     agents = comadice.Agents(2, dataset.obs_dim, 1, 4, args)
     optimizers = comadice.make_optimizers(agents, args)
     generator = torch.Generator().manual_seed(0)
     batch = chain_joint_batch(dataset)
-    snapshots = []  # iterates averaged over the last 1,000 updates: at lr 2e-3 a single iterate still moves by ~0.05
+    snapshots = []
     for step in range(1, 3001):
         comadice.update(agents, optimizers, dataset.sample(128, generator),
                         comadice.sample_initial_states(dataset, 128, generator), args)
@@ -170,8 +169,17 @@ def test_values_match_the_exact_dual_optimum_on_a_multi_step_chain():
                 snapshots.append((comadice.mix(w, agents.nu(batch.obs), b)[::4],
                                   comadice.mix(w, agents.q(batch.obs, batch.actions) - agents.nu(batch.obs), b)))
     nu_tot, advantage_tot = (torch.stack(values).mean(0) for values in zip(*snapshots))
+    return args, nu_tot, advantage_tot
+
+
+def test_values_match_the_exact_dual_optimum_on_a_multi_step_chain():
+    """gamma 0.8, no terminals, episodes of 10 rows for D0: the trained nu_tot(s) and A_tot(s, a) equal the minimiser
+    nu* of Eq. 11 on the same data and r + gamma nu*(s') - nu*(s). Dropping the bootstrap term misses by far more."""
+    torch.manual_seed(0)
+    dataset = chain_dataset(episode_length=10)
+    args, nu_tot, advantage_tot = trained_chain_values(dataset)
     nu_star = exact_chain_nu(dataset, comadice.F_DIVERGENCES[args.f_divergence], args.alpha)
-    rewards = batch.rewards.double()
+    rewards = chain_joint_batch(dataset).rewards.double()
     next_state = torch.tensor([2 * a0 + a1 for _, _, a0, a1 in CHAIN_JOINT])
     expected_advantage = rewards + CHAIN_GAMMA * nu_star[next_state] - nu_star.repeat_interleave(4)
     torch.testing.assert_close(nu_tot, nu_star.float(), atol=0.08, rtol=0)
@@ -187,27 +195,13 @@ def test_a_terminal_transition_backs_up_nothing():
     without terminals matches to 0.08 (the test above); why is open (docs/baselines.md, ComaDICE)."""
     torch.manual_seed(0)
     dataset = chain_dataset(episode_length=10, terminal_state=3)
-    args = comadice.Args(alpha=1.0, gamma=CHAIN_GAMMA, tau=0.05, hidden_dim=64, mixer_hidden_dim=32, q_lr=2e-3,
-                         nu_lr=2e-3)
-    agents = comadice.Agents(2, dataset.obs_dim, 1, 4, args)
-    optimizers = comadice.make_optimizers(agents, args)
-    generator = torch.Generator().manual_seed(0)
-    batch = chain_joint_batch(dataset)
-    snapshots = []
-    for step in range(1, 3001):
-        comadice.update(agents, optimizers, dataset.sample(128, generator),
-                        comadice.sample_initial_states(dataset, 128, generator), args)
-        if step > 2000 and step % 100 == 0:
-            with torch.no_grad():
-                w, b = agents.mixer(batch.states)
-                snapshots.append(comadice.mix(w, agents.nu(batch.obs), b)[::4])
-    nu_tot = torch.stack(snapshots).mean(0).double()
+    args, nu_tot, _ = trained_chain_values(dataset)
     divergence = comadice.F_DIVERGENCES[args.f_divergence]
     nu_star = exact_chain_nu(dataset, divergence, args.alpha)
     dataset.dones.zero_()
     nu_bootstrapping_terminals = exact_chain_nu(dataset, divergence, args.alpha)
     assert (nu_star - nu_bootstrapping_terminals).abs().max() > 1.0
-    assert (nu_tot - nu_star).abs().max() < 0.7, nu_tot.tolist()
+    assert (nu_tot.double() - nu_star).abs().max() < 0.7, nu_tot.tolist()
 
 
 def test_comadice_beats_behaviour_cloning_on_toy_task():
