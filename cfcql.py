@@ -535,17 +535,17 @@ def make_act_fn(policy: nn.Module, device: torch.device):
     return act
 
 
-def save_checkpoint(path: Path, agents: nn.Module, optimizers: dict, step: int, args: Args,
+def save_checkpoint(path: Path, agents: nn.Module, optimizers: dict, step: int, args: Args, dataset_card: dict,
                     generator: torch.Generator, evaluations: list[dict]) -> None:
     """Everything `--resume` needs to continue the run as if it had not stopped, written atomically: networks,
     optimizers, step, every random number generator (the sampling generator, Python's, NumPy's, torch's) and the
-    evaluations so far."""
+    evaluations so far; and what it must be resumed with, the script and the dataset's card."""
     rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
            "cuda": torch.cuda.get_rng_state_all(), "sampling": generator.get_state()}
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     torch.save({"agents": agents.state_dict(), "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
                 "step": step, "args": asdict(args), "rng": rng, "device": generator.device.type,
-                "evaluations": evaluations}, tmp)
+                "evaluations": evaluations, "script": Path(__file__).name, "dataset": dataset_card}, tmp)
     os.replace(tmp, path)
 
 
@@ -619,7 +619,8 @@ def seed_everything(seed: int, torch_deterministic: bool) -> None:
 
 
 if __name__ == "__main__":
-    from common.cli import ONE_SEED_EAGER, StopOnSignal, check_args, check_device, exit_on_user_error, parse_args
+    from common.cli import (ONE_SEED_EAGER, StopOnSignal, check_args, check_device, check_same_dataset,
+                            evaluation_due, exit_on_user_error, parse_args)
 
     with exit_on_user_error():
         args, checkpoint = parse_args(Args)
@@ -633,23 +634,58 @@ if __name__ == "__main__":
                                       generate=not args.no_generate)
         dataset = load_dataset(dataset_file, device, args.obs_mode)
         dataset.check_env(env)
+        dataset_card = dataset.card()
+        check_same_dataset(checkpoint, dataset_card)
     start_step = checkpoint["step"] if checkpoint else 0
     run_dir, writer = make_run(args, start_step)
+    stop = StopOnSignal()  # from here on, SIGINT and SIGTERM end every stage with a checkpoint
     print(f"{run_dir}: {len(dataset):,} transitions from {dataset_file} on {device}"
           + (f", resumed at update {start_step}" if checkpoint else ""))
 
     agents = Agents(env.n_agents, env.obs_dim, env.act_dim, dataset.state_dim, args, env.discrete).to(device)
     optimizers = make_optimizers(agents, args)
     generator = torch.Generator(device=device).manual_seed(args.seed)
+    result = RunResult(run_dir, asdict(args), device, dataset_card, checkpoint["evaluations"] if checkpoint else [])
+
+    def save(step: int) -> Path:
+        path = run_dir / "model.pt"
+        save_checkpoint(path, agents, optimizers, step, args, dataset_card, generator, result.evaluations)
+        return path
+
+    def save_and_close(step: int, stage: str) -> str:
+        """Checkpoint update `step` and close the writer: the line a run stopped in `stage` ends with."""
+        path = save(step)
+        writer.close()
+        return f"stopped {stage}; checkpoint saved to {path}"
+
     if checkpoint:
         restore_checkpoint(checkpoint, agents, optimizers, generator)
     act_fn = make_act_fn(agents.policy, device)
     eval_seed = 1_000_000 * (args.seed + 1)
-    result = RunResult(run_dir, asdict(args), device, dataset.card(), checkpoint["evaluations"] if checkpoint else [])
 
+    def evaluate_and_record(step: int, episodes: int, finished: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        agents.eval()
+        with stop.interruptible(lambda: save_and_close(step, f"in the evaluation of update {step}, which --resume redoes")):
+            returns, wins = evaluate(act_fn, env, episodes, eval_seed)
+        agents.train()
+        writer.add_scalar("eval/return_mean", float(returns.mean()), step)
+        writer.add_scalar("eval/return_std", float(returns.std()), step)
+        if wins is not None:
+            writer.add_scalar("eval/win_rate", float(wins.mean()), step)
+        result.add_evaluation(step, returns, finished, wins)
+        return returns, wins
+
+    def evaluate_periodically(step: int) -> float:
+        returns, _ = evaluate_and_record(step, args.eval_episodes)
+        tqdm.write(f"step {step}: eval return {returns.mean():.1f} ± {returns.std():.1f}")
+        if args.save_model:
+            save(step)
+        return float(returns.mean())
+
+    if checkpoint and start_step < args.total_steps and evaluation_due(checkpoint, args):
+        evaluate_periodically(start_step)  # the evaluation a signal abandoned
     last_eval = result.evaluations[-1]["mean"] if result.evaluations else float("nan")
     last_checked, tick, tick_step = start_step, time.perf_counter(), start_step
-    stop = StopOnSignal()
     progress = tqdm(range(start_step + 1, args.total_steps + 1), initial=start_step, total=args.total_steps,
                     mininterval=2.0, desc=args.exp_name)
     for step in progress:
@@ -667,35 +703,17 @@ if __name__ == "__main__":
             writer.add_scalar("charts/updates_per_sec", updates_per_sec, step)
             progress.set_postfix(ups=f"{updates_per_sec:.0f}", eval=f"{last_eval:.0f}")
         if step % args.eval_every == 0 and step < args.total_steps:
-            agents.eval()
-            returns, wins = evaluate(act_fn, env, args.eval_episodes, eval_seed)
-            agents.train()
-            last_eval = float(returns.mean())
-            writer.add_scalar("eval/return_mean", last_eval, step)
-            writer.add_scalar("eval/return_std", float(returns.std()), step)
-            if wins is not None:
-                writer.add_scalar("eval/win_rate", float(wins.mean()), step)
-            tqdm.write(f"step {step}: eval return {last_eval:.1f} ± {returns.std():.1f}")
-            result.add_evaluation(step, returns, wins=wins)
-            if args.save_model:
-                save_checkpoint(run_dir / "model.pt", agents, optimizers, step, args, generator, result.evaluations)
+            last_eval = evaluate_periodically(step)
             tick = time.perf_counter()
         if stop.requested:
             progress.close()
-            save_checkpoint(run_dir / "model.pt", agents, optimizers, step, args, generator, result.evaluations)
-            writer.close()
-            stop.exit(f"stopped after update {step} of {args.total_steps}; checkpoint saved to {run_dir / 'model.pt'}")
-    stop.restore()
+            stop.exit(save_and_close(step, f"after update {step} of {args.total_steps}"))
 
-    agents.eval()
-    returns, wins = evaluate(act_fn, env, args.final_eval_episodes, eval_seed)
-    writer.add_scalar("eval/return_mean", float(returns.mean()), args.total_steps)
-    writer.add_scalar("eval/return_std", float(returns.std()), args.total_steps)
-    if wins is not None:
-        writer.add_scalar("eval/win_rate", float(wins.mean()), args.total_steps)
-    result.add_evaluation(args.total_steps, returns, finished=True, wins=wins)
+    returns, wins = evaluate_and_record(args.total_steps, args.final_eval_episodes, finished=True)
     if args.save_model:
-        save_checkpoint(run_dir / "model.pt", agents, optimizers, args.total_steps, args, generator, result.evaluations)
+        save(args.total_steps)
     writer.close()
     print(f"final return: {returns.mean():.2f} ± {returns.std():.2f} over {len(returns)} episodes"
           + (f", win rate {wins.mean():.2f}" if wins is not None else ""))
+    if stop.requested:  # during the final writes, which completed
+        stop.exit("received after the final evaluation: the run is complete")

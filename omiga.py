@@ -407,17 +407,19 @@ def build_seeds(build, args: Args) -> nn.Module:
     return fused
 
 
-def save_checkpoint(path: Path, agents: nn.Module, optimizers: dict, step: int, args: Args,
+def save_checkpoint(path: Path, agents: nn.Module, optimizers: dict, step: int, args: Args, dataset_card: dict,
                     generators: list[torch.Generator], evaluations: list[list[dict]], run_dirs: list[Path]) -> None:
     """Everything `--resume` needs to continue the run as if it had not stopped, written atomically: networks,
     optimizers, step, every random number generator (each seed's sampling generator, Python's, NumPy's, torch's), the
-    evaluations so far and the fused seeds' run directories."""
+    evaluations so far and the fused seeds' run directories; and what it must be resumed with, the script and the
+    dataset's card."""
     rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
            "cuda": torch.cuda.get_rng_state_all(), "sampling": [generator.get_state() for generator in generators]}
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     torch.save({"agents": agents.state_dict(), "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
                 "step": step, "args": asdict(args), "rng": rng, "device": generators[0].device.type,
-                "evaluations": evaluations, "run_dirs": [run_dir.name for run_dir in run_dirs]}, tmp)
+                "evaluations": evaluations, "run_dirs": [run_dir.name for run_dir in run_dirs],
+                "script": Path(__file__).name, "dataset": dataset_card}, tmp)
     os.replace(tmp, path)
 
 
@@ -560,7 +562,8 @@ def seed_everything(seed: int, torch_deterministic: bool) -> None:
 
 
 if __name__ == "__main__":
-    from common.cli import StopOnSignal, check_args, check_device, exit_on_user_error, parse_args
+    from common.cli import (StopOnSignal, check_args, check_device, check_same_dataset, evaluation_due,
+                            exit_on_user_error, parse_args)
 
     with exit_on_user_error():
         args, checkpoint = parse_args(Args)
@@ -574,8 +577,11 @@ if __name__ == "__main__":
                                       generate=not args.no_generate)
         dataset = load_dataset(dataset_file, device, args.obs_mode)
         dataset.check_env(env)
+        dataset_card = dataset.card()
+        check_same_dataset(checkpoint, dataset_card)
     start_step = checkpoint["step"] if checkpoint else 0
     run_dirs, writers = make_runs(args, checkpoint)
+    stop = StopOnSignal()  # from here on, SIGINT and SIGTERM end every stage with a checkpoint
     seeds = list(range(args.seed, args.seed + args.num_seeds))
     print(f"{run_dirs[0]}: {len(dataset):,} transitions from {dataset_file} on {device}"
           + (f", seeds {seeds[0]}..{seeds[-1]} fused" if len(seeds) > 1 else "")
@@ -585,18 +591,33 @@ if __name__ == "__main__":
                                                env.discrete), args).to(device)
     optimizers = make_optimizers(agents, args)
     generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
+    results = [RunResult(run_dir, asdict(replace(args, seed=seed)), device, dataset_card,
+                         checkpoint["evaluations"][k] if checkpoint else []) for k, (run_dir, seed) in enumerate(zip(run_dirs, seeds))]
+
+    def save(step: int) -> Path:
+        path = run_dirs[0] / "model.pt"
+        save_checkpoint(path, agents, optimizers, step, args, dataset_card, generators,
+                        [result.evaluations for result in results], run_dirs)
+        return path
+
+    def save_and_close(step: int, stage: str) -> str:
+        """Checkpoint update `step` and close the writers: the line a run stopped in `stage` ends with."""
+        path = save(step)
+        for writer in writers:
+            writer.close()
+        return f"stopped {stage}; checkpoint saved to {path}"
+
     if checkpoint:
         restore_checkpoint(checkpoint, agents, optimizers, generators)
     update_step = compile_update(update, args, device)
     act_fn = make_act_fn(agents.policy, device, len(seeds))
     eval_seeds = [1_000_000 * (seed + 1) for seed in seeds]
-    results = [RunResult(run_dir, asdict(replace(args, seed=seed)), device, dataset.card(),
-                         checkpoint["evaluations"][k] if checkpoint else []) for k, (run_dir, seed) in enumerate(zip(run_dirs, seeds))]
 
     def evaluate_and_record(step: int, episodes: int, finished: bool = False) -> np.ndarray:
         agents.eval()
         started = time.perf_counter()
-        returns, wins = evaluate_seeds(act_fn, env, episodes, eval_seeds)
+        with stop.interruptible(lambda: save_and_close(step, f"in the evaluation of update {step}, which --resume redoes")):
+            returns, wins = evaluate_seeds(act_fn, env, episodes, eval_seeds)
         seconds = time.perf_counter() - started
         agents.train()
         for k, (writer, result, seed_returns) in enumerate(zip(writers, results, returns)):
@@ -610,9 +631,17 @@ if __name__ == "__main__":
             result.add_evaluation(step, seed_returns, finished, seed_wins)
         return returns
 
+    def evaluate_periodically(step: int) -> float:
+        returns = evaluate_and_record(step, args.eval_episodes)
+        tqdm.write(f"step {step}: eval return " + ", ".join(f"{r.mean():.1f} ± {r.std():.1f}" for r in returns))
+        if args.save_model:
+            save(step)
+        return float(returns[0].mean())
+
+    if checkpoint and start_step < args.total_steps and evaluation_due(checkpoint, args):
+        evaluate_periodically(start_step)  # the evaluation a signal abandoned
     last_eval = results[0].evaluations[-1]["mean"] if results[0].evaluations else float("nan")
     last_checked, tick, tick_step = start_step, time.perf_counter(), start_step
-    stop = StopOnSignal()
     progress = tqdm(range(start_step + 1, args.total_steps + 1), initial=start_step, total=args.total_steps,
                     mininterval=2.0, desc=args.exp_name)
     for step in progress:
@@ -632,26 +661,15 @@ if __name__ == "__main__":
                 writer.add_scalar("charts/updates_per_sec", updates_per_sec, step)
             progress.set_postfix(ups=f"{updates_per_sec:.0f}", eval=f"{last_eval:.0f}")
         if step % args.eval_every == 0 and step < args.total_steps:
-            returns = evaluate_and_record(step, args.eval_episodes)
-            last_eval = float(returns[0].mean())
-            tqdm.write(f"step {step}: eval return " + ", ".join(f"{r.mean():.1f} ± {r.std():.1f}" for r in returns))
-            if args.save_model:
-                save_checkpoint(run_dirs[0] / "model.pt", agents, optimizers, step, args, generators,
-                                [result.evaluations for result in results], run_dirs)
+            last_eval = evaluate_periodically(step)
             tick = time.perf_counter()
         if stop.requested:
             progress.close()
-            save_checkpoint(run_dirs[0] / "model.pt", agents, optimizers, step, args, generators,
-                            [result.evaluations for result in results], run_dirs)
-            for writer in writers:
-                writer.close()
-            stop.exit(f"stopped after update {step} of {args.total_steps}; checkpoint saved to {run_dirs[0] / 'model.pt'}")
-    stop.restore()
+            stop.exit(save_and_close(step, f"after update {step} of {args.total_steps}"))
 
     returns = evaluate_and_record(args.total_steps, args.final_eval_episodes, finished=True)
     if args.save_model:
-        save_checkpoint(run_dirs[0] / "model.pt", agents, optimizers, args.total_steps, args, generators,
-                        [result.evaluations for result in results], run_dirs)
+        save(args.total_steps)
     for writer in writers:
         writer.close()
     for result, seed, seed_returns in zip(results, seeds, returns):
@@ -662,3 +680,5 @@ if __name__ == "__main__":
     training, evaluating = results[0].timed_seconds, results[0].evaluation_seconds
     print(f"time: {training:.0f} s training, {evaluating:.0f} s evaluating "
           f"({evaluating / max(training + evaluating, 1e-9):.0%} of both)")
+    if stop.requested:  # during the final writes, which completed
+        stop.exit("received after the final evaluation: the run is complete")

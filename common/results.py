@@ -14,6 +14,7 @@ builds its tables and learning curves from these files alone.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import json
 import os
@@ -36,6 +37,30 @@ def write_json(path: Path, obj) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(obj, indent=2))
     os.replace(tmp, path)
+
+
+class RunDirBusy(RuntimeError):
+    """Another process holds the run directory's lock."""
+
+
+_LOCKED: dict[Path, int] = {}  # run directory -> the descriptor holding its lock, for the life of the process
+
+
+def lock_run_dir(run_dir: Path) -> None:
+    """Hold an advisory lock (flock on run_dir/.lock) until the process ends: two processes writing one run's
+    checkpoint and result files (a double --resume) would interleave them. Raises RunDirBusy if another process holds
+    it; a second call from this process is a no-op."""
+    key = run_dir.resolve()
+    if key in _LOCKED:
+        return
+    fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RunDirBusy(f"{run_dir}: another process is training this run (it holds {run_dir / '.lock'}); stop it "
+                         f"first, its checkpoint is kept") from None
+    _LOCKED[key] = fd
 
 
 RESULT_KEYS = ("args", "dataset", "evaluations", "finished", "written_at")
@@ -91,7 +116,8 @@ def device_name(device: torch.device) -> str:
 @dataclass
 class RunResult:
     """A run's result.json, kept up to date: `add_evaluation` after each evaluation, `time` at each log with the
-    updates and seconds of training since the last one (evaluations excluded), from which updates/s is computed."""
+    updates and seconds of training since the last one (evaluations excluded), from which updates/s is computed. The
+    run directory stays locked (lock_run_dir) while the process lives."""
 
     run_dir: Path
     args: dict
@@ -102,6 +128,9 @@ class RunResult:
     timed_updates: int = 0
     timed_seconds: float = 0.0
     evaluation_seconds: float | None = None
+
+    def __post_init__(self):
+        lock_run_dir(self.run_dir)
 
     def time(self, updates: int, seconds: float) -> None:
         self.timed_updates += updates

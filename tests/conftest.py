@@ -9,6 +9,7 @@ import sys
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import h5py
 import numpy as np
@@ -56,18 +57,21 @@ class ForkedRun:
     and the scripts' other dependencies: the child runs the script as __main__, with its own exit status, output
     files and signal handlers, in a fraction of the seconds a fresh interpreter spends importing torch."""
 
-    def __init__(self, script: str, *args: str, cwd: Path):
+    def __init__(self, script: str, *args: str, cwd: Path, before: Callable[[], None] | None = None):
+        """`before` runs in the child first: it may patch what the script will import (tests of signals at a stage)."""
         self.stdout_path, self.stderr_path = cwd / f"{script}.stdout", cwd / f"{script}.stderr"
         self.stdout_path.write_text("")  # emptied: an earlier run's longer output in the same folder must not show through
         self.stderr_path.write_text("")
         self.returncode: int | None = None
         self.pid = os.fork()
         if self.pid == 0:
-            self._run_child(str(REPO / script), args, cwd)
+            self._run_child(str(REPO / script), args, cwd, before)
 
-    def _run_child(self, script: str, args: tuple[str, ...], cwd: Path) -> None:
+    def _run_child(self, script: str, args: tuple[str, ...], cwd: Path, before: Callable[[], None] | None) -> None:
         status = 1
         try:
+            if before is not None:
+                before()
             # One thread, as run_script's OMP_NUM_THREADS=1: an OpenMP thread team the test process started before the
             # fork does not exist in the child, and a parallel region would wait for it forever.
             torch.set_num_threads(1)
@@ -110,8 +114,8 @@ class ForkedRun:
             self.wait()
 
 
-def run_forked(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
-    with ForkedRun(script, *args, cwd=cwd) as run:
+def run_forked(script: str, *args: str, cwd: Path, before: Callable[[], None] | None = None) -> subprocess.CompletedProcess:
+    with ForkedRun(script, *args, cwd=cwd, before=before) as run:
         return run.wait()
 
 

@@ -2,6 +2,7 @@
 evaluations, TensorBoard steps); a run that cannot continue exactly is refused with one message and exit status 2."""
 
 import dataclasses
+import fcntl
 import importlib
 import json
 import re
@@ -12,6 +13,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from common.cli import RUN_LEVEL_ARGS, ResumeError, check_device
+from common.datasets import dataset_path, read_dataset, write_dataset
 from conftest import run_forked
 
 SCRIPTS = ["omiga.py", "omcda.py", "icq.py", "comadice.py", "bc.py", "cql_ma.py", "cfcql.py", "omar.py", "bcq_ma.py"]
@@ -104,6 +106,34 @@ def test_resume_refuses_what_it_cannot_continue_exactly(tiny_hopper_dir, tmp_pat
         assert result.returncode == 2, (case, result.stderr)
         assert re.search(rf"^omiga\.py: error: --resume \S+: {message}", result.stderr, re.M), (case, result.stderr)
         assert "Traceback" not in result.stderr
+    args_written = (run_dir / "args.json").read_text()
+    result = run_forked("omcda.py", "--resume", str(run_dir), "--total-steps", "20", cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr == (
+        f"omcda.py: error: --resume {run_dir}: the checkpoint was written by omiga.py; resume it with "
+        f"`python omiga.py --resume {run_dir}`\n")
+    assert (run_dir / "args.json").read_text() == args_written  # refused before anything was written
+
+    other_data = tmp_path / "other_data"
+    arrays, attrs = read_dataset(dataset_path(tiny_hopper_dir, "Hopper", "3x1", "medium-replay"))
+    write_dataset(dataset_path(other_data, "Hopper", "3x1", "medium-replay"), {**arrays, "rewards": arrays["rewards"] + 1},
+                  attrs)
+    result = run_forked("omiga.py", "--resume", str(run_dir), "--total-steps", "20", "--data-dir", str(other_data),
+                        cwd=tmp_path)
+    assert result.returncode == 2 and re.fullmatch(
+        r"omiga\.py: error: --resume: the run trained on \S+data\d*/Hopper-3x1-medium-replay\.hdf5: 600 transitions, "
+        r"mean return -?[\d.]+, not on \S+other_data/Hopper-3x1-medium-replay\.hdf5: 600 transitions, mean return "
+        r"-?[\d.]+; resume it with the dataset it started with \(--data-dir\)\n", result.stderr), result.stderr
+
+    with open(run_dir / ".lock", "w") as held:  # another process training this run
+        fcntl.flock(held, fcntl.LOCK_EX)
+        result = run_forked("omiga.py", "--resume", str(run_dir), "--total-steps", "20", cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr == (
+        f"omiga.py: error: {run_dir}: another process is training this run (it holds {run_dir / '.lock'}); stop it "
+        f"first, its checkpoint is kept\n")
+    assert (run_dir / "args.json").read_text() == args_written
+    result = run_forked("omiga.py", "--resume", str(run_dir), "--total-steps", "20", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr  # the lock went with its holder
+
     (tmp_path / "truncated").mkdir()
     (tmp_path / "truncated" / "model.pt").write_bytes((run_dir / "model.pt").read_bytes()[:1000])
     result = run_forked("omiga.py", "--resume", str(tmp_path / "truncated"), "--total-steps", "20", cwd=tmp_path)
@@ -111,7 +141,7 @@ def test_resume_refuses_what_it_cannot_continue_exactly(tiny_hopper_dir, tmp_pat
     old = torch.load(run_dir / "model.pt", weights_only=False)
     del old["rng"]  # a checkpoint from before --resume existed
     torch.save(old, run_dir / "model.pt")
-    result = run_forked("omiga.py", "--resume", str(run_dir), "--total-steps", "20", cwd=tmp_path)
+    result = run_forked("omiga.py", "--resume", str(run_dir), "--total-steps", "30", cwd=tmp_path)
     assert result.returncode == 2 and "holds no random number generator states" in result.stderr
 
 
