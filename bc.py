@@ -42,6 +42,7 @@ import torch.nn as nn
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from common.cli import Rule
 from common.collect import ensure_dataset
 from common.datasets import Batch, load_dataset
 from common.envs import make_env
@@ -113,6 +114,11 @@ class Args:
     """hidden units of the two hidden layers of pi"""
     grad_clip: float = 1.0
     """gradient-norm clip of the optimizer"""
+
+
+def argument_ranges(args: Args) -> dict[str, Rule]:
+    """The valid range of each numeric argument of this script that common.cli's common rules do not cover."""
+    return {}
 
 
 # TRY NOT TO MODIFY: agent networks (shared or per agent, all agents in one matmul) and the mixer
@@ -389,7 +395,7 @@ if __name__ == "__main__":
 
     with exit_on_user_error():
         args, checkpoint = parse_args(Args)
-        check_args(args, ONE_SEED_EAGER)
+        check_args(args, {**ONE_SEED_EAGER, **argument_ranges(args)})
         seed_everything(args.seed, args.torch_deterministic)
         device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
         torch.backends.cuda.matmul.allow_tf32 = args.tf32

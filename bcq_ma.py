@@ -107,6 +107,7 @@ import torch.nn as nn
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from common.cli import NON_NEGATIVE, POSITIVE, Rule, at_least, interval
 from common.collect import ensure_dataset
 from common.datasets import Batch, load_dataset
 from common.envs import make_env
@@ -209,6 +210,15 @@ class Args:
     """lambda_tn is clipped to [1 / tn_max, tn_max] (ours: only guards the exp; Jiang and Lu saw [0.2, 1.4])"""
     threshold: float = 0.3
     """discrete actions: an action is a candidate when G(a | o) / max G(. | o) exceeds this (discrete BCQ: 0.3)"""
+
+
+def argument_ranges(args: Args) -> dict[str, Rule]:
+    """The valid range of each numeric argument of this script that common.cli's common rules do not cover."""
+    return {
+        "phi": NON_NEGATIVE, "soft_clip": interval(0, 1), "candidates": at_least(1), "latent_scale": at_least(1),
+        "latent_clip": POSITIVE, "kl_weight": NON_NEGATIVE, "optimism": interval(0, 1),
+        "tn_max": (lambda value: 1 <= value < math.inf, ">= 1 and finite"), "threshold": interval(0, 1),
+    }
 
 
 # TRY NOT TO MODIFY: agent networks (shared or per agent, all agents in one matmul) and the mixer
@@ -796,7 +806,7 @@ if __name__ == "__main__":
 
     with exit_on_user_error():
         args, checkpoint = parse_args(Args)
-        check_args(args, ONE_SEED_EAGER)
+        check_args(args, {**ONE_SEED_EAGER, **argument_ranges(args)})
         seed_everything(args.seed, args.torch_deterministic)
         device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
         torch.backends.cuda.matmul.allow_tf32 = args.tf32

@@ -65,6 +65,7 @@ import torch.nn as nn
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from common.cli import NON_NEGATIVE, Rule, at_least, interval
 from common.collect import ensure_dataset
 from common.datasets import Batch, load_dataset
 from common.envs import make_env
@@ -152,6 +153,12 @@ class Args:
     """gradient-norm clip of every optimizer"""
     discrete_target_entropy: float = 0.5
     """discrete actions: each agent's entropy target, as a fraction of log(number of actions available at o_i)"""
+
+
+def argument_ranges(args: Args) -> dict[str, Rule]:
+    """The valid range of each numeric argument of this script that common.cli's common rules do not cover."""
+    return {"cql_alpha": NON_NEGATIVE, "cql_samples": at_least(1), "cf_tau": NON_NEGATIVE,
+            "discrete_target_entropy": interval(0, 1)}
 
 
 # TRY NOT TO MODIFY: agent networks (shared or per agent, all agents in one matmul) and the mixer
@@ -624,7 +631,7 @@ if __name__ == "__main__":
 
     with exit_on_user_error():
         args, checkpoint = parse_args(Args)
-        check_args(args, ONE_SEED_EAGER)
+        check_args(args, {**ONE_SEED_EAGER, **argument_ranges(args)})
         seed_everything(args.seed, args.torch_deterministic)
         device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
         torch.backends.cuda.matmul.allow_tf32 = args.tf32

@@ -72,6 +72,7 @@ import torch.nn as nn
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from common.cli import POSITIVE, Rule
 from common.collect import ensure_dataset
 from common.datasets import Batch, Dataset, draw_indices, load_dataset
 from common.envs import make_env
@@ -156,6 +157,11 @@ class Args:
     """hidden units of the mixer hypernetwork"""
     grad_clip: float = 1.0
     """gradient-norm clip of every optimizer"""
+
+
+def argument_ranges(args: Args) -> dict[str, Rule]:
+    """The valid range of each numeric argument of this script that common.cli's common rules do not cover."""
+    return {"beta": POSITIVE}
 
 
 # TRY NOT TO MODIFY: agent networks (shared or per agent, all agents in one matmul) and the mixer
@@ -609,12 +615,12 @@ def seed_everything(seed: int, torch_deterministic: bool) -> None:
 
 
 if __name__ == "__main__":
-    from common.cli import (POSITIVE, StopOnSignal, check_args, check_device, check_same_dataset, evaluation_due,
+    from common.cli import (StopOnSignal, check_args, check_device, check_same_dataset, evaluation_due,
                             exit_on_user_error, parse_args)
 
     with exit_on_user_error():
         args, checkpoint = parse_args(Args)
-        check_args(args, {"beta": POSITIVE})
+        check_args(args, argument_ranges(args))
         seed_everything(args.seed, args.torch_deterministic)
         device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
         torch.backends.cuda.matmul.allow_tf32 = args.tf32

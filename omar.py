@@ -90,6 +90,7 @@ import torch.nn as nn
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from common.cli import FINITE, NON_NEGATIVE, POSITIVE, Rule, at_least, interval
 from common.collect import ensure_dataset
 from common.datasets import Batch, load_dataset
 from common.envs import make_env
@@ -189,6 +190,15 @@ class Args:
     """hidden units of the two hidden layers of Q and pi"""
     grad_clip: float = 0.5
     """gradient-norm clip of every optimizer, per agent"""
+
+
+def argument_ranges(args: Args) -> dict[str, Rule]:
+    """The valid range of each numeric argument of this script that common.cli's common rules do not cover."""
+    return {
+        "cql_alpha": NON_NEGATIVE, "cql_samples": at_least(1), "cql_noise": POSITIVE, "omar_coe": interval(0, 1),
+        "omar_iters": at_least(1), "omar_samples": at_least(2), "omar_elites": interval(2, args.omar_samples),
+        "omar_mu": FINITE, "omar_sigma": POSITIVE, "action_l2": NON_NEGATIVE,
+    }
 
 
 # TRY NOT TO MODIFY: agent networks (shared or per agent, all agents in one matmul) and the mixer
@@ -646,7 +656,7 @@ if __name__ == "__main__":
 
     with exit_on_user_error():
         args, checkpoint = parse_args(Args)
-        check_args(args, ONE_SEED_EAGER)
+        check_args(args, {**ONE_SEED_EAGER, **argument_ranges(args)})
         seed_everything(args.seed, args.torch_deterministic)
         device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
         torch.backends.cuda.matmul.allow_tf32 = args.tf32

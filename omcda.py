@@ -101,6 +101,7 @@ import torch.nn as nn
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from common.cli import POSITIVE, Rule, at_least, interval
 from common.collect import ensure_dataset
 from common.datasets import Batch, Dataset, load_dataset
 from common.envs import make_env
@@ -209,6 +210,19 @@ class Args:
     """gradient-norm clip of every optimizer"""
     z_clip: float = 10.0
     """z is clamped to [-z_clip, z_clip] in the policy weight exp(z)"""
+
+
+def argument_ranges(args: Args) -> dict[str, Rule]:
+    """The valid range of each numeric argument of this script that common.cli's common rules do not cover."""
+    return {
+        "d_tot": POSITIVE, "influence_temperature": POSITIVE, "estimate_ema": interval(0, 1, low_open=True),
+        "alpha_min": POSITIVE,
+        "alpha_max": (lambda value: args.alpha_min <= value < math.inf, f">= --alpha-min ({args.alpha_min}) and finite"),
+        # blamed on --alpha-max when the bounds themselves are crossed
+        "alpha_init": (lambda value: args.alpha_min > args.alpha_max or args.alpha_min <= value <= args.alpha_max,
+                       f"in [--alpha-min, --alpha-max] = [{args.alpha_min}, {args.alpha_max}]"),
+        "bc_steps": at_least(1), "z_clip": POSITIVE,
+    }
 
 
 # TRY NOT TO MODIFY: agent networks (shared or per agent, all agents in one matmul) and the mixer
@@ -848,13 +862,12 @@ def seed_everything(seed: int, torch_deterministic: bool) -> None:
 
 
 if __name__ == "__main__":
-    from common.cli import (POSITIVE, StopOnSignal, check_args, check_device, check_same_dataset, evaluation_due,
-                            exit_on_user_error, interval, parse_args)
+    from common.cli import (StopOnSignal, check_args, check_device, check_same_dataset, evaluation_due,
+                            exit_on_user_error, parse_args)
 
     with exit_on_user_error():
         args, checkpoint = parse_args(Args)
-        check_args(args, {"d_tot": POSITIVE, "alpha_min": POSITIVE,
-                          "alpha_init": interval(args.alpha_min, args.alpha_max)})
+        check_args(args, argument_ranges(args))
         seed_everything(args.seed, args.torch_deterministic)
         device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
         torch.backends.cuda.matmul.allow_tf32 = args.tf32

@@ -49,6 +49,7 @@ import torch.nn as nn
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from common.cli import POSITIVE, Rule
 from common.collect import ensure_dataset
 from common.datasets import Batch, load_dataset
 from common.envs import make_env
@@ -136,6 +137,11 @@ class Args:
     """gradient-norm clip of every optimizer"""
     z_clip: float = 10.0
     """z is clamped to [-z_clip, z_clip] in the policy weight exp(z)"""
+
+
+def argument_ranges(args: Args) -> dict[str, Rule]:
+    """The valid range of each numeric argument of this script that common.cli's common rules do not cover."""
+    return {"z_clip": POSITIVE}
 
 
 # TRY NOT TO MODIFY: agent networks (shared or per agent, all agents in one matmul) and the mixer
@@ -567,7 +573,7 @@ if __name__ == "__main__":
 
     with exit_on_user_error():
         args, checkpoint = parse_args(Args)
-        check_args(args)
+        check_args(args, argument_ranges(args))
         seed_everything(args.seed, args.torch_deterministic)
         device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
         torch.backends.cuda.matmul.allow_tf32 = args.tf32

@@ -55,10 +55,13 @@ def interval(low: float, high: float, low_open: bool = False, high_open: bool = 
 
 
 POSITIVE: Rule = (lambda value: 0 < value < math.inf, "> 0 and finite")
+NON_NEGATIVE: Rule = (lambda value: 0 <= value < math.inf, ">= 0 and finite")
+FINITE: Rule = (lambda value: math.isfinite(value), "finite")
 
 # The arguments every script has, and those that mean the same in every script that has them. NaN fails every
 # comparison, so it is rejected too.
 COMMON_RULES: dict[str, Rule] = {
+    "seed": interval(0, 2**32 - 1),  # NumPy's seeds
     "total_steps": (lambda value: value >= 1, ">= 1 (there is no evaluate-only mode)"),
     "batch_size": at_least(1),
     "eval_every": at_least(1),
@@ -81,17 +84,20 @@ ONE_SEED_EAGER: dict[str, Rule] = {
 SUFFIX_RULES: dict[str, Rule] = {"_lr": POSITIVE, "_dim": at_least(1)}  # learning rates, network sizes
 
 
+def rule_for(name: str, rules: dict[str, Rule] | None = None) -> Rule | None:
+    """The rule of argument `name`: the script's own in `rules` if there is one, else the common rule of its name or
+    of its suffix (`*_lr`, `*_dim`). Every numeric argument has one (tests/test_errors.py checks it)."""
+    rule = (rules or {}).get(name) or COMMON_RULES.get(name)
+    return rule or next((r for suffix, r in SUFFIX_RULES.items() if name.endswith(suffix)), None)
+
+
 def check_args(args: Any, rules: dict[str, Rule] | None = None) -> None:
-    """Raise `ArgumentError` naming the first argument of the dataclass `args` outside its valid range. A field's rule
-    is the script's own in `rules` if there is one, else the common rule of its name or of its suffix (`*_lr`,
-    `*_dim`); fields without a rule are not checked."""
+    """Raise `ArgumentError` naming the first argument of the dataclass `args` outside its valid range (rule_for);
+    fields without a rule are not checked."""
     for field in fields(args):
-        name = field.name
-        rule = (rules or {}).get(name) or COMMON_RULES.get(name)
-        rule = rule or next((r for suffix, r in SUFFIX_RULES.items() if name.endswith(suffix)), None)
-        value = getattr(args, name)
+        rule, value = rule_for(field.name, rules), getattr(args, field.name)
         if rule is not None and not rule[0](value):
-            raise ArgumentError(f"--{name.replace('_', '-')} {value}: must be {rule[1]}")
+            raise ArgumentError(f"--{field.name.replace('_', '-')} {value}: must be {rule[1]}")
 
 
 ArgsT = TypeVar("ArgsT")

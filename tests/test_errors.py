@@ -2,6 +2,9 @@
 dataset files that cannot be read say how to make them again; an interrupted dataset write leaves no file that looks
 valid. Signals: tests/test_signals.py."""
 
+import dataclasses
+import importlib
+import math
 import os
 import re
 import shutil
@@ -15,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.cli import POSITIVE, ArgumentError, check_args, exit_on_user_error, interval
+from common.cli import POSITIVE, ArgumentError, check_args, exit_on_user_error, interval, rule_for
 from common.datasets import ARRAY_KEYS, DatasetError, dataset_path, read_dataset, write_dataset
 from conftest import run_forked, run_script
 
@@ -94,7 +97,10 @@ def test_unknown_choice_lists_the_valid_values(script, args, valid, bad_data_dir
 
 @pytest.mark.parametrize("script, args, message", [
     ("omiga.py", ["--alpha", "0"], "--alpha 0.0: must be > 0 and finite"),  # a common rule, by name
-    ("omcda.py", ["--alpha-init", "1000"], r"--alpha-init 1000.0: must be in \[0.1, 100.0\]"),
+    ("omcda.py", ["--alpha-init", "1000"], r"--alpha-init 1000.0: must be in \[--alpha-min, --alpha-max\] = \[0.1, 100.0\]"),
+    ("omcda.py", ["--alpha-min", "50", "--alpha-max", "1"], r"--alpha-max 1.0: must be >= --alpha-min \(50.0\) and finite"),
+    ("omar.py", ["--omar-elites", "30"], r"--omar-elites 30: must be in \[2, 20\]"),
+    ("bc.py", ["--seed", "-1"], r"--seed -1: must be in \[0, 4294967295\]"),
     ("omcda.py", ["--d-tot", "nan"], "--d-tot nan: must be > 0 and finite"),
     ("icq.py", ["--beta", "-1"], "--beta -1.0: must be > 0 and finite"),
     ("bcq_ma.py", ["--vae-lr", "-1e-4"], "--vae-lr -0.0001: must be > 0 and finite"),  # no policy network
@@ -104,6 +110,35 @@ def test_script_specific_ranges(script, args, message, bad_data_dir, tmp_path):
     result = run_forked(script, "--data-dir", str(bad_data_dir), *args, cwd=tmp_path)
     assert result.returncode == 2
     assert re.fullmatch(rf"{re.escape(script)}: error: {message}\n", result.stderr), result.stderr
+
+
+# Values tried against every numeric argument's range: a range that accepts them all restricts nothing.
+OUT_OF_ANY_RANGE = {int: [-(10**12), -1, 0, 1, 10**12], float: [-math.inf, -1e12, -1.0, 0.0, 0.5, 1.0, 1e12, math.inf,
+                                                                math.nan]}
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_numeric_argument_has_a_range_that_rejects_a_value(script):
+    """Generated from each script's Args: a new numeric field without a rule (common, by suffix, or the script's
+    argument_ranges) fails here. For each field, the first value its rule rejects must stop check_args with one
+    message naming that field, while the defaults pass."""
+    module = importlib.import_module(script[:-len(".py")])
+    defaults = module.Args()
+    rules = module.argument_ranges(defaults)
+    check_args(defaults, rules)
+    numeric = [field for field in dataclasses.fields(defaults)
+               if type(getattr(defaults, field.name)) in OUT_OF_ANY_RANGE]
+    assert len(numeric) >= 10  # the common ones at least: the field types were recognised
+    for field in numeric:
+        rule = rule_for(field.name, rules)
+        assert rule is not None, f"{script}: --{field.name} has no range"
+        kind = type(getattr(defaults, field.name))
+        rejected = next((value for value in OUT_OF_ANY_RANGE[kind] if not rule[0](value)), None)
+        assert rejected is not None, f"{script}: --{field.name}'s range ({rule[1]}) rejects nothing"
+        bad = dataclasses.replace(defaults, **{field.name: rejected})
+        with pytest.raises(ArgumentError, match=rf"^--{field.name.replace('_', '-')} {re.escape(str(rejected))}: "
+                                                rf"must be "):
+            check_args(bad, module.argument_ranges(bad))
 
 
 def test_forked_run_reports_what_a_fresh_interpreter_does(bad_data_dir, tmp_path):
