@@ -565,7 +565,8 @@ def check_finite(metrics: dict[str, float], step: int, last_checked: int, seed: 
     for name, value in metrics.items():
         if not math.isfinite(value):
             raise FloatingPointError(f"training diverged: {name} = {value} at the log of update {step} of seed {seed} "
-                                     f"(finite at update {last_checked}); try a smaller learning rate or larger alpha")
+                                     f"(finite at update {last_checked}); check the data first (a warning at load "
+                                     f"names extreme rewards), then try a smaller learning rate or larger alpha")
 
 
 def unique_dir(base: Path) -> Path:

@@ -139,9 +139,15 @@ def check_writable_dir(folder: str | Path) -> None:
         raise DatasetError(f"--data-dir {folder}: cannot write a dataset there ({error.strerror or error})") from None
 
 
+EXTREME_REWARD = 1e4  # [ours] warned about at load: MuJoCo's and SMAX's rewards per step are below 100
+ACTION_TOLERANCE = 1e-4  # continuous actions may exceed [-1, 1] by this much (float rounding), not more
+CHAINED_SAMPLE = 100_000  # transitions checked for next_observations[t] == observations[t + 1]
+
+
 def validate_arrays(arrays: dict[str, np.ndarray], path: Path | str = "<arrays>") -> None:
-    """Shapes, finiteness and, for discrete actions (arrays with `avail_actions`), that every action is an available
-    one."""
+    """Shapes, finiteness and meaning: continuous actions in the envs' range [-1, 1]; for discrete actions (arrays with
+    `avail_actions`), that every action is an available one; at least one episode end; and, within episodes (a
+    sample of CHAINED_SAMPLE transitions), each transition's next observation is the next one's observation."""
     discrete = "avail_actions" in arrays
     keys = array_keys(discrete)
     missing = [k for k in keys if k not in arrays]
@@ -173,6 +179,26 @@ def validate_arrays(arrays: dict[str, np.ndarray], path: Path | str = "<arrays>"
         if not np.isfinite(values).all():
             bad = int((~np.isfinite(values)).reshape(n, -1).any(-1).nonzero()[0][0])
             raise DatasetError(f"{path}: {key} holds NaN or inf (first at transition {bad})")
+    if not discrete:
+        magnitude = np.abs(np.asarray(actions)).reshape(n, -1).max(-1)
+        if magnitude.max() > 1 + ACTION_TOLERANCE:
+            raise DatasetError(f"{path}: actions reach {magnitude.max():g} (first outside [-1, 1] at transition "
+                               f"{int(np.argmax(magnitude > 1 + ACTION_TOLERANCE))}); the envs act in [-1, 1]: rescale "
+                               f"the actions to it")
+    ends = np.asarray(arrays["terminals"], bool) | np.asarray(arrays["timeouts"], bool)
+    if not ends.any():
+        raise DatasetError(f"{path}: no transition ends an episode (terminals and timeouts are all false), so the "
+                           f"{n:,} transitions would read as one episode; mark each episode's last transition")
+    chained = np.flatnonzero(~ends[:-1])
+    if len(chained) > CHAINED_SAMPLE:
+        chained = np.sort(np.random.default_rng(0).choice(chained, CHAINED_SAMPLE, replace=False))
+    if len(chained):
+        following, nexts = np.asarray(arrays["observations"][chained + 1]), np.asarray(arrays["next_observations"][chained])
+        broken = chained[~np.isclose(nexts, following, rtol=1e-5, atol=1e-5).reshape(len(chained), -1).all(-1)]
+        if len(broken) > 0.01 * len(chained):
+            raise DatasetError(f"{path}: next_observations[t] is not observations[t + 1] within episodes at "
+                               f"{len(broken):,} of {len(chained):,} transitions checked (first at {broken[0]}): are the "
+                               f"rows shuffled, or the episode ends (terminals, timeouts) missing?")
     if discrete:
         if not np.issubdtype(np.asarray(actions).dtype, np.integer):
             raise DatasetError(f"{path}: discrete actions must be integer indices, got dtype {actions.dtype}")
@@ -285,6 +311,10 @@ class Dataset:
         else:
             self.actions = to_device(arrays["actions"].transpose(1, 0, 2))
         self.rewards = to_device(arrays["rewards"])
+        largest = float(np.abs(arrays["rewards"]).max())
+        if largest > EXTREME_REWARD:
+            print(f"warning: {path or 'dataset'}: rewards reach {largest:g} in magnitude; values a thousand times the "
+                  f"MuJoCo and SMAX rewards make the squared TD errors overflow: rescale them", file=sys.stderr)
         self.dones = to_device(arrays["terminals"])
         self.states = to_device(arrays["states"])
         self.next_states = to_device(arrays["next_states"])
@@ -337,6 +367,14 @@ class Dataset:
                 f"{theirs}; the file says it holds {recorded} data"
                 + (f"\n{remake_commands(self.path)}" if self.path else "")
             )
+        recorded = (self.attrs.get("env"), self.attrs.get("agent_conf"))
+        if recorded[0] not in (None, env.name) or recorded[1] not in (None, env.agent_conf):
+            raise DatasetError(f"{self.path or 'dataset'}: the file says it holds {recorded[0]} {recorded[1]} data, not "
+                               f"{env.name} {env.agent_conf}" + (f"\n{remake_commands(self.path)}" if self.path else ""))
+        longest = int((self._episode_ends - self.episode_starts.cpu().numpy()).max())
+        if longest > env.episode_limit:
+            print(f"warning: {self.path or 'dataset'}: its longest episode has {longest:,} steps, more than "
+                  f"{env.name}'s limit of {env.episode_limit}: are its time-outs marked?", file=sys.stderr)
 
 
 def load_dataset(path: str | Path, device: torch.device | str = "cpu", obs_mode: str = "state") -> Dataset:

@@ -7,7 +7,7 @@ import torch
 
 from common.collect import ensure_dataset
 from common.datasets import (ARRAY_KEYS, Dataset, DatasetError, dataset_path, import_omiga, load_dataset, read_dataset,
-                             write_dataset)
+                             validate_arrays, write_dataset)
 from common.envs import build_agent_obs, make_env
 from conftest import run_module, smoke_run
 
@@ -22,7 +22,9 @@ def hand_made_arrays(seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     obs = rng.normal(size=(N, N_AGENTS, OBS_DIM)).astype(np.float32)
     states = rng.normal(size=(N, STATE_DIM)).astype(np.float32)
-    return dict(observations=obs, next_observations=obs + 1, states=states, next_states=states + 1,
+    within = np.array([t not in EPISODE_ENDS for t in range(N)])  # a next observation is the next row's within episodes
+    next_obs = np.where(within[:, None, None], np.roll(obs, -1, 0), obs + 1)
+    return dict(observations=obs, next_observations=next_obs, states=states, next_states=states + 1,
                 actions=rng.uniform(-1, 1, (N, N_AGENTS, ACT_DIM)).astype(np.float32), rewards=REWARDS.copy(),
                 terminals=np.array([EPISODE_ENDS.get(t) == "terminal" for t in range(N)]),
                 timeouts=np.array([EPISODE_ENDS.get(t) == "timeout" for t in range(N)]))
@@ -212,7 +214,7 @@ def test_omiga_import_trains_on_what_omiga_evaluation_feeds(tmp_path):
     raw_states = np.random.default_rng(0).normal(0.0, 2.0, (6, env.state_dim))
     recorded = np.stack([[omiga_recorded(x, env.state_dim, i, env.n_agents) for i in range(env.n_agents)]
                          for x in raw_states]).astype(np.float32)
-    d = np.zeros((6, 1))
+    d = np.eye(1, 6, 5).T  # one episode: the done of its last step ends it
     write_raw(tmp_path / "raw.hdf5", dict(s=recorded, o=recorded, a=np.zeros((6, 3, 1), np.float32),
                                           r=np.zeros(6, np.float32), d=d))
     dataset = load_dataset(import_omiga(tmp_path / "raw.hdf5", tmp_path / "Hopper-3x1-expert.hdf5", "Hopper"), "cpu",
@@ -343,8 +345,8 @@ def test_check_env_rejects_a_dataset_that_does_not_fit(tmp_path):
     hopper = make_env("Hopper", obs_mode="state")  # 3 agents, local obs 9, act 1, state 11
     rng = np.random.default_rng(0)
     obs, states = rng.normal(size=(N, 3, 9)).astype(np.float32), rng.normal(size=(N, 11)).astype(np.float32)
-    arrays = dict(hand_made_arrays(), observations=obs, next_observations=obs, states=states, next_states=states,
-                  actions=np.zeros((N, 3, 1), np.float32))
+    arrays = dict(hand_made_arrays(), observations=obs, next_observations=np.roll(obs, -1, 0), states=states,
+                  next_states=states, actions=np.zeros((N, 3, 1), np.float32))
     path = write_dataset(tmp_path / "Hopper-3x1-expert.hdf5", arrays, dict(ATTRS, n_agents=3))
     load_dataset(path, "cpu", "state").check_env(hopper)  # fits
     load_dataset(path, "cpu", "local").check_env(make_env("Hopper", obs_mode="local"))  # fits
@@ -352,6 +354,43 @@ def test_check_env_rejects_a_dataset_that_does_not_fit(tmp_path):
         load_dataset(path, "cpu", "state").check_env(make_env("Ant"))
     with pytest.raises(DatasetError, match=r"does not match env Hopper 3x1 \(obs_mode=local\)"):
         load_dataset(path, "cpu", "state").check_env(make_env("Hopper", obs_mode="local"))
+
+
+    mislabelled = write_dataset(tmp_path / "Hopper-3x1-medium.hdf5", arrays, dict(ATTRS, n_agents=3, env="HalfCheetah"))
+    with pytest.raises(DatasetError, match=r"the file says it holds HalfCheetah 3x1 data, not Hopper 3x1"):
+        load_dataset(mislabelled, "cpu", "state").check_env(hopper)  # the shapes fit, the label does not
+
+
+@pytest.mark.parametrize("case, change, message", [
+    ("actions outside [-1, 1]", lambda a: dict(actions=a["actions"] * 5),
+     r"actions reach [\d.]+ \(first outside \[-1, 1\] at transition \d+\); the envs act in \[-1, 1\]"),
+    ("no episode end", lambda a: dict(terminals=np.zeros(N, bool), timeouts=np.zeros(N, bool)),
+     r"no transition ends an episode .* the 9 transitions would read as one episode"),
+    ("shuffled next observations", lambda a: dict(next_observations=a["next_observations"][::-1]),
+     r"next_observations\[t\] is not observations\[t \+ 1\] within episodes at \d of 6 transitions checked"),
+])
+def test_datasets_are_checked_for_meaning(case, change, message, tmp_path):
+    arrays = hand_made_arrays()
+    validate_arrays(arrays)  # the unchanged arrays pass
+    with pytest.raises(DatasetError, match=message):
+        write_dataset(tmp_path / "Hopper-3x1-expert.hdf5", {**arrays, **change(arrays)}, ATTRS)
+    assert not (tmp_path / "Hopper-3x1-expert.hdf5").exists()
+
+
+def test_loading_warns_of_overlong_episodes_and_extreme_rewards(tmp_path, capsys):
+    hopper = make_env("Hopper", obs_mode="state")
+    n = hopper.episode_limit + 5  # one episode, longer than Hopper's limit
+    obs = np.random.default_rng(0).normal(size=(n + 1, 3, 9)).astype(np.float32)
+    arrays = dict(observations=obs[:-1], next_observations=obs[1:], states=np.zeros((n, 11), np.float32),
+                  next_states=np.zeros((n, 11), np.float32), actions=np.zeros((n, 3, 1), np.float32),
+                  rewards=np.ones(n, np.float32), terminals=np.eye(1, n, n - 1, dtype=bool)[0], timeouts=np.zeros(n, bool))
+    path = write_dataset(tmp_path / "Hopper-3x1-expert.hdf5", arrays, dict(ATTRS, n_agents=3))
+    load_dataset(path, "cpu", "state").check_env(hopper)
+    assert capsys.readouterr().err == (f"warning: {path}: its longest episode has 1,005 steps, more than Hopper's limit "
+                                       f"of 1000: are its time-outs marked?\n")
+    arrays["rewards"][3] = -1e30
+    load_dataset(write_dataset(path, arrays, dict(ATTRS, n_agents=3)), "cpu", "state")
+    assert "rewards reach 1e+30 in magnitude" in capsys.readouterr().err
 
 
 # --- discrete actions (SMAX) ---------------------------------------------------------------------------------------

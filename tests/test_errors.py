@@ -185,8 +185,9 @@ def test_exit_on_user_error_prints_one_line_and_other_errors_propagate(capsys, m
 
 def native_arrays(n: int = 6) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
-    arrays = {key: rng.normal(size=(n, 2, 3)).astype(np.float32) for key in ("observations", "next_observations",
-                                                                              "actions")}
+    obs = rng.normal(size=(n + 1, 2, 3)).astype(np.float32)  # one episode, each next observation the next row's
+    arrays = dict(observations=obs[:-1], next_observations=obs[1:],
+                  actions=rng.uniform(-1, 1, (n, 2, 3)).astype(np.float32))
     arrays.update(states=np.zeros((n, 4), np.float32), next_states=np.zeros((n, 4), np.float32),
                   rewards=np.ones(n, np.float32), terminals=np.zeros(n, bool), timeouts=np.eye(1, n, n - 1, bool)[0])
     return arrays
