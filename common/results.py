@@ -1,6 +1,6 @@
 """result.json: what one run reports beside its TensorBoard events, in a file small enough to commit.
 
-    {"args": {...}, "commit": "<git HEAD>" or null, "device": "NVIDIA H100 ..." or "<CPU> (2 cores)",
+    {"args": {...}, "script": "omcda.py", "commit": "<git HEAD>" or null, "device": "NVIDIA H100 ..." or "<CPU> (2 cores)",
      "dataset": {dataset card}, "evaluations": [{"step", "mean", "std", "episodes"}, ...], "last": {...},
      "best": {...}, "updates_per_sec": ..., "training_seconds": ..., "evaluation_seconds": ... or null,
      "finished": true or false, "written_at": <unix time>}
@@ -125,6 +125,7 @@ class RunResult:
     dataset: dict
     evaluations: list[dict] = field(default_factory=list)  # a resumed run continues its checkpoint's list
     commit: str | None = field(default_factory=git_commit)  # of the code this process started with
+    script: str = field(default_factory=lambda: Path(sys.argv[0]).name)  # what wrote it, whatever --exp-name says
     timed_updates: int = 0
     timed_seconds: float = 0.0
     evaluation_seconds: float | None = None
@@ -147,7 +148,7 @@ class RunResult:
             evaluation["win_rate"] = float(np.mean(wins))
         self.evaluations.append(evaluation)
         write_json(self.run_dir / "result.json", dict(
-            args=self.args, commit=self.commit, device=device_name(self.device), dataset=self.dataset,
+            args=self.args, script=self.script, commit=self.commit, device=device_name(self.device), dataset=self.dataset,
             evaluations=self.evaluations, last=self.evaluations[-1],
             best=max(self.evaluations, key=lambda evaluation: evaluation["mean"]),
             updates_per_sec=self.timed_updates / self.timed_seconds if self.timed_seconds > 0 else None,

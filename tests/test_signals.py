@@ -99,6 +99,7 @@ def test_a_signal_at_any_stage_ends_in_a_checkpoint_that_resumes_exactly(script,
                          cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert evaluations(run_dir) == uninterrupted[script]  # the abandoned stage redone, nothing twice, same numbers
+    assert json.loads((run_dir / "result.json").read_text())["script"] == script
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=lambda signum: signum.name)
