@@ -18,7 +18,8 @@ arguments after --; extend a finished run by hand with the script's --resume RUN
 cell with a model.pt is resumed from it with --resume, and any other cell starts again from scratch.
 
 --launcher local (default): submitit's LocalExecutor on this machine, --workers jobs at once; waits for every job
-and prints a summary. --launcher slurm: one job array (--partition, --time, --gpus-per-job, --array-parallelism);
+and prints a summary. SIGINT or SIGTERM to run.py stops the running cells' scripts, each with a checkpoint, and
+exits 130 or 143. --launcher slurm: one job array (--partition, --time, --gpus-per-job, --array-parallelism);
 run.py exits once it is submitted. Missing datasets are generated once, sequentially, before any job starts (unless
 the script arguments include --no-generate), so parallel jobs never write the same file. `--exp-name` is the
 algorithm's name.
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -40,6 +42,7 @@ sys.path.insert(0, str(REPO))
 import submitit  # noqa: E402
 import torch  # noqa: E402
 
+from common.cli import StopOnSignal  # noqa: E402
 from common.collect import ensure_dataset  # noqa: E402
 from common.datasets import QUALITIES, dataset_path  # noqa: E402
 from common.envs import ENV_NAMES  # noqa: E402
@@ -79,15 +82,31 @@ def plan(cell: Path) -> tuple[str, Path | None]:
     return "run", None
 
 
-def running_cells() -> set[Path]:
-    """The working directories of this machine's processes (a local job runs in its cell): Linux's /proc, else none."""
-    cells = set()
+def processes() -> dict[int, tuple[Path, str]]:
+    """This machine's processes as pid -> (working directory, command line): Linux's /proc, else none."""
+    found = {}
     for proc in Path("/proc").glob("[0-9]*"):
         try:
-            cells.add(Path(os.readlink(proc / "cwd")))
+            found[int(proc.name)] = Path(os.readlink(proc / "cwd")), (proc / "cmdline").read_text().replace("\0", " ")
         except OSError:  # gone, or not ours to read
             continue
-    return cells
+    return found
+
+
+def running_cells() -> set[Path]:
+    """The working directories of this machine's processes: a local job runs in its cell."""
+    return {cwd for cwd, _ in processes().values()}
+
+
+def stop_scripts(cells: dict[Path, str]) -> int:
+    """SIGTERM every script of `cells` (cell -> algorithm) running here, which then checkpoints and exits: submitit's
+    local jobs do not pass a signal on to their command. Returns how many were signalled."""
+    signalled = 0
+    for pid, (cwd, command) in processes().items():
+        if cwd in cells and str(REPO / f"{cells[cwd]}.py") in command.split():
+            os.kill(pid, signal.SIGTERM)
+            signalled += 1
+    return signalled
 
 
 def cell_status(cell: Path, total_steps: int | None, running: set[Path]) -> dict:
@@ -190,21 +209,29 @@ def outcome(cell: Path, job: submitit.Job) -> tuple[bool, str]:
 
 
 def run_local(executor: submitit.Executor, jobs: dict[Run, tuple[Path, submitit.helpers.CommandFunction]],
-              workers: int) -> list[str]:
-    """Run the jobs, `workers` at a time; returns the failures."""
-    pending, running, failed = list(jobs), {}, []
+              workers: int) -> tuple[list[str], StopOnSignal]:
+    """Run the jobs, `workers` at a time; returns the failures. SIGINT or SIGTERM stops the running scripts (each
+    checkpoints) and starts nothing more: the same command then resumes them."""
+    pending, running, failed, stopping = list(jobs), {}, [], False
+    stop = StopOnSignal()
     while pending or running:
-        while pending and len(running) < workers:
+        while pending and len(running) < workers and not stop.requested:
             run = pending.pop(0)
             running[run] = executor.submit(jobs[run][1])
+        if stop.requested and not stopping:
+            stopping = True
+            print(f"{stop.received.name}: stopping {stop_scripts({jobs[run][0]: run.algo for run in running})} "
+                  f"running cells (they checkpoint); {len(pending)} not started", flush=True)
+            pending = []
         time.sleep(POLL_SECONDS)
         for run in [run for run, submitted in running.items() if submitted.done()]:
             ok, message = outcome(jobs[run][0], running.pop(run))
             done = len(jobs) - len(pending) - len(running)
-            print(f"[{done}/{len(jobs)}] {'finished' if ok else 'FAILED'} {run.name}: {message}", flush=True)
-            if not ok:
+            print(f"[{done}/{len(jobs)}] {'finished' if ok else 'stopped' if stop.requested else 'FAILED'} {run.name}: "
+                  f"{message}", flush=True)
+            if not ok and not stop.requested:
                 failed.append(f"{run.name}: {message}")
-    return failed
+    return failed, stop
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -291,7 +318,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     print(f"running {len(pending)} runs, {args.workers} at once, OMP_NUM_THREADS={threads}, in {runs_dir}")
-    failed = run_local(executor, jobs, args.workers)
+    failed, stop = run_local(executor, jobs, args.workers)
+    if stop.requested:
+        stop.exit("the grid stopped; its cells kept their checkpoints, and the same command resumes them")
     print(f"\nfinished {len(pending) - len(failed)}, skipped {skipped} (already finished), failed {len(failed)}")
     for line in failed:
         print(f"  failed {line}")

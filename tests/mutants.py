@@ -120,7 +120,30 @@ COMADICE = [
            "loss_pi = policy_loss(agents.policy.log_prob(batch.obs, batch.actions, batch.avail), torch.ones_like(weight))"),
 ]
 
-MUTANTS: dict[str, list[Mutant]] = {"omiga": OMIGA, "omcda": OMCDA, "cql_ma": CQL_MA, "icq": ICQ, "comadice": COMADICE}
+CFCQL = [
+    Mutant("no-done", "target = rewards + gamma * (1.0 - dones) * next_q_tot", "target = rewards + gamma * next_q_tot"),
+    Mutant("no-gamma", "target = rewards + gamma * (1.0 - dones) * next_q_tot",
+           "target = rewards + (1.0 - dones) * next_q_tot"),
+    Mutant("no-penalty", "loss_cql = counterfactual_penalty(cf_q_tot, log_density, q_tot, weights)",
+           "loss_cql = 0.0 * counterfactual_penalty(cf_q_tot, log_density, q_tot, weights)"),
+    Mutant("no-importance-density", "return torch.logsumexp(values - log_density, 0)", "return torch.logsumexp(values, 0)"),
+    Mutant("swap-unmixed", "(q_tot + w[:, None] * (q[:, 1:] - q[:, :1]))", "(q_tot + (q[:, 1:] - q[:, :1]))"),
+    Mutant("weights-against-kl", "behaviour_log_prob)).sum(0)\n    return torch.softmax(tau * kl, 0)",
+           "behaviour_log_prob)).sum(0)\n    return torch.softmax(-tau * kl, 0)"),
+    Mutant("policy-loss-sign", "return (entropy_alpha * log_prob.sum(0) - q_tot).mean()",
+           "return (entropy_alpha * log_prob.sum(0) + q_tot).mean()"),
+    Mutant("online-next-q", "mix(next_w, agents.q_target(batch.next_obs, next_actions), next_b)\n        # Each agent's",
+           "mix(next_w, agents.q(batch.next_obs, next_actions).detach(), next_b)\n        # Each agent's"),
+]
+
+BC = [
+    Mutant("policy-loss-sign", "return -log_prob.mean(1).sum()", "return log_prob.mean(1).sum()"),
+    Mutant("no-tanh-jacobian", "return (gaussian - torch.log1p(-actions.pow(2))).sum(-1)", "return gaussian.sum(-1)"),
+    Mutant("std-not-learned", "- log_std - 0.5 * math.log(2 * math.pi)", "- 0.5 * math.log(2 * math.pi)"),
+]
+
+MUTANTS: dict[str, list[Mutant]] = {"omiga": OMIGA, "omcda": OMCDA, "cql_ma": CQL_MA, "cfcql": CFCQL, "icq": ICQ,
+                                    "comadice": COMADICE, "bc": BC}
 
 
 def check_applies(script: str, mutant: Mutant, text: str) -> None:

@@ -5,7 +5,10 @@ import itertools
 import json
 import os
 import re
+import signal
+import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -313,6 +316,34 @@ def test_tiny_grid_through_submitit_resumes_skips_and_reports(tmp_path, tiny_hop
     png = tmp_path / "report" / "curves" / "Hopper-3x1-medium-replay-20.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "](curves/Hopper-3x1-medium-replay-20.png)" in text
+
+
+def test_a_signal_to_the_grid_stops_its_running_cells_with_checkpoints(tmp_path, tiny_hopper_dir):
+    """SIGTERM to run.py reaches the running script (submitit's local jobs do not pass it on), which checkpoints; the
+    cell is then resumable and no script is left running."""
+    grid = ["--algos", "omiga", "--datasets", "medium-replay", "--seeds", "0", "--workers", "1", "--runs-dir",
+            str(tmp_path / "grid"), "--data-dir", str(tiny_hopper_dir), "--", "--no-generate", "--batch-size", "8",
+            "--hidden-dim", "16", "--eval-episodes", "1", "--total-steps", "1000000", "--eval-every", "5"]
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    cell = tmp_path / "grid" / "Hopper__medium-replay__omiga__0"
+    grid_process = subprocess.Popen([sys.executable, str(REPO / "benchmarks" / "run.py"), *grid], env=env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(cell.glob("runs/*/model.pt")):  # the script trains and has checkpointed once
+            assert time.monotonic() < deadline and grid_process.poll() is None, grid_process.communicate()
+            time.sleep(0.2)
+        grid_process.send_signal(signal.SIGTERM)
+        out, err = grid_process.communicate(timeout=120)
+    finally:
+        if grid_process.poll() is None:
+            grid_process.kill()
+    assert grid_process.returncode == 143, err
+    assert "SIGTERM: stopping 1 running cells (they checkpoint); 0 not started" in out
+    assert "stopped Hopper__medium-replay__omiga__0" in out
+    assert err.rstrip().endswith("run.py: SIGTERM: the grid stopped; its cells kept their checkpoints, and the same "
+                                 "command resumes them")
+    assert run.plan(cell)[0] == "resume" and cell not in run.running_cells()
 
 
 def test_slurm_launcher_without_slurm_is_one_message(tmp_path, tiny_hopper_dir, monkeypatch, capsys):
