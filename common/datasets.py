@@ -455,6 +455,19 @@ def main(argv: list[str] | None = None) -> None:
     imp.add_argument("--quality", required=True, choices=QUALITIES)
     imp.add_argument("--agent-conf", default=None)
     imp.add_argument("--data-dir", default="data")
+    vault = sub.add_parser("import-vault", help="convert one dataset of an OG-MARL Flashbax vault (MaMuJoCo) to the "
+                                                "native format; needs pip install -r requirements-vaults.txt")
+    vault.add_argument("vault_dir", metavar="VAULT_DIR", help="the vault folder, e.g. vaults/omiga/mamujoco/3hopper.vlt")
+    vault.add_argument("--uid", required=True, help="the dataset inside it, e.g. Medium-Replay")
+    vault.add_argument("--env", required=True, choices=sorted(ENV_SPECS))
+    vault.add_argument("--agent-conf", default=None)
+    vault.add_argument("--out", default=None, help="the native file to write (default: "
+                                                   "data/vault-{vault name}[-omiga]/{env}-{conf}-{uid in lower case}.hdf5)")
+    export = sub.add_parser("export-vault", help="write a native dataset as one dataset of a Flashbax vault, "
+                                                 "OUT_DIR/UID/; needs pip install -r requirements-vaults.txt")
+    export.add_argument("file", metavar="FILE")
+    export.add_argument("out_dir", metavar="OUT_DIR", help="the vault folder")
+    export.add_argument("--uid", default=None, help="the dataset's name in the vault (default: FILE's name without .hdf5)")
     args = parser.parse_args(argv)
     try:
         run_command(args)
@@ -478,9 +491,20 @@ def run_command(args: argparse.Namespace) -> None:
                       f"  episode return {card['return_mean']:.1f} ± {card['return_std']:.1f}   "
                       f"min {card['return_min']:.1f}   max {card['return_max']:.1f}{win_rate}\n"
                       f"  source: {card['source']}")
-    else:
+    elif args.command == "import-omiga":
         out = dataset_path(args.data_dir, args.env, args.agent_conf, args.quality)
         print(f"wrote {import_omiga(args.file, out, args.env, args.agent_conf)}")
+    else:  # the vault commands: tensorstore, an optional dependency, is imported only here
+        import common.datasets
+        from common import vaults
+
+        try:
+            if args.command == "import-vault":
+                print(f"wrote {vaults.import_vault(args.vault_dir, args.uid, args.env, args.agent_conf, args.out)}")
+            else:
+                print(f"wrote {vaults.export_vault(args.file, args.out_dir, args.uid)}")
+        except common.datasets.DatasetError as error:  # under `python -m` this file is __main__, its class another
+            raise DatasetError(str(error)) from None
 
 
 if __name__ == "__main__":
