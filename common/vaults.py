@@ -76,9 +76,9 @@ def vault_uids(vault_dir: Path) -> list[str]:
     return sorted(p.name for p in vault_dir.iterdir() if (p / "metadata.json").is_file()) if vault_dir.is_dir() else []
 
 
-def read_vault(vault_dir: str | Path, uid: str) -> tuple[dict[str, np.ndarray], dict]:
-    """The valid steps of one dataset of a vault, {field: [B, T, ...]} for FIELDS, and its metadata; DatasetError
-    for a folder that is not a vault, a missing uid, a damaged store, or a vault of discrete actions."""
+def vault_dataset(vault_dir: str | Path, uid: str) -> tuple[Path, dict]:
+    """The folder and metadata of one dataset of a vault, checked without reading its arrays; DatasetError for a
+    folder that is not a vault, a missing uid, unreadable metadata, or a vault of discrete actions."""
     vault_dir = Path(vault_dir)
     if not vault_dir.is_dir():
         raise DatasetError(f"{vault_dir}: not a folder; a Flashbax vault is a folder of datasets <vault>/<uid>/")
@@ -107,6 +107,13 @@ def read_vault(vault_dir: str | Path, uid: str) -> tuple[dict[str, np.ndarray], 
     if missing:
         raise DatasetError(f"{folder}: the vault has no {', '.join(missing)}; a MaMuJoCo vault holds {', '.join(FIELDS)} "
                            f"(it has {', '.join(structure)})")
+    return folder, metadata
+
+
+def read_vault(vault_dir: str | Path, uid: str) -> tuple[dict[str, np.ndarray], dict]:
+    """The valid steps of one dataset of a vault, {field: [B, T, ...]} for FIELDS, and its metadata; DatasetError
+    as vault_dataset's, or for a damaged store."""
+    folder, metadata = vault_dataset(vault_dir, uid)
     ts = _tensorstore()
     try:
         length = int(ts.open(_spec(folder, "vault_index"), open=True).result().read().result()[0])
@@ -171,6 +178,7 @@ def import_vault(vault_dir: str | Path, uid: str, env: str, agent_conf: str | No
     except EnvConfigError as error:
         raise DatasetError(str(error)) from None
     where = f"{vault_dir} uid {uid}"
+    vault_dataset(vault_dir, uid)  # a wrong folder or uid first, before any advice on the output's name
     if out is None and uid.lower() not in QUALITIES:
         raise DatasetError(f"uid {uid!r} is not one of the qualities the scripts load by --dataset "
                            f"({', '.join(QUALITIES)}): name the file with --out, e.g. --out "

@@ -163,6 +163,8 @@ def truncate_largest(folder: Path) -> None:
 @pytest.mark.parametrize("case, args, message", [
     ("not a vault", lambda tmp: [str(tmp), "--uid", "Replay", "--env", "Hopper"],
      "not a Flashbax vault (no <uid>/metadata.json inside)"),
+    ("not a vault, no --out", lambda tmp: [str(tmp), "--uid", "Replay", "--env", "Hopper"],
+     "not a Flashbax vault (no <uid>/metadata.json inside)"),
     ("a file", lambda tmp: [str(FIXTURES / "rollouts.npz"), "--uid", "Replay", "--env", "Hopper"],
      "not a folder; a Flashbax vault is a folder of datasets <vault>/<uid>/"),
     ("missing uid", lambda tmp: [str(GYMNASIUM), "--uid", "Expert", "--env", "Hopper"],
@@ -180,8 +182,8 @@ def truncate_largest(folder: Path) -> None:
      "cannot build Hopper with agent_conf='2x1'"),
 ])
 def test_bad_vaults_give_one_line_and_exit_2(tmp_path, case, args, message):
-    result = run_module("common.datasets", "import-vault", *args(tmp_path), "--out", str(tmp_path / "x.hdf5"),
-                        cwd=tmp_path)
+    out = [] if case.endswith("no --out") else ["--out", str(tmp_path / "x.hdf5")]
+    result = run_module("common.datasets", "import-vault", *args(tmp_path), *out, cwd=tmp_path)
     assert result.returncode == 2, (case, result.stderr)
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert result.stderr.startswith("python -m common.datasets import-vault: error: ") and message in result.stderr
