@@ -144,21 +144,20 @@ def count_weight_sets(n_agents: int, per_agent_networks: bool, seeds: int = 1) -
     return seeds * (n_agents if per_agent_networks else 1)
 
 
-def batched_mlp(weight_sets: int, in_dim: int, out_dim: int, hidden_dim: int, layer_norm: bool = False) -> nn.Sequential:
-    """Two hidden ReLU layers; layer_norm puts a LayerNorm without affine parameters (so the weight sets stay
-    independent) before each ReLU, as Yue et al. (NeurIPS 2023) do to keep offline critics from diverging."""
-    def hidden(in_features: int) -> list[nn.Module]:
-        norm = [nn.LayerNorm(hidden_dim, elementwise_affine=False)] if layer_norm else []
-        return [BatchedLinear(weight_sets, in_features, hidden_dim), *norm, nn.ReLU()]
-    return nn.Sequential(*hidden(in_dim), *hidden(hidden_dim), BatchedLinear(weight_sets, hidden_dim, out_dim))
+def batched_mlp(weight_sets: int, in_dim: int, out_dim: int, hidden_dim: int) -> nn.Sequential:
+    return nn.Sequential(
+        BatchedLinear(weight_sets, in_dim, hidden_dim), nn.ReLU(),
+        BatchedLinear(weight_sets, hidden_dim, hidden_dim), nn.ReLU(),
+        BatchedLinear(weight_sets, hidden_dim, out_dim),
+    )
 
 
 class AgentValue(nn.Module):
     """V_i(o_i) for every agent: obs [..., n, B, obs_dim] -> [..., n, B]."""
 
-    def __init__(self, weight_sets: int, obs_dim: int, hidden_dim: int, layer_norm: bool = False):
+    def __init__(self, weight_sets: int, obs_dim: int, hidden_dim: int):
         super().__init__()
-        self.net = batched_mlp(weight_sets, obs_dim, 1, hidden_dim, layer_norm)
+        self.net = batched_mlp(weight_sets, obs_dim, 1, hidden_dim)
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         return self.net(obs).squeeze(-1)
@@ -167,9 +166,9 @@ class AgentValue(nn.Module):
 class AgentQ(nn.Module):
     """Q_i(o_i, a_i) for every agent: obs [..., n, B, obs_dim], actions [..., n, B, act_dim] -> [..., n, B]."""
 
-    def __init__(self, weight_sets: int, obs_dim: int, act_dim: int, hidden_dim: int, layer_norm: bool = False):
+    def __init__(self, weight_sets: int, obs_dim: int, act_dim: int, hidden_dim: int):
         super().__init__()
-        self.net = batched_mlp(weight_sets, obs_dim + act_dim, 1, hidden_dim, layer_norm)
+        self.net = batched_mlp(weight_sets, obs_dim + act_dim, 1, hidden_dim)
 
     def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         return self.net(torch.cat([obs, actions], -1)).squeeze(-1)

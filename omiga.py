@@ -129,8 +129,6 @@ class Args:
     """learning rate of the policies"""
     hidden_dim: int = 256
     """hidden units of the two hidden layers of V, Q and pi"""
-    critic_layer_norm: bool = False
-    """if toggled, LayerNorm before each hidden ReLU of the bootstrapped critics Q_i, V_i"""
     mixer_hidden_dim: int = 64
     """hidden units of the mixer hypernetwork"""
     grad_clip: float = 1.0
@@ -167,21 +165,20 @@ def count_weight_sets(n_agents: int, per_agent_networks: bool, seeds: int = 1) -
     return seeds * (n_agents if per_agent_networks else 1)
 
 
-def batched_mlp(weight_sets: int, in_dim: int, out_dim: int, hidden_dim: int, layer_norm: bool = False) -> nn.Sequential:
-    """Two hidden ReLU layers; layer_norm puts a LayerNorm without affine parameters (so the weight sets stay
-    independent) before each ReLU, as Yue et al. (NeurIPS 2023) do to keep offline critics from diverging."""
-    def hidden(in_features: int) -> list[nn.Module]:
-        norm = [nn.LayerNorm(hidden_dim, elementwise_affine=False)] if layer_norm else []
-        return [BatchedLinear(weight_sets, in_features, hidden_dim), *norm, nn.ReLU()]
-    return nn.Sequential(*hidden(in_dim), *hidden(hidden_dim), BatchedLinear(weight_sets, hidden_dim, out_dim))
+def batched_mlp(weight_sets: int, in_dim: int, out_dim: int, hidden_dim: int) -> nn.Sequential:
+    return nn.Sequential(
+        BatchedLinear(weight_sets, in_dim, hidden_dim), nn.ReLU(),
+        BatchedLinear(weight_sets, hidden_dim, hidden_dim), nn.ReLU(),
+        BatchedLinear(weight_sets, hidden_dim, out_dim),
+    )
 
 
 class AgentValue(nn.Module):
     """V_i(o_i) for every agent: obs [..., n, B, obs_dim] -> [..., n, B]."""
 
-    def __init__(self, weight_sets: int, obs_dim: int, hidden_dim: int, layer_norm: bool = False):
+    def __init__(self, weight_sets: int, obs_dim: int, hidden_dim: int):
         super().__init__()
-        self.net = batched_mlp(weight_sets, obs_dim, 1, hidden_dim, layer_norm)
+        self.net = batched_mlp(weight_sets, obs_dim, 1, hidden_dim)
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         return self.net(obs).squeeze(-1)
@@ -190,9 +187,9 @@ class AgentValue(nn.Module):
 class AgentQ(nn.Module):
     """Q_i(o_i, a_i) for every agent: obs [..., n, B, obs_dim], actions [..., n, B, act_dim] -> [..., n, B]."""
 
-    def __init__(self, weight_sets: int, obs_dim: int, act_dim: int, hidden_dim: int, layer_norm: bool = False):
+    def __init__(self, weight_sets: int, obs_dim: int, act_dim: int, hidden_dim: int):
         super().__init__()
-        self.net = batched_mlp(weight_sets, obs_dim + act_dim, 1, hidden_dim, layer_norm)
+        self.net = batched_mlp(weight_sets, obs_dim + act_dim, 1, hidden_dim)
 
     def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         return self.net(torch.cat([obs, actions], -1)).squeeze(-1)
@@ -282,8 +279,8 @@ class Agents(nn.Module):
                  discrete: bool = False):
         super().__init__()
         nets = count_weight_sets(n_agents, args.per_agent_networks, args.num_seeds)
-        self.v = AgentValue(nets, obs_dim, args.hidden_dim, args.critic_layer_norm)
-        self.q = AgentQ(nets, obs_dim, act_dim, args.hidden_dim, args.critic_layer_norm)
+        self.v = AgentValue(nets, obs_dim, args.hidden_dim)
+        self.q = AgentQ(nets, obs_dim, act_dim, args.hidden_dim)
         self.mixer = Mixer(state_dim, n_agents, args.mixer_hidden_dim, args.num_seeds)
         self.policy = make_policy(discrete, nets, obs_dim, act_dim, args.hidden_dim)
         self.v_target, self.q_target, self.mixer_target = (copy.deepcopy(m).requires_grad_(False) for m in (self.v, self.q, self.mixer))
