@@ -231,6 +231,7 @@ def run_local(executor: submitit.Executor, jobs: dict[Run, tuple[Path, submitit.
                   f"{message}", flush=True)
             if not ok and not stop.requested:
                 failed.append(f"{run.name}: {message}")
+    stop.restore()
     return failed, stop
 
 

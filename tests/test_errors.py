@@ -171,6 +171,7 @@ def test_exit_on_user_error_prints_one_line_and_other_errors_propagate(capsys, m
         raise DatasetError("data/x.hdf5: missing keys ['rewards']")
     assert exit_request.value.code == 2
     assert capsys.readouterr().err == "omiga.py: error: data/x.hdf5: missing keys ['rewards']\n"
+    handlers = [signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)]
     for signum in (signal.SIGINT, signal.SIGTERM):  # while the dataset loads or generates
         with pytest.raises(SystemExit) as exit_request, exit_on_user_error():
             os.kill(os.getpid(), signum)
@@ -178,7 +179,7 @@ def test_exit_on_user_error_prints_one_line_and_other_errors_propagate(capsys, m
         assert exit_request.value.code == 128 + signum
         assert capsys.readouterr().err == (f"omiga.py: {signum.name}: interrupted before training started (a dataset "
                                            f"being generated is not written)\n")
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handlers are put back
+    assert [signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)] == handlers  # put back
     with pytest.raises(ZeroDivisionError), exit_on_user_error():
         raise ZeroDivisionError("a bug, not bad input: its traceback is kept")
 
