@@ -335,9 +335,12 @@ def test_a_signal_to_the_grid_stops_its_running_cells_with_checkpoints(tmp_path,
             time.sleep(0.2)
         grid_process.send_signal(signal.SIGTERM)
         out, err = grid_process.communicate(timeout=120)
-    finally:
+    finally:  # a failed test leaves nothing training
         if grid_process.poll() is None:
             grid_process.kill()
+        for pid, (cwd, _) in run.processes().items():
+            if cwd == cell:
+                os.kill(pid, signal.SIGKILL)
     assert grid_process.returncode == 143, err
     assert "SIGTERM: stopping 1 running cells (they checkpoint); 0 not started" in out
     assert "stopped Hopper__medium-replay__omiga__0" in out
