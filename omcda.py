@@ -919,6 +919,8 @@ if __name__ == "__main__":
 
         with stop.interruptible(abandon_cloning):
             bc_losses = pretrain_behaviour(agents, dataset, args, generators).tolist()
+        if not args.save_model:  # no stale update-0 model.pt beside a run that asked for none
+            path.unlink()
         for writer, bc_loss in zip(writers, bc_losses):
             writer.add_scalar("losses/behaviour_cloning", bc_loss, 0)
     update_step = compile_update(update, args, device)

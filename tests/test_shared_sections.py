@@ -61,8 +61,8 @@ def test_fused_seed_run_sections_differ_only_where_omcda_documents():
     changed = [line for line in difflib.unified_diff(template, mine, lineterm="", n=0)
                if line[:1] in "+-" and not line.startswith(("+++", "---"))]
     documented = (r"check_args|POSITIVE|alpha_|behaviour|bc_loss|agent_summary|if checkpoint|else:|eval return|"
-                  r"monitor|decomposition_warning|common\.cli|exit_on_user_error|cloning|writer|^\+$")
-    assert len(changed) <= 28 and all(re.search(documented, line) for line in changed), changed
+                  r"monitor|decomposition_warning|common\.cli|exit_on_user_error|cloning|writer|update-0|path\.unlink|^\+$")
+    assert len(changed) <= 30 and all(re.search(documented, line) for line in changed), changed
 
 
 def test_comadice_run_section_is_omigas_with_its_initial_states():

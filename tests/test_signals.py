@@ -138,3 +138,13 @@ def test_signal_during_training_saves_the_checkpoint(script, signum, tiny_hopper
     assert checkpoint["step"] == int(stopped[2] or stopped[3]) >= 5
     assert {"agents", "optimizers", "args"} <= checkpoint.keys() and checkpoint["script"] == script
     assert not list(run_dir.glob(".*.tmp")) and "final return" not in result.stdout
+
+
+def test_omcda_keeps_no_checkpoint_of_update_0_without_save_model(tiny_hopper_dir, tmp_path):
+    """The checkpoint written before behaviour cloning is for an interrupt there: a run without --save-model that
+    cloned its behaviour policy leaves no model.pt behind."""
+    result = run_forked("omcda.py", "--data-dir", str(tiny_hopper_dir), *TINY_RUN, *SCRIPT_TINY_RUN["omcda.py"],
+                        "--total-steps", "10", "--eval-every", "10", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert (run_dir / "result.json").exists() and not (run_dir / "model.pt").exists()
