@@ -26,6 +26,17 @@ def two_context_batch(batch_size: int, generator: torch.Generator) -> Batch:
                  states=zeros[:, None], next_states=zeros[:, None])
 
 
+def test_tanh_gaussian_log_prob_is_the_density_of_the_squashed_gaussian():
+    """The log-density every script shares is torch.distributions' tanh-transformed Normal, Jacobian included (BC's
+    gradients cannot see the Jacobian, a constant in the mean and std; the importance weights of cfcql.py can)."""
+    mean, log_std = torch.tensor([[0.3, -1.2], [0.0, 0.8]]), torch.tensor([[-0.5, 0.4], [0.1, -1.0]])
+    actions = torch.tensor([[0.2, -0.95], [-0.6, 0.7]])  # [samples, action dims]
+    squashed = torch.distributions.TransformedDistribution(
+        torch.distributions.Normal(mean, log_std.exp()), [torch.distributions.TanhTransform()])
+    torch.testing.assert_close(bc.tanh_gaussian_log_prob(mean, log_std, actions), squashed.log_prob(actions).sum(-1),
+                               rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("per_agent_networks", [False, True])
 def test_bc_recovers_the_behaviour_mean_and_std_of_every_agent(per_agent_networks):
     torch.manual_seed(0)
