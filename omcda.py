@@ -24,11 +24,21 @@ the papers give the structure, not the equation.
       pi*_i ∝ pi_b,i exp(z_i),   z_i = w̄_i (Q̄_i - V_i) / alpha_i = x_i + y_i,   x_i = w̄^r_i (Q̄^r_i - V^r_i) / alpha_i,
     x_i the reward part of Prop. 3.2's exponent and y_i = z_i - x_i its conservative part Q^{c,i} - V^{c,i}. With
     per-agent alpha_i the soft value pays exactly sum_i alpha_i KL_i: V_tot = E_{pi*}[Q_tot] - sum_i alpha_i KL_i.
- 4. Value losses [OMIGA Eq. 11-13 with per-agent alpha_i; Who Matters Matters, Prop. 3.4: V normalises pi*_i]:
-      L_V  = E_D[ exp(z_i - c_i) + exp(-c_i) w̄_i V_i / alpha_i ]   -> E_{pi_b}[exp(z_i) | o_i] = 1: pi*_i is normalised
+ 4. Value losses [OMIGA Eq. 10, 13 with per-agent alpha_i; Who Matters Matters, Prop. 3.4: V normalises pi*_i]:
+      V̂_i(o_i) = (alpha_i / w̄_i) log E_{a ~ pi_b,i(.|o_i)}[ exp(w̄_i Q̄_i(o_i, a) / alpha_i) ]     (Eq. 10 solved for V_i)
+      L_V  = E_D[ (V̂_i(o_i) - V_i(o_i))^2 ]                       -> E_{pi_b}[exp(z_i) | o_i] = 1: pi*_i is normalised
       L_Vr = E_D[ sg(exp(z_i)) (Q̄^r_i - V^r_i)^2 ]                -> V^r_i = E_{pi*}[Q^r_i | o_i]
       L_Q  = E_D[ (r + gamma (1 - done) V̄_tot(s') - Q_tot(s, a))^2 ],       V_tot = sum_i w_i V_i + b
       L_Qr = E_D[ (r + gamma (1 - done) V̄^r_tot(s') - Q^r_tot(s, a))^2 ],   V^r_tot = sum_i w^r_i V^r_i + b^r
+    [ours] V̂_i is estimated per state: the exact sum over the available actions (discrete), or the log-mean-exp over
+    --behaviour-samples actions of pi_b,i drawn afresh at every update (continuous), so Q̄_i is read at actions of
+    pi_b,i as well as the data's. Why not OMIGA's exp loss (Eq. 12), E_D[exp(z_i) + w̄_i V_i / alpha_i] on the data's
+    single action per state: its minimiser normalises pi*_i only on average over the states V_i cannot tell apart,
+    and the exp charges a V_i too low far more than one too high, so V_i settles above the states' soft values by
+    about (alpha_i / w̄_i) Var_o(log E_{pi_b}[exp(z_i) | o]) / 2, an upward bias that grows as alpha_i falls and that
+    the backups compound (Hopper medium-replay, d_tot 1.2: values 2-3x the return of pi* by 60k updates, then the
+    collapse; docs/omcda.md). Squared error is symmetric; the log of a K-sample mean is biased low, which does not
+    compound upward.
  5. KL_i [ours: in-sample, of the policy the values define]: KL(pi*_i || pi_b,i) = E_{pi*}[z_i] = E_D[exp(z_i) z_i],
     no policy action needed (estimated self-normalised, see below). The KL of the extracted Gaussian pi_i to pi_b,i
     is logged beside it as a diagnostic.
@@ -63,12 +73,8 @@ most probable available action. Agents then see their local observation + id (--
 Choices the papers leave open (OMIGA's published values where they apply; otherwise ours):
 - gamma 0.99, tau 0.005 (targets of Q, V, Q^r, V^r and both mixers), Adam lr 5e-4, batch 128, 1e6 updates,
   2x256 ReLU networks, hypernetworks with one hidden layer of 64 on the global state, gradient-norm clip 1.0.
-- The shift c_i of L_V is a running average of the minibatch maximum of z_i at rate tau,
-  raised to max_B z_i - 50 only where exp would overflow float32. A constant shift is a positive rescaling, so the
-  minimiser is unchanged; shifting by each minibatch's own maximum (OMIGA's published code) scales each minibatch's
-  gradient by exp(-max_B z), smallest when the batch says "raise V", and moves SGD's fixed point to
-  E[exp(z)] = 1.3 / 2.9 at std(z) = 2 / 3 (batch 128). Adam is biased too once std(z) nears 3 (heavy-tailed
-  gradients): alpha_min keeps std(z), which grows like 1/alpha, in range; agents/normaliser_i = E_D[exp(z_i)] is logged.
+- 8 actions of pi_b,i per state and update in V̂_i (Hopper's agents act in 1 dimension); agents/normaliser_i =
+  E_D[exp(z_i)], 1 when V_i normalises pi*_i, is logged.
 - KL_i and the influence moments are expectations under pi*, estimated self-normalised over the minibatch
   (sum_B exp(z) f / sum_B exp(z), consistent because E_D[exp(z)] = 1) and smoothed by an exponential moving average
   (--estimate-ema, a 20-update window at 0.05); they use clamp(z) as the policy weights do. KL_i is the KL of the
@@ -208,6 +214,9 @@ class Args:
     """gradient-norm clip of every optimizer"""
     z_clip: float = 10.0
     """z is clamped to [-z_clip, z_clip] in the policy weight exp(z)"""
+    behaviour_samples: int = 8
+    """actions of pi_b,i per state and update in the soft value's target (continuous actions; discrete ones are
+    summed over exactly)"""
 
 
 def argument_ranges(args: Args) -> dict[str, Rule]:
@@ -219,7 +228,7 @@ def argument_ranges(args: Args) -> dict[str, Rule]:
         # blamed on --alpha-max when the bounds themselves are crossed
         "alpha_init": (lambda value: args.alpha_min > args.alpha_max or args.alpha_min <= value <= args.alpha_max,
                        f"in [--alpha-min, --alpha-max] = [{args.alpha_min}, {args.alpha_max}]"),
-        "bc_steps": at_least(1), "z_clip": POSITIVE,
+        "bc_steps": at_least(1), "z_clip": POSITIVE, "behaviour_samples": at_least(1),
     }
 
 
@@ -369,7 +378,6 @@ class Agents(nn.Module):
         self.mixer = Mixer(state_dim, n_agents, args.mixer_hidden_dim, seeds)
         self.policy = make_policy(discrete, nets, obs_dim, act_dim, args.hidden_dim)
         self.v_target, self.q_target, self.mixer_target = (copy.deepcopy(m).requires_grad_(False) for m in (self.v, self.q, self.mixer))
-        self.register_buffer("value_shift", torch.zeros(seeds, n_agents))
         if self.decouple:
             self.v_reward = AgentValue(nets, obs_dim, args.hidden_dim)
             self.q_reward = AgentQ(nets, obs_dim, act_dim, args.hidden_dim)
@@ -404,22 +412,51 @@ def make_optimizers(agents: Agents, args: Args) -> dict[str, torch.optim.Optimiz
     return optimizers
 
 
-EXP_HEADROOM = 50.0  # exp(z - c) <= e^50 in the exp value losses; float32 overflows at e^88
+@dataclass
+class NoisyBatch(Batch):
+    """A minibatch with the noise of --behaviour-samples actions of pi_b,i per agent and transition (continuous actions
+    only): standard normal [..., n, K * B, act_dim], K blocks of B rows."""
+
+    behaviour_noise: torch.Tensor | None = None
 
 
-def value_loss(v: torch.Tensor, q_target: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """OMIGA's L_V (OMIGA, Eq. 12) with per-agent alpha [..., n, 1]: E_D[exp(z_i - c_i) + exp(-c_i) w_i V_i / alpha_i],
-    z_i = w_i (Q̄_i - V_i) / alpha_i, summed over agents: [...]. Its minimiser is the soft value, E_{pi_b}[exp(z_i) | o_i]
-    = 1. c_i is the running shift [..., n], the same for every minibatch, so minibatch gradients stay unbiased."""
-    z = w * (q_target - v) / alpha
-    c = torch.maximum(shift, z.detach().max(-1).values - EXP_HEADROOM)[..., None]
-    return (torch.exp(z - c) + torch.exp(-c) * w * v / alpha).mean(-1).sum(-1)
+def sample_batch(dataset: Dataset, batch_size: int, behaviour_samples: int,
+                 generators: torch.Generator | list[torch.Generator]) -> NoisyBatch:
+    """A minibatch and its behaviour noise, both drawn by the sampling generators (one per fused seed, so that fused
+    seeds draw what separate runs draw)."""
+    return add_behaviour_noise(dataset.sample(batch_size, generators), behaviour_samples, generators)
 
 
-@torch.no_grad()
-def track_shift(shift: torch.Tensor, z: torch.Tensor, rate: float) -> None:
-    """Move an exp loss's shift c [..., n] towards this minibatch's max of z [..., n, B], after the loss used it."""
-    shift.lerp_(z.max(-1).values, rate)
+def add_behaviour_noise(batch: Batch, behaviour_samples: int,
+                        generators: torch.Generator | list[torch.Generator]) -> NoisyBatch:
+    if batch.avail is not None:  # discrete actions: the soft value sums over them exactly
+        return NoisyBatch(**vars(batch))
+    n_agents, size, act_dim = batch.actions.shape[-3:]
+    shape, device = (n_agents, behaviour_samples * size, act_dim), batch.actions.device
+    if isinstance(generators, list):
+        noise = torch.stack([torch.randn(shape, generator=one, device=device) for one in generators])
+    else:
+        noise = torch.randn(shape, generator=generators, device=device)
+    return NoisyBatch(**{**vars(batch), "behaviour_noise": noise})
+
+
+def soft_value_target(agents: Agents, batch: NoisyBatch, scale: torch.Tensor) -> torch.Tensor:
+    """V̂_i(o_i) = log E_{pi_b,i}[exp(scale_i Q̄_i(o_i, a))] / scale_i [..., n, B], scale_i = w̄_i / alpha_i [..., n, B]:
+    exact over the available actions (discrete), else over the K actions tanh(mean + std * noise_k) of pi_b,i."""
+    size = batch.obs.shape[-2]
+    if batch.avail is not None:
+        log_behaviour = agents.behaviour.log_probs(batch.obs, batch.avail).movedim(-1, -2)  # [..., n, A, B]
+        n_actions = log_behaviour.shape[-2]
+        actions = torch.eye(n_actions, device=batch.obs.device).repeat_interleave(size, 0)  # A blocks of B rows
+        actions = actions.expand(*batch.obs.shape[:-2], *actions.shape)
+        log_weights, samples = log_behaviour, n_actions
+    else:
+        samples = batch.behaviour_noise.shape[-2] // size
+        mean, log_std = (torch.cat([x] * samples, -2) for x in agents.behaviour(batch.obs))
+        actions = torch.tanh(mean + log_std.exp() * batch.behaviour_noise)
+        log_weights = torch.full((), -math.log(samples), device=batch.obs.device)
+    q = agents.q_target(torch.cat([batch.obs] * samples, -2), actions).unflatten(-1, (samples, size))
+    return torch.logsumexp(log_weights + scale[..., None, :] * q, -2) / scale
 
 
 def reward_value_loss(v_reward: torch.Tensor, q_target: torch.Tensor, z: torch.Tensor, z_clip: float) -> torch.Tensor:
@@ -555,13 +592,15 @@ def pretrain_behaviour(agents: Agents, dataset: Dataset, args: Args,
     return loss.detach()
 
 
-def update(agents: Agents, optimizers: dict, batch: Batch, args: Args) -> dict[str, torch.Tensor]:
+def update(agents: Agents, optimizers: dict, batch: NoisyBatch, args: Args) -> dict[str, torch.Tensor]:
     """One OMCDA update: V and V^r, then Q and Q^r, then the policy, then KL_i, influence, allocation and the alpha_i
     step."""
     alpha = agents.log_alpha.detach().exp()[..., None]
     with torch.no_grad():
         w_target, _ = agents.mixer_target(batch.states)
         q_target = agents.q_target(batch.obs, batch.actions)
+        # w̄_i = 0 leaves agent i out of Q_tot; the floor only keeps the division finite (the limit is the mean).
+        v_soft_target = soft_value_target(agents, batch, w_target.clamp_min(1e-6) / alpha)
         next_w, next_b = agents.mixer_target(batch.next_states)
         next_v_tot = mix(next_w, agents.v_target(batch.next_obs), next_b)
         if agents.decouple:
@@ -572,7 +611,7 @@ def update(agents: Agents, optimizers: dict, batch: Batch, args: Args) -> dict[s
 
     v = agents.v(batch.obs)
     z = w_target * (q_target - v.detach()) / alpha
-    loss_v = value_loss(v, q_target, w_target, alpha, agents.value_shift)
+    loss_v = (v - v_soft_target).pow(2).mean(-1).sum(-1)
     metrics = {}
     if agents.decouple:
         v_reward = agents.v_reward(batch.obs)
@@ -591,7 +630,6 @@ def update(agents: Agents, optimizers: dict, batch: Batch, args: Args) -> dict[s
     else:  # no reward part to isolate: m_i = alpha_i E[z^2] / E[z^2] = alpha_i
         reward_part, state_kl = z, torch.zeros_like(z)
         clipped_step(optimizers["v"], loss_v, args.grad_clip, args.num_seeds)
-    track_shift(agents.value_shift, z, args.tau)
 
     w, b = agents.mixer(batch.states)
     q_tot = mix(w, agents.q(batch.obs, batch.actions), b)
@@ -961,7 +999,7 @@ if __name__ == "__main__":
     progress = tqdm(range(start_step + 1, args.total_steps + 1), initial=start_step, total=args.total_steps,
                     mininterval=2.0, desc=args.exp_name)
     for step in progress:
-        metrics = update_step(agents, optimizers, dataset.sample(args.batch_size, generators), args)
+        metrics = update_step(agents, optimizers, sample_batch(dataset, args.batch_size, args.behaviour_samples, generators), args)
         if step % args.log_every == 0 or step == args.total_steps:
             per_seed = seed_metrics(metrics, len(seeds))
             for values, seed in zip(per_seed, seeds):

@@ -4,7 +4,6 @@
 
 Loads each checkpoint (model.pt of a --save-model run; fused seeds are measured one by one) and prints one markdown
 row per (checkpoint, seed, agent). On one fixed sample of the dataset (same transitions for every checkpoint):
-  shift c      the running shift c_i of the soft value's exp loss (its gradient scales with exp(-c_i));
   z_std        the spread of z_i = w̄_i (Q̄_i - V_i) / alpha_i over the sample (the update's z);
   ess          the effective sample size of the policy weights exp(clamp(z_i)) per minibatch of --batch-size,
                (sum w)^2 / sum w^2 / B, averaged over the sample's minibatches;
@@ -89,7 +88,7 @@ def data_measures(agents: omcda.Agents, args: omcda.Args, batch, action_samples:
     b_mean, b_log_std = agents.behaviour(obs)
     out = {"z_std": z.std(-1), "ess": ess, "z_data": z.mean(-1), "z_pi": z_of(torch.tanh(mean)).mean(-1),
            "z_b": z_of(torch.tanh(b_mean)).mean(-1), "kl_pi": omcda.gaussian_kl(mean, log_std, b_mean, b_log_std).mean(-1),
-           "log_std": log_std.mean((-2, -1)), "log_std_b": b_log_std.mean((-2, -1)), "shift": agents.value_shift.clone()}
+           "log_std": log_std.mean((-2, -1)), "log_std_b": b_log_std.mean((-2, -1))}
 
     # log E_{pi_b}[exp z | o] and KL(pi* || pi_b | o) from actions of pi_b at the first kl_states states
     few = slice(0, kl_states)
@@ -207,8 +206,8 @@ def main(argv: list[str] | None = None) -> None:
 
     team_rows = ["| checkpoint | step | seed | pi | pi sampled | pi_b | pi* | Q_tot - Q^r_tot / V_tot - V^r_tot (data) | V_tot / V^r_tot / discounted return of pi, pi* (start) "
                  "| swaps: pi_b for agent i / pi for agent i |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
-    agent_rows = ["| step | seed | agent | alpha | shift c | z_std | ess | lognorm mean ± std | kl_state | kl_pi | kl_pi_visited | "
-                  "log_std pi / pi_b | z_data / z_pi / z_b | sat |", "| ---: | ---: | ---: |" + " ---: |" * 11]
+    agent_rows = ["| step | seed | agent | alpha | z_std | ess | lognorm mean ± std | kl_state | kl_pi | kl_pi_visited | "
+                  "log_std pi / pi_b | z_data / z_pi / z_b | sat |", "| ---: | ---: | ---: |" + " ---: |" * 10]
     dataset = None
     for model in options.models:
         args, agents, step = load_agents(model)
@@ -249,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
             for i in range(n):
                 m = {name: value[k, i].item() for name, value in measures.items() if value.ndim == 2}
                 agent_rows.append(
-                    f"| {step} | {seed} | {i} | {alpha[i]:.3g} | {m['shift']:.2f} | {m['z_std']:.2f} | {m['ess']:.3f} | "
+                    f"| {step} | {seed} | {i} | {alpha[i]:.3g} | {m['z_std']:.2f} | {m['ess']:.3f} | "
                     f"{m['lognorm_mean']:.2f} ± {m['lognorm_std']:.2f} | {m['kl_state']:.3f} | {m['kl_pi']:.3f} | "
                     f"{kl_visited[i]:.3f} | {m['log_std']:.2f} / {m['log_std_b']:.2f} | "
                     f"{m['z_data']:.2f} / {m['z_pi']:.2f} / {m['z_b']:.2f} | {saturated[i]:.3f} |")

@@ -90,6 +90,9 @@ def make_update_step(algo: str, dataset: Dataset, device: torch.device, batch_si
     if algo == "comadice":
         return lambda: update(agents, optimizers, dataset.sample(batch_size, generator),
                               script.sample_initial_states(dataset, batch_size, generator), args)
+    if algo == "omcda":
+        return lambda: update(agents, optimizers, script.sample_batch(dataset, batch_size, args.behaviour_samples,
+                                                                      generator), args)
     return lambda: update(agents, optimizers, dataset.sample(batch_size, generator), args)
 
 

@@ -38,9 +38,6 @@ class Mutant:
 SOFT_VALUE = [
     Mutant("no-done", "rewards + gamma * (1.0 - dones) * next_v_tot", "rewards + gamma * next_v_tot"),
     Mutant("no-gamma", "rewards + gamma * (1.0 - dones) * next_v_tot", "rewards + (1.0 - dones) * next_v_tot"),
-    Mutant("value-loss-sign", "torch.exp(z - c) + torch.exp(-c) * w * v / alpha",
-           "torch.exp(z - c) - torch.exp(-c) * w * v / alpha"),
-    Mutant("no-shift-tracking", "    track_shift(agents.value_shift, z, args.tau)\n", "\n"),
     Mutant("policy-loss-sign", "return -(weight * log_prob).mean(-1).sum(-1)",
            "return (weight * log_prob).mean(-1).sum(-1)"),
     Mutant("online-next-v", "mix(next_w, agents.v_target(batch.next_obs), next_b)",
@@ -51,6 +48,9 @@ SOFT_VALUE = [
 ]
 
 OMIGA = SOFT_VALUE + [
+    Mutant("value-loss-sign", "torch.exp(z - c) + torch.exp(-c) * w * v / alpha",
+           "torch.exp(z - c) - torch.exp(-c) * w * v / alpha"),
+    Mutant("no-shift-tracking", "    track_shift(agents.value_shift, z, args.tau)\n", "\n"),
     Mutant("no-mix-bias", "return (w * values).sum(-2) + b", "return (w * values).sum(-2)"),
     Mutant("minibatch-shift", "c = torch.maximum(shift, z.detach().max(-1).values - EXP_HEADROOM)[..., None]",
            "c = z.detach().max(-1).values[..., None]"),
@@ -61,6 +61,16 @@ OMIGA = SOFT_VALUE + [
 ]
 
 OMCDA = SOFT_VALUE + [
+    Mutant("value-target-at-data-action", "loss_v = (v - v_soft_target).pow(2)", "loss_v = (v - q_target).pow(2)"),
+    Mutant("value-target-unweighted-by-behaviour", "torch.logsumexp(log_weights + scale[..., None, :] * q, -2)",
+           "torch.logsumexp(scale[..., None, :] * q, -2)"),
+    Mutant("value-target-mean-not-log-mean-exp", "return torch.logsumexp(log_weights + scale[..., None, :] * q, -2) / scale",
+           "return (log_weights.exp() * q).sum(-2)"),
+    Mutant("value-target-online-q", "q = agents.q_target(torch.cat([batch.obs] * samples, -2), actions)",
+           "q = agents.q(torch.cat([batch.obs] * samples, -2), actions).detach()"),
+    Mutant("exp-value-loss", "loss_v = (v - v_soft_target).pow(2).mean(-1).sum(-1)",
+           "loss_v = (torch.exp(w_target * (q_target - v) / alpha - 5.0) + math.exp(-5.0) * w_target * v / alpha)"
+           ".mean(-1).sum(-1)"),
     Mutant("reward-value-unweighted", "return (weight * (q_target - v_reward).pow(2))",
            "return ((q_target - v_reward).pow(2))"),
     Mutant("state-kl-unweighted", "return (torch.exp(z) * (z - state_kl).pow(2))", "return ((z - state_kl).pow(2))"),

@@ -33,7 +33,8 @@ def test_compiled_graph_trains_like_eager(algo, seeds):
         update = script.compile_update(script.update, args, device)
         def minibatches() -> list:
             sampler = script.NextActionSampler(dataset) if algo == "icq" else dataset
-            batches = [sampler.sample(args.batch_size, generators)]
+            batches = [script.sample_batch(dataset, args.batch_size, args.behaviour_samples, generators)
+                       if algo == "omcda" else sampler.sample(args.batch_size, generators)]
             if algo == "comadice":
                 batches.append(script.sample_initial_states(dataset, args.batch_size, generators))
             return batches

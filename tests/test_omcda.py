@@ -1,5 +1,5 @@
-"""OMCDA: allocation, the alpha_i solve, the exp losses under minibatches, the influence and KL estimators against
-enumeration, the values of a multi-step chain against their closed form, allocation on a task where one agent matters,
+"""OMCDA: allocation, the alpha_i solve, the per-state soft value against enumeration and quadrature (and against the
+exp loss's upward bias), the influence and KL estimators against enumeration, the values of a multi-step chain against their closed form, allocation on a task where one agent matters,
 smoke runs of the headline command and each ablation, and benchmarks/omcda_diagnose.py on the smoke run's
 checkpoint."""
 
@@ -15,8 +15,7 @@ import torch
 import omcda
 from common.datasets import Dataset
 from conftest import (CHAIN_GAMMA, CHAIN_JOINT, CHAIN_REWARD, REPO, assert_polyak_step, chain_dataset,
-                      chain_joint_batch, chain_soft_optimum, exp_loss_fixed_point, perturb_, random_batch, run_script,
-                      smoke_run)
+                      chain_joint_batch, chain_soft_optimum, perturb_, random_batch, run_script, smoke_run)
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import omcda_diagnose  # noqa: E402
@@ -66,12 +65,79 @@ def test_gaussian_kl_matches_torch_distributions():
     torch.testing.assert_close(omcda.gaussian_kl(mean, log_std, ref_mean, ref_log_std), expected)
 
 
-def test_exp_value_loss_reaches_its_minimiser_under_minibatches():
-    """std(z) = 3, minibatches of 128, plain SGD: the fixed point normalises, E[exp(z)] = 1 (a per-minibatch max shift
-    gives about 2.9 here)."""
-    normaliser = exp_loss_fixed_point(lambda v, q, shift: omcda.value_loss(v, q, torch.ones_like(q), torch.ones(1, 1), shift),
-                                      omcda.track_shift)
-    assert abs(normaliser - 1.0) < 0.05, normaliser
+def placeholder_batch(obs: torch.Tensor, avail: torch.Tensor | None = None) -> omcda.NoisyBatch:
+    """A batch whose only meaningful fields are obs [1, n, B, obs_dim] and avail (what the soft value target reads)."""
+    seeds, n_agents, size, _ = obs.shape
+    agent, joint = torch.zeros(seeds, n_agents, size, 1), torch.zeros(seeds, size)
+    return omcda.NoisyBatch(obs=obs, actions=agent, rewards=joint, next_obs=obs, dones=joint, states=joint[..., None],
+                            next_states=joint[..., None], avail=avail, next_avail=avail)
+
+
+def test_soft_value_target_is_the_behaviour_policys_log_mean_exp():
+    """V̂_i = log E_{pi_b,i}[exp(s_i Q̄_i)] / s_i: on one-hot actions the sum over the available ones, weighted by
+    pi_b,i; on continuous actions, with 4,096 actions of pi_b,i, the tanh-Gaussian integral by quadrature."""
+    torch.manual_seed(0)
+    args = omcda.Args(hidden_dim=16, mixer_hidden_dim=8)
+    obs, scale = torch.randn(1, 2, 5, 3), 0.5 + torch.rand(1, 2, 5)
+
+    agents = omcda.Agents(2, 3, 4, 4, args, discrete=True)
+    avail = torch.rand(1, 2, 5, 4) < 0.6
+    avail[..., 0] = True
+    with torch.no_grad():
+        probs = agents.behaviour.log_probs(obs, avail).exp()
+        q = torch.stack([agents.q_target(obs, one_hot.expand(1, 2, 5, 4)) for one_hot in torch.eye(4)], -1)
+        got = omcda.soft_value_target(agents, placeholder_batch(obs, avail), scale)
+    torch.testing.assert_close(got, torch.log((probs * torch.exp(scale[..., None] * q)).sum(-1)) / scale)
+
+    agents = omcda.Agents(2, 3, 1, 4, args)
+    with torch.no_grad():
+        batch = omcda.add_behaviour_noise(placeholder_batch(obs), 4096, [torch.Generator().manual_seed(0)])
+        got = omcda.soft_value_target(agents, batch, scale)
+        mean, log_std = agents.behaviour(obs)  # [1, 2, 5, 1]
+        u = mean + log_std.exp() * torch.linspace(-8, 8, 2001)  # [1, 2, 5, 2001] on the pre-tanh axis
+        density = torch.exp(-0.5 * ((u - mean) / log_std.exp()) ** 2) / (log_std.exp() * math.sqrt(2 * math.pi))
+        q = agents.q_target(obs.unsqueeze(-2).expand(-1, -1, -1, 2001, -1).flatten(2, 3),
+                            torch.tanh(u).flatten(2, 3)[..., None]).unflatten(-1, (5, 2001))
+        integral = torch.trapezoid(density * torch.exp(scale[..., None] * q), u)
+    torch.testing.assert_close(got, torch.log(integral) / scale, atol=0.01, rtol=0)
+
+
+class StateBlindValue(torch.nn.Module):
+    """One V_i per agent whatever o_i: a value that cannot tell the states apart."""
+
+    def __init__(self, n_agents: int):
+        super().__init__()
+        self.value = torch.nn.Parameter(torch.zeros(n_agents, 1))
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.value.expand(*obs.shape[:-1])
+
+
+def test_a_value_blind_to_the_state_fits_the_mean_of_the_states_soft_values():
+    """The mechanism of the collapse at d_tot 1.2 on Hopper (docs/omcda.md): OMIGA's exp loss fits V_i, over states it
+    cannot tell apart, to a soft maximum of their values, and the backups compound the excess. On the chain with V_i
+    blind to the state and Q̄_i, the mixer and alpha_i frozen, the per-state soft values V̂_i(o) spread over several
+    units: L_V must settle V_i at their mean over the data, as squared error does (the exp loss settles 3.5 above)."""
+    torch.manual_seed(0)
+    dataset = chain_dataset(discrete=True)
+    args, agents, optimizers, _ = chain_agents(dataset)
+    with torch.no_grad():
+        agents.q.net[-1].weight.mul_(80.0)
+        agents.q_target.load_state_dict(agents.q.state_dict())
+    optimizers["q"].param_groups[0]["lr"] = 0.0
+    agents.v, agents.v_target = StateBlindValue(2), StateBlindValue(2)
+    optimizers["v"] = torch.optim.Adam(agents.v.parameters(), lr=0.05)
+    batch = dataset.gather(torch.arange(len(dataset)))
+    for _ in range(400):
+        omcda.update(agents, optimizers, batch, args)
+    with torch.no_grad():
+        w, _ = agents.mixer_target(batch.states)
+        scale = w / torch.tensor(CHAIN_ALPHA, dtype=torch.float32)[:, None]
+        probs = agents.behaviour.log_probs(batch.obs, batch.avail).exp()
+        q = torch.stack([agents.q_target(batch.obs, one_hot.expand_as(batch.actions)) for one_hot in torch.eye(2)], -1)
+        soft_values = torch.log((probs * torch.exp(scale[..., None] * q)).sum(-1)) / scale  # [n, rows]
+    assert (soft_values.amax(-1) - soft_values.amin(-1)).min() > 2.0
+    torch.testing.assert_close(agents.v.value.detach().flatten(), soft_values.mean(-1), atol=0.05, rtol=0)
 
 
 def tilted_policy(alpha, q_reward, q_conservative, w_reward, behaviour, sharpness=None):
@@ -181,8 +247,8 @@ def chain_agents(dataset: Dataset) -> tuple[omcda.Args, omcda.Agents, dict, torc
     """OMCDA's networks for the chain, alpha_i held at CHAIN_ALPHA, pi_b cloned; their optimizers and the sampling
     generator."""
     args = omcda.Args(gamma=CHAIN_GAMMA, tau=0.05, hidden_dim=64, mixer_hidden_dim=32, q_lr=2e-3, v_lr=2e-3,
-                      alpha_lr=0.0, alpha_min=0.1, alpha_max=10.0, bc_steps=0)
-    agents = omcda.Agents(2, dataset.obs_dim, 1, 4, args)
+                      alpha_lr=0.0, alpha_min=0.1, alpha_max=10.0, bc_steps=1500, bc_lr=3e-3)
+    agents = omcda.Agents(2, dataset.obs_dim, 2 if dataset.discrete else 1, 4, args, discrete=dataset.discrete)
     with torch.no_grad():
         agents.log_alpha.copy_(torch.tensor(np.log(CHAIN_ALPHA), dtype=torch.float32))
     optimizers = omcda.make_optimizers(agents, args)
@@ -196,7 +262,7 @@ def test_values_match_the_closed_form_on_a_multi_step_chain():
     Q^r_tot, V^r_tot equal those of pi*, so bootstrapping, both backups, the KL payment, alpha_i inside z_i and the
     weights of L_Vr all count."""
     torch.manual_seed(0)
-    dataset = chain_dataset()
+    dataset = chain_dataset(discrete=True)  # one-hot actions: V̂_i sums over them exactly
     args, agents, optimizers, generator = chain_agents(dataset)
     batch = chain_joint_batch(dataset)
 
@@ -252,7 +318,7 @@ def train_on_heterogeneous_task(allocation: str, steps: int = 900):
     generator = torch.Generator().manual_seed(0)
     omcda.pretrain_behaviour(agents, dataset, args, generator)
     for _ in range(steps):
-        omcda.update(agents, optimizers, dataset.sample(128, generator), args)
+        omcda.update(agents, optimizers, omcda.sample_batch(dataset, 128, args.behaviour_samples, generator), args)
     with torch.no_grad():
         action = agents.policy.act(dataset.obs[:, :1]).squeeze().numpy()
     return agents.budget[0].clone(), float(-(scale * (action - best) ** 2).sum())
@@ -278,7 +344,7 @@ def test_a_terminal_transition_backs_up_nothing():
     there are the reward alone, while the next states' values are far from 0 (a backup without (1 - done) in either
     chain would add gamma V(s') to it)."""
     torch.manual_seed(0)
-    dataset = chain_dataset(terminal_state=3)
+    dataset = chain_dataset(terminal_state=3, discrete=True)
     args, agents, optimizers, generator = chain_agents(dataset)
     for _ in range(2000):
         omcda.update(agents, optimizers, dataset.sample(128, generator), args)
@@ -322,8 +388,8 @@ def diagnose(model, data_dir, capsys) -> tuple[list[list[str]], list[list[str]]]
 def test_diagnosis_of_a_checkpoint_sees_pi_against_pi_b(tiny_hopper_dir, tmp_path, capsys):
     run = smoke_run("omcda.py", tiny_hopper_dir, tmp_path, "--bc-steps", "20", total_steps=20)
     (team,), agents = diagnose(run.run_dir / "model.pt", tiny_hopper_dir, capsys)
-    assert len(agents) == 3 and all(0 < float(row[6]) <= 1 for row in agents)  # the ess of the policy weights
-    assert max(float(row[9]) for row in agents) > 1e-3  # pi moved away from pi_b in 20 updates
+    assert len(agents) == 3 and all(0 < float(row[5]) <= 1 for row in agents)  # the ess of the policy weights
+    assert max(float(row[8]) for row in agents) > 1e-3  # pi moved away from pi_b in 20 updates
     assert team[3] != team[5]  # and acts differently: the returns of pi and pi_b
     checkpoint = torch.load(run.run_dir / "model.pt", weights_only=False)
     for name in [key for key in checkpoint["agents"] if key.startswith("behaviour.")]:
@@ -331,8 +397,8 @@ def test_diagnosis_of_a_checkpoint_sees_pi_against_pi_b(tiny_hopper_dir, tmp_pat
     copied = tmp_path / "pi_is_pi_b.pt"
     torch.save(checkpoint, copied)
     (team,), agents = diagnose(copied, tiny_hopper_dir, capsys)
-    assert all(row[9] == "0.000" and row[10] == "0.000" for row in agents)  # kl_pi on the data and visited states
-    _, z_pi, z_b = zip(*(row[12].split(" / ") for row in agents))
+    assert all(row[8] == "0.000" and row[9] == "0.000" for row in agents)  # kl_pi on the data and visited states
+    _, z_pi, z_b = zip(*(row[11].split(" / ") for row in agents))
     assert z_pi == z_b
     pi_return, _, pi_b_return = team[3:6]
     assert pi_return == pi_b_return
@@ -372,6 +438,11 @@ def test_unknown_allocation_is_a_clear_error(tiny_hopper_dir, tmp_path):
     assert "invalid choice 'greedy'" in result.stderr and "'influence', 'uniform', 'random'" in result.stderr
 
 
+def noisy(batch, seed: int = 0) -> omcda.NoisyBatch:
+    """A continuous batch with the noise of 8 behaviour actions per transition."""
+    return omcda.add_behaviour_noise(batch, 8, torch.Generator().manual_seed(seed))
+
+
 def small_agents(obs_dim: int = 3, state_dim: int = 4, **overrides) -> tuple[omcda.Args, omcda.Agents]:
     """Two agents with one action dim each, the input sizes of random_batch unless given."""
     torch.manual_seed(0)
@@ -393,7 +464,7 @@ def test_losses_read_the_target_networks_where_the_maths_has_them(online, unchan
     args, base = small_agents(alpha_init=1.0)
     perturbed = copy.deepcopy(base)
     perturb_(getattr(perturbed, online))
-    batch = random_batch()
+    batch = noisy(random_batch())
     expected = omcda.update(base, omcda.make_optimizers(base, args), batch, args)
     got = omcda.update(perturbed, omcda.make_optimizers(perturbed, args), batch, args)
     for name in unchanged:
@@ -406,7 +477,7 @@ def test_targets_are_polyak_averages_of_the_online_networks():
     pairs = {"v_target": "v", "q_target": "q", "mixer_target": "mixer", "v_reward_target": "v_reward",
              "q_reward_target": "q_reward", "mixer_reward_target": "mixer_reward"}
     before = {name: copy.deepcopy(getattr(agents, name).state_dict()) for name in pairs}
-    omcda.update(agents, omcda.make_optimizers(agents, args), random_batch(), args)
+    omcda.update(agents, omcda.make_optimizers(agents, args), noisy(random_batch()), args)
     assert_polyak_step(before, agents, pairs, args.tau)
 
 
@@ -421,25 +492,11 @@ def test_policy_weights_are_clamped_at_z_clip():
 FROZEN = dict(q_lr=0.0, v_lr=0.0, policy_lr=0.0, alpha_lr=0.0)  # nothing learns: a stationary stream of estimates
 
 
-def test_update_moves_the_value_shift_towards_the_minibatch_max_of_z():
-    """Nothing learning and one minibatch repeated, z is fixed and the shift c after k updates is
-    (1 - (1 - tau)^k) max_B z: the update tracks it itself, as L_V's unbiasedness needs."""
-    args, agents = small_agents(tau=0.1, alpha_init=0.2, **FROZEN)
-    optimizers, batch = omcda.make_optimizers(agents, args), random_batch()
-    with torch.no_grad():
-        w, _ = agents.mixer_target(batch.states)
-        z = w * (agents.q_target(batch.obs, batch.actions) - agents.v(batch.obs)) / args.alpha_init
-    for _ in range(20):
-        omcda.update(agents, optimizers, batch, args)
-    torch.testing.assert_close(agents.value_shift, (1 - (1 - args.tau) ** 20) * z.max(-1).values[None])
-    assert (agents.value_shift.abs() > 0.01).all()
-
-
 def estimate_series(estimate_ema: float, updates: int = 300) -> dict[str, torch.Tensor]:
     """agents/kl and agents/influence after each update on fresh random minibatches, nothing learning."""
     args, agents = small_agents(alpha_init=0.3, estimate_ema=estimate_ema, **FROZEN)
     optimizers = omcda.make_optimizers(agents, args)
-    series = [omcda.update(agents, optimizers, random_batch(seed=k), args) for k in range(updates)]
+    series = [omcda.update(agents, optimizers, noisy(random_batch(seed=k)), args) for k in range(updates)]
     return {name: torch.stack([metrics[name] for metrics in series])[100:] for name in ("agents/kl", "agents/influence")}
 
 
@@ -463,10 +520,10 @@ def test_influence_is_zero_when_the_reward_critic_is():
         for network in (agents.q_reward_target, agents.v_reward):
             network.net[-1].weight.zero_()
             network.net[-1].bias.zero_()
-    metrics = omcda.update(agents, omcda.make_optimizers(agents, args), random_batch(), args)
+    metrics = omcda.update(agents, omcda.make_optimizers(agents, args), noisy(random_batch()), args)
     torch.testing.assert_close(metrics["agents/influence"], torch.zeros(1, 2))
     _, with_reward = small_agents(alpha_init=0.3)
-    metrics = omcda.update(with_reward, omcda.make_optimizers(with_reward, args), random_batch(), args)
+    metrics = omcda.update(with_reward, omcda.make_optimizers(with_reward, args), noisy(random_batch()), args)
     assert (metrics["agents/influence"].abs() > 1e-3).all()
 
 
