@@ -85,9 +85,8 @@ Choices the papers leave open (OMIGA's published values where they apply; otherw
 - alpha_i starts at 10 (OMIGA's MuJoCo alpha) and lives in [0.1, 100], log-alpha Adam lr 1e-3. The budget, not the
   floor, is the regulariser: on Hopper medium-replay (30k updates, d_tot 0.3 / 1.2 / 3) alpha_i fell to 0.15-1 within
   5k updates, then rose with the scale of Q (to 1-9 at 30k), and no logged step had every alpha_i on the floor.
-- Known limitation (docs/omcda.md has the runs): on Hopper medium-replay the budgets of d_tot 1.2 and 3 hold alpha_i
-  where the soft backup's overestimation grows without bound (OMIGA at the same alpha collapses too), and the returns
-  collapse. DecompositionMonitor warns when Q_tot - Q^r_tot turns positive, the soft chain's share of it.
+- DecompositionMonitor warns when Q_tot - Q^r_tot turns positive (the decomposition puts it at or below 0): with
+  OMIGA's exp loss for V_i it did, 40k updates before the returns collapsed (docs/omcda.md).
 """
 
 from __future__ import annotations

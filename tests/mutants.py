@@ -152,8 +152,40 @@ BC = [
     Mutant("std-not-learned", "- log_std - 0.5 * math.log(2 * math.pi)", "- 0.5 * math.log(2 * math.pi)"),
 ]
 
+OMAR = [
+    Mutant("no-done", "target = rewards + gamma * (1.0 - dones) * next_q\n", "target = rewards + gamma * next_q\n"),
+    Mutant("no-gamma", "target = rewards + gamma * (1.0 - dones) * next_q\n", "target = rewards + (1.0 - dones) * next_q\n"),
+    Mutant("max-of-target-critics", "return torch.min(*(critic(next_obs, next_actions) for critic in agents.q_target))",
+           "return torch.max(*(critic(next_obs, next_actions) for critic in agents.q_target))"),
+    Mutant("online-next-policy", "next_actions = agents.policy_target.act(next_obs)", "next_actions = agents.policy.act(next_obs)"),
+    Mutant("no-penalty", "loss_cql = sum(conservative_penalty(q[:, 1:].transpose(0, 1), log_density, q[:, 0]) for q in qs)",
+           "loss_cql = 0.0 * sum(conservative_penalty(q[:, 1:].transpose(0, 1), log_density, q[:, 0]) for q in qs)"),
+    Mutant("no-importance-density", "return torch.logsumexp(values - log_density, 0) - math.log(values.shape[0])",
+           "return torch.logsumexp(values, 0) - math.log(values.shape[0])"),
+    Mutant("rectify-towards-the-worse", "torch.where((policy_q >= sampled_q)[..., None], policy_actions, sampled_actions)",
+           "torch.where((policy_q < sampled_q)[..., None], policy_actions, sampled_actions)"),
+    Mutant("policy-q-sign", "omar_coe * rectification - (1.0 - omar_coe) * q + action_l2",
+           "omar_coe * rectification + (1.0 - omar_coe) * q + action_l2"),
+]
+
+BCQ_MA = [
+    Mutant("no-done", "args.candidates, args.soft_clip)\n        target = batch.rewards + args.gamma * (1.0 - batch.dones) * next_value",
+           "args.candidates, args.soft_clip)\n        target = batch.rewards + args.gamma * next_value"),
+    Mutant("no-gamma", "args.candidates, args.soft_clip)\n        target = batch.rewards + args.gamma * (1.0 - batch.dones) * next_value",
+           "args.candidates, args.soft_clip)\n        target = batch.rewards + (1.0 - batch.dones) * next_value"),
+    Mutant("soft-clip-swapped", "return soft_clip * torch.minimum(q1, q2) + (1.0 - soft_clip) * torch.maximum(q1, q2)",
+           "return soft_clip * torch.maximum(q1, q2) + (1.0 - soft_clip) * torch.minimum(q1, q2)"),
+    Mutant("candidate-mean-not-max", "return values.unflatten(1, (obs.shape[1], candidates)).max(-1).values",
+           "return values.unflatten(1, (obs.shape[1], candidates)).mean(-1)"),
+    Mutant("vae-without-kl", "return (reconstruction + kl_weight * kl).sum()", "return reconstruction.sum()"),
+    Mutant("td-unweighted", "return (weight * (q - target).pow(2)).mean(-1).sum()", "return ((q - target).pow(2)).mean(-1).sum()"),
+    Mutant("perturbation-loss-sign", "return -(weight * perturbed_q).mean(-1).sum()", "return (weight * perturbed_q).mean(-1).sum()"),
+    Mutant("frozen-critic-target", "    soft_update(agents.critic_target, agents.critic, args.tau)\n    soft_update(agents.perturbation_target, agents.perturbation, args.tau)\n    metrics.update(",
+           "    soft_update(agents.perturbation_target, agents.perturbation, args.tau)\n    metrics.update("),
+]
+
 MUTANTS: dict[str, list[Mutant]] = {"omiga": OMIGA, "omcda": OMCDA, "cql_ma": CQL_MA, "cfcql": CFCQL, "icq": ICQ,
-                                    "comadice": COMADICE, "bc": BC}
+                                    "comadice": COMADICE, "bc": BC, "omar": OMAR, "bcq_ma": BCQ_MA}
 
 
 def check_applies(script: str, mutant: Mutant, text: str) -> None:
