@@ -428,6 +428,7 @@ def sample_batch(dataset: Dataset, batch_size: int, behaviour_samples: int,
 
 def add_behaviour_noise(batch: Batch, behaviour_samples: int,
                         generators: torch.Generator | list[torch.Generator]) -> NoisyBatch:
+    """The batch with its behaviour noise, seed k's drawn by generators[k] (a single generator: no seed dim)."""
     if batch.avail is not None:  # discrete actions: the soft value sums over them exactly
         return NoisyBatch(**vars(batch))
     n_agents, size, act_dim = batch.actions.shape[-3:]
@@ -453,7 +454,7 @@ def soft_value_target(agents: Agents, batch: NoisyBatch, scale: torch.Tensor) ->
         samples = batch.behaviour_noise.shape[-2] // size
         mean, log_std = (torch.cat([x] * samples, -2) for x in agents.behaviour(batch.obs))
         actions = torch.tanh(mean + log_std.exp() * batch.behaviour_noise)
-        log_weights = torch.full((), -math.log(samples), device=batch.obs.device)
+        log_weights = -math.log(samples)
     q = agents.q_target(torch.cat([batch.obs] * samples, -2), actions).unflatten(-1, (samples, size))
     return torch.logsumexp(log_weights + scale[..., None, :] * q, -2) / scale
 
