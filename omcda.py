@@ -36,9 +36,8 @@ the papers give the structure, not the equation.
     single action per state: its minimiser normalises pi*_i only on average over the states V_i cannot tell apart,
     and the exp charges a V_i too low far more than one too high, so V_i settles above the states' soft values by
     about (alpha_i / w̄_i) Var_o(log E_{pi_b}[exp(z_i) | o]) / 2, an upward bias that grows as alpha_i falls and that
-    the backups compound (Hopper medium-replay, d_tot 1.2: values 2-3x the return of pi* by 60k updates, then the
-    collapse; docs/omcda.md). Squared error is symmetric; the log of a K-sample mean is biased low, which does not
-    compound upward.
+    the backups compound (measured in docs/omcda.md). Squared error is symmetric; the log of a K-sample mean is
+    biased low, which does not compound upward.
  5. KL_i [ours: in-sample, of the policy the values define]: KL(pi*_i || pi_b,i) = E_{pi*}[z_i] = E_D[exp(z_i) z_i],
     no policy action needed (estimated self-normalised, see below). The KL of the extracted Gaussian pi_i to pi_b,i
     is logged beside it as a diagnostic.
@@ -85,8 +84,8 @@ Choices the papers leave open (OMIGA's published values where they apply; otherw
 - alpha_i starts at 10 (OMIGA's MuJoCo alpha) and lives in [0.1, 100], log-alpha Adam lr 1e-3. The budget, not the
   floor, is the regulariser: on Hopper medium-replay (30k updates, d_tot 0.3 / 1.2 / 3) alpha_i fell to 0.15-1 within
   5k updates, then rose with the scale of Q (to 1-9 at 30k), and no logged step had every alpha_i on the floor.
-- DecompositionMonitor warns when Q_tot - Q^r_tot turns positive (the decomposition puts it at or below 0): with
-  OMIGA's exp loss for V_i it did, 40k updates before the returns collapsed (docs/omcda.md).
+- DecompositionMonitor warns when Q_tot - Q^r_tot turns positive (the decomposition puts it at or below 0), which
+  came before the collapses docs/omcda.md records.
 """
 
 from __future__ import annotations
