@@ -27,17 +27,21 @@ the papers give the structure, not the equation.
  4. Value losses [OMIGA Eq. 10, 13 with per-agent alpha_i; Who Matters Matters, Prop. 3.4: V normalises pi*_i]:
       V̂_i(o_i) = (alpha_i / w̄_i) log E_{a ~ pi_b,i(.|o_i)}[ exp(w̄_i Q̄_i(o_i, a) / alpha_i) ]     (Eq. 10 solved for V_i)
       L_V  = E_D[ (V̂_i(o_i) - V_i(o_i))^2 ]                       -> E_{pi_b}[exp(z_i) | o_i] = 1: pi*_i is normalised
-      L_Vr = E_D[ sg(exp(z_i)) (Q̄^r_i - V^r_i)^2 ]                -> V^r_i = E_{pi*}[Q^r_i | o_i]
+      V̂^r_i(o_i) = E_{a ~ pi*_i(.|o_i)}[ Q̄^r_i(o_i, a) ] = E_{pi_b,i}[ exp(z_i) Q̄^r_i ]    (the reward value of pi*)
+      L_Vr = E_D[ (V̂^r_i(o_i) - V^r_i(o_i))^2 ]                   -> V^r_i = E_{pi*}[Q^r_i | o_i]
       L_Q  = E_D[ (r + gamma (1 - done) V̄_tot(s') - Q_tot(s, a))^2 ],       V_tot = sum_i w_i V_i + b
       L_Qr = E_D[ (r + gamma (1 - done) V̄^r_tot(s') - Q^r_tot(s, a))^2 ],   V^r_tot = sum_i w^r_i V^r_i + b^r
-    [ours] V̂_i is estimated per state: the exact sum over the available actions (discrete), or the log-mean-exp over
-    --behaviour-samples actions of pi_b,i drawn afresh at every update (continuous), so Q̄_i is read at actions of
-    pi_b,i as well as the data's. Why not OMIGA's exp loss (Eq. 12), E_D[exp(z_i) + w̄_i V_i / alpha_i] on the data's
-    single action per state: its minimiser normalises pi*_i only on average over the states V_i cannot tell apart,
-    and the exp charges a V_i too low far more than one too high, so V_i settles above the states' soft values by
-    about (alpha_i / w̄_i) Var_o(log E_{pi_b}[exp(z_i) | o]) / 2, an upward bias that grows as alpha_i falls and that
-    the backups compound (measured in docs/omcda.md). Squared error is symmetric; the log of a K-sample mean is
-    biased low, which does not compound upward.
+    [ours] V̂_i and V̂^r_i are estimated per state from the same actions: the exact sum over the available actions
+    (discrete), or over --behaviour-samples actions of pi_b,i drawn afresh at every update (continuous; V̂^r_i
+    self-normalised by their weights exp(z_i)), so Q̄_i and Q̄^r_i are read at actions of pi_b,i as well as the
+    data's. Why not OMIGA's exp loss (Eq. 12), E_D[exp(z_i) + w̄_i V_i / alpha_i] on the data's single action per
+    state: its minimiser normalises pi*_i only on average over the states V_i cannot tell apart, and the exp charges
+    a V_i too low far more than one too high, so V_i settles above the states' soft values by about
+    (alpha_i / w̄_i) Var_o(log E_{pi_b}[exp(z_i) | o]) / 2, an upward bias that grows as alpha_i falls and that the
+    backups compound (measured in docs/omcda.md). Squared error is symmetric; the log of a K-sample mean is
+    biased low, which does not compound upward. Why not L_Vr = E_D[sg(exp(z_i)) (Q̄^r_i - V^r_i)^2] on the data's
+    action: it averages Q̄^r over neighbouring states with weights exp(z_i) normalised only on average over them, and
+    the reward chain it fed overestimated pi*'s return up to tenfold on Hopper (docs/omcda.md).
  5. KL_i [ours: in-sample, of the policy the values define]: KL(pi*_i || pi_b,i) = E_{pi*}[z_i] = E_D[exp(z_i) z_i],
     no policy action needed (estimated self-normalised, see below). The KL of the extracted Gaussian pi_i to pi_b,i
     is logged beside it as a diagnostic.
@@ -72,8 +76,8 @@ most probable available action. Agents then see their local observation + id (--
 Choices the papers leave open (OMIGA's published values where they apply; otherwise ours):
 - gamma 0.99, tau 0.005 (targets of Q, V, Q^r, V^r and both mixers), Adam lr 5e-4, batch 128, 1e6 updates,
   2x256 ReLU networks, hypernetworks with one hidden layer of 64 on the global state, gradient-norm clip 1.0.
-- 8 actions of pi_b,i per state and update in V̂_i (Hopper's agents act in 1 dimension); agents/normaliser_i =
-  E_D[exp(z_i)], 1 when V_i normalises pi*_i, is logged.
+- 8 actions of pi_b,i per state and update in V̂_i and V̂^r_i (Hopper's agents act in 1 dimension);
+  agents/normaliser_i = E_D[exp(z_i)], 1 when V_i normalises pi*_i, is logged.
 - KL_i and the influence moments are expectations under pi*, estimated self-normalised over the minibatch
   (sum_B exp(z) f / sum_B exp(z), consistent because E_D[exp(z)] = 1) and smoothed by an exponential moving average
   (--estimate-ema, a 20-update window at 0.05); they use clamp(z) as the policy weights do. KL_i is the KL of the
@@ -213,7 +217,7 @@ class Args:
     z_clip: float = 10.0
     """z is clamped to [-z_clip, z_clip] in the policy weight exp(z)"""
     behaviour_samples: int = 8
-    """actions of pi_b,i per state and update in the soft value's target (continuous actions; discrete ones are
+    """actions of pi_b,i per state and update in the targets of V_i and V^r_i (continuous actions; discrete ones are
     summed over exactly)"""
 
 
@@ -428,7 +432,7 @@ def sample_batch(dataset: Dataset, batch_size: int, behaviour_samples: int,
 def add_behaviour_noise(batch: Batch, behaviour_samples: int,
                         generators: torch.Generator | list[torch.Generator]) -> NoisyBatch:
     """The batch with its behaviour noise, seed k's drawn by generators[k] (a single generator: no seed dim)."""
-    if batch.avail is not None:  # discrete actions: the soft value sums over them exactly
+    if batch.avail is not None:  # discrete actions: the value targets sum over them exactly
         return NoisyBatch(**vars(batch))
     n_agents, size, act_dim = batch.actions.shape[-3:]
     shape, device = (n_agents, behaviour_samples * size, act_dim), batch.actions.device
@@ -439,9 +443,11 @@ def add_behaviour_noise(batch: Batch, behaviour_samples: int,
     return NoisyBatch(**{**vars(batch), "behaviour_noise": noise})
 
 
-def soft_value_target(agents: Agents, batch: NoisyBatch, scale: torch.Tensor) -> torch.Tensor:
-    """V̂_i(o_i) = log E_{pi_b,i}[exp(scale_i Q̄_i(o_i, a))] / scale_i [..., n, B], scale_i = w̄_i / alpha_i [..., n, B]:
-    exact over the available actions (discrete), else over the K actions tanh(mean + std * noise_k) of pi_b,i."""
+def value_targets(agents: Agents, batch: NoisyBatch, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The per-state targets of V_i and V^r_i [..., n, B] from actions a of pi_b,i, scale_i = w̄_i / alpha_i [..., n, B]:
+    V̂_i = log E_{pi_b,i}[exp(scale_i Q̄_i(o_i, a))] / scale_i and V̂^r_i = E_{pi*_i}[Q̄^r_i(o_i, a)] with
+    pi*_i ∝ pi_b,i exp(scale_i Q̄_i) (None without a reward chain); exact over the available actions (discrete), else
+    over the K actions tanh(mean + std * noise_k) of pi_b,i, V̂^r_i self-normalised."""
     size = batch.obs.shape[-2]
     if batch.avail is not None:
         log_behaviour = agents.behaviour.log_probs(batch.obs, batch.avail).movedim(-1, -2)  # [..., n, A, B]
@@ -454,14 +460,14 @@ def soft_value_target(agents: Agents, batch: NoisyBatch, scale: torch.Tensor) ->
         mean, log_std = (torch.cat([x] * samples, -2) for x in agents.behaviour(batch.obs))
         actions = torch.tanh(mean + log_std.exp() * batch.behaviour_noise)
         log_weights = -math.log(samples)
-    q = agents.q_target(torch.cat([batch.obs] * samples, -2), actions).unflatten(-1, (samples, size))
-    return torch.logsumexp(log_weights + scale[..., None, :] * q, -2) / scale
-
-
-def reward_value_loss(v_reward: torch.Tensor, q_target: torch.Tensor, z: torch.Tensor, z_clip: float) -> torch.Tensor:
-    """L_Vr = E_D[sg(exp(z_i)) (Q̄^r_i - V^r_i)^2]: V^r_i -> E_{pi*}[Q^r_i]."""
-    weight = torch.exp(z.detach().clamp(-z_clip, z_clip))
-    return (weight * (q_target - v_reward).pow(2)).mean(-1).sum(-1)
+    obs = torch.cat([batch.obs] * samples, -2)
+    q = agents.q_target(obs, actions).unflatten(-1, (samples, size))
+    log_tilt = log_weights + scale[..., None, :] * q  # log pi_b + scale Q̄, up to each state's normaliser
+    v_soft = torch.logsumexp(log_tilt, -2) / scale
+    if not agents.decouple:
+        return v_soft, None
+    q_reward = agents.q_reward_target(obs, actions).unflatten(-1, (samples, size))
+    return v_soft, (torch.softmax(log_tilt, -2) * q_reward).sum(-2)
 
 
 def state_kl_loss(state_kl: torch.Tensor, z: torch.Tensor, z_clip: float) -> torch.Tensor:
@@ -599,7 +605,7 @@ def update(agents: Agents, optimizers: dict, batch: NoisyBatch, args: Args) -> d
         w_target, _ = agents.mixer_target(batch.states)
         q_target = agents.q_target(batch.obs, batch.actions)
         # w̄_i = 0 leaves agent i out of Q_tot; the floor only keeps the division finite (the limit is the mean).
-        v_soft_target = soft_value_target(agents, batch, w_target.clamp_min(1e-6) / alpha)
+        v_soft_target, v_reward_target = value_targets(agents, batch, w_target.clamp_min(1e-6) / alpha)
         next_w, next_b = agents.mixer_target(batch.next_states)
         next_v_tot = mix(next_w, agents.v_target(batch.next_obs), next_b)
         if agents.decouple:
@@ -615,7 +621,7 @@ def update(agents: Agents, optimizers: dict, batch: NoisyBatch, args: Args) -> d
     if agents.decouple:
         v_reward = agents.v_reward(batch.obs)
         reward_part = w_reward_target * (q_reward_target - v_reward.detach()) / alpha
-        loss_v_reward = reward_value_loss(v_reward, q_reward_target, z, args.z_clip)
+        loss_v_reward = (v_reward - v_reward_target).pow(2).mean(-1).sum(-1)
         state_kl = agents.state_kl(batch.obs)
         loss_state_kl = state_kl_loss(state_kl, z, args.z_clip)
         # V, V^r and K share no weights and see each other only through the detached z: one backward for all three.
