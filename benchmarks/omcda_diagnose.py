@@ -1,6 +1,6 @@
 """What an OMCDA checkpoint's policy and critics look like, for finding why a run's returns fall:
 
-    python benchmarks/omcda_diagnose.py MODEL_PT [MODEL_PT ...] [--samples 20000] [--episodes 3] [--swaps]
+    python benchmarks/omcda_diagnose.py MODEL_PT [MODEL_PT ...] [--samples 20000] [--episodes 6] [--swaps]
 
 Loads each checkpoint (model.pt of a --save-model run; fused seeds are measured one by one) and prints one markdown
 row per (checkpoint, seed, agent). On one fixed sample of the dataset (same transitions for every checkpoint):
@@ -18,7 +18,8 @@ row per (checkpoint, seed, agent). On one fixed sample of the dataset (same tran
                of the data actions (how the critic rates the action the evaluation takes);
   sat          fraction of pi_i's deterministic actions with |a| > 0.99 over the evaluation's steps.
 Per (checkpoint, seed): the returns of the deterministic pi, the sampled pi, the deterministic pi_b and pi* itself (the
-tilt pi_b exp(z) the critics evaluate, acted by importance resampling of pi_b's actions); Q_tot - Q^r_tot
+tilt pi_b exp(z) the critics evaluate, acted by importance resampling of pi_b's actions) and pi*'s deterministic
+mean; Q_tot - Q^r_tot
 and V_tot - V^r_tot on the sample; V_tot and V^r_tot at the evaluation's start states beside the discounted returns of the deterministic pi
 and of pi* from them; with --swaps, the return of the team where one
 agent's policy is swapped: pi_b for agent i and pi for the others, and pi for agent i and pi_b for the others.
@@ -131,11 +132,12 @@ class Team:
 
 
 class TiltedTeam:
-    """pi*_i ∝ pi_b,i exp(z_i) itself, the policy the critics evaluate, acted by self-normalised importance
-    resampling: per agent, `candidates` actions of pi_b,i, one of them drawn with probability softmax(clamp(z_i))."""
+    """pi*_i ∝ pi_b,i exp(z_i) itself, the policy the critics evaluate, acted from `candidates` actions of pi_b,i per
+    agent by self-normalised importance weights softmax(clamp(z_i)): one of them drawn with those probabilities, or
+    with `mean` the deterministic weighted mean of the candidates (before the tanh)."""
 
-    def __init__(self, agents: omcda.Agents, seed: int, z_clip: float, candidates: int = 32):
-        self.agents, self.seed, self.z_clip, self.candidates = agents, seed, z_clip, candidates
+    def __init__(self, agents: omcda.Agents, seed: int, z_clip: float, candidates: int = 32, mean: bool = False):
+        self.agents, self.seed, self.z_clip, self.candidates, self.mean = agents, seed, z_clip, candidates, mean
         self.generator = torch.Generator().manual_seed(SAMPLE_SEED)
 
     @torch.no_grad()
@@ -145,15 +147,19 @@ class TiltedTeam:
         s = seeded(torch.as_tensor(states, dtype=torch.float32), seeds)
         b_mean, b_log_std = self.agents.behaviour(x)
         noise = torch.randn((self.candidates, *b_mean.shape), generator=self.generator)
-        drawn = torch.tanh(b_mean + b_log_std.exp() * noise)  # [K, seeds, n, E, act]
+        pre_tanh = b_mean + b_log_std.exp() * noise  # [K, seeds, n, E, act]
+        drawn = torch.tanh(pre_tanh)
         w, _ = self.agents.mixer_target(s)
         v = self.agents.v(x)
         alpha = self.agents.log_alpha.exp()[..., None]
         z = torch.stack([w * (self.agents.q_target(x, drawn[k]) - v) / alpha for k in range(self.candidates)])
-        logits = z.clamp(-self.z_clip, self.z_clip)[:, self.seed].movedim(0, -1)  # [n, E, K]
-        pick = torch.multinomial(torch.softmax(logits, -1).reshape(-1, self.candidates), 1, generator=self.generator)
+        weights = torch.softmax(z.clamp(-self.z_clip, self.z_clip)[:, self.seed].movedim(0, -1), -1)  # [n, E, K]
+        if self.mean:
+            actions = torch.tanh((weights[..., None] * pre_tanh[:, self.seed].movedim(0, -2)).sum(-2))  # [n, E, act]
+            return actions.transpose(0, 1).numpy()
+        pick = torch.multinomial(weights.reshape(-1, self.candidates), 1, generator=self.generator)
         chosen = drawn[:, self.seed].movedim(0, -2).reshape(-1, self.candidates, drawn.shape[-1])
-        actions = chosen[torch.arange(chosen.shape[0]), pick[:, 0]].reshape(*logits.shape[:2], -1)  # [n, E, act]
+        actions = chosen[torch.arange(chosen.shape[0]), pick[:, 0]].reshape(*weights.shape[:2], -1)  # [n, E, act]
         return actions.transpose(0, 1).numpy()
 
 
@@ -199,13 +205,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kl-states", type=int, default=2_000, help="states of the sample for lognorm and kl_state")
     parser.add_argument("--action-samples", type=int, default=32, help="pi_b actions per state for lognorm, kl_state")
     parser.add_argument("--batch-size", type=int, default=128, help="minibatch size of the ess measure")
-    parser.add_argument("--episodes", type=int, default=3)
+    parser.add_argument("--episodes", type=int, default=6, help="episodes per policy (3 misread a falling pi* as walking)")
     parser.add_argument("--swaps", action="store_true", help="also the returns of one agent's policy swapped")
     parser.add_argument("--data-dir", type=Path)
     options = parser.parse_args(argv)
 
-    team_rows = ["| checkpoint | step | seed | pi | pi sampled | pi_b | pi* | Q_tot - Q^r_tot / V_tot - V^r_tot (data) | V_tot / V^r_tot / discounted return of pi, pi* (start) "
-                 "| swaps: pi_b for agent i / pi for agent i |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    team_rows = ["| checkpoint | step | seed | pi | pi sampled | pi_b | pi* | pi* mean | Q_tot - Q^r_tot / V_tot - V^r_tot (data) | V_tot / V^r_tot / discounted return of pi, pi* (start) "
+                 "| swaps: pi_b for agent i / pi for agent i |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     agent_rows = ["| step | seed | agent | alpha | z_std | ess | lognorm mean ± std | kl_state | kl_pi | kl_pi_visited | "
                   "log_std pi / pi_b | z_data / z_pi / z_b | sat |", "| ---: | ---: | ---: |" + " ---: |" * 10]
     dataset = None
@@ -228,6 +234,7 @@ def main(argv: list[str] | None = None) -> None:
             returns["pi sampled"] = rollout(env, Team(agents, k, [True] * n, sample=True), starts)[0]
             returns["pi_b"] = rollout(env, Team(agents, k, [False] * n), starts)[0]
             returns["pi*"], _, _, _, tilted_discounted = rollout(env, TiltedTeam(agents, k, args.z_clip), starts, args.gamma)
+            returns["pi* mean"] = rollout(env, TiltedTeam(agents, k, args.z_clip, mean=True), starts)[0]
             swaps = ""
             if options.swaps:
                 swaps = " ; ".join(
