@@ -1,7 +1,7 @@
-"""BCQ-MA and seed 003's decentralized framework: the matrix game of seed 003's Tables 1-4 under the four flag
-settings, the reweighted transition probabilities, the value deviation's sample estimator, the transition
-normalization's latent density ratio, the VAE, the perturbation's range, the candidate argmax, learning on a toy task,
-and a smoke run read back by benchmarks/bcq_ma_values.py."""
+"""BCQ-MA and the decentralized framework of Jiang & Lu ("Offline Decentralized Multi-Agent Reinforcement Learning"):
+the matrix game of that paper's Tables 1-4 under the four flag settings, the reweighted transition probabilities, the
+value deviation's sample estimator, the transition normalization's latent density ratio, the VAE, the perturbation's
+range, the candidate argmax, learning on a toy task, and a smoke run read back by benchmarks/bcq_ma_values.py."""
 
 import math
 import sys
@@ -18,10 +18,10 @@ from test_omiga import behaviour_cloning_return, toy_dataset, toy_return
 sys.path.insert(0, str(REPO / "benchmarks"))
 import bcq_ma_values  # noqa: E402
 
-# Seed 003's matrix game (its Table 1): payoff[a_1, a_2], behaviour policies [0.8, 0.2] and [0.4, 0.6].
+# Jiang & Lu's matrix game (its Table 1): payoff[a_1, a_2], behaviour policies [0.8, 0.2] and [0.4, 0.6].
 PAYOFF = torch.tensor([[1.0, 5.0], [6.0, 1.0]])
 BEHAVIOUR = torch.tensor([[0.8, 0.2], [0.4, 0.6]])
-GAMMA, OPTIMISM = 0.9, 0.9  # epsilon 0.9 (seed 003's MPE value) leaves every lambda_vd of the game unclipped
+GAMMA, OPTIMISM = 0.9, 0.9  # epsilon 0.9 (Jiang & Lu's MPE value) leaves every lambda_vd of the game unclipped
 
 
 def game_transitions() -> tuple[torch.Tensor, ...]:
@@ -41,7 +41,7 @@ def game_transitions() -> tuple[torch.Tensor, ...]:
 
 
 def tabular_transition_normalization(states, actions, next_states, frequencies) -> torch.Tensor:
-    """lambda_tn = 1 / P_B(s' | s, a_i) from each agent's own data (seed 003, Sec. 3.2): [2, T]."""
+    """lambda_tn = 1 / P_B(s' | s, a_i) from each agent's own data (Jiang & Lu, Sec. 3.2): [2, T]."""
     weights = torch.ones(actions.shape)
     for agent in range(2):
         for t in range(len(states)):
@@ -52,7 +52,7 @@ def tabular_transition_normalization(states, actions, next_states, frequencies) 
 
 def learn_matrix_game(value_deviation: bool, transition_normalization: bool, steps: int = 1000) -> torch.Tensor:
     """Independent tabular Q-learning of the two agents, each on its own (s, a_i, r, s'), on the script's weighted TD
-    objective (seed 003 Eq. 1: `td_loss` with `objective_weights`), lambda_vd from the script's sample estimator on
+    objective (Jiang & Lu Eq. 1: `td_loss` with `objective_weights`), lambda_vd from the script's sample estimator on
     the target table. Returns each agent's Q_i(s_0, .) / gamma, the expected next-state value: [2 agents, 2 actions]."""
     states, actions, rewards, next_states, dones, frequencies = game_transitions()
     lambda_tn = tabular_transition_normalization(states, actions, next_states, frequencies)
@@ -92,7 +92,7 @@ def next_state_distributions() -> tuple[torch.Tensor, torch.Tensor]:
     return probs, values
 
 
-# Seed 003's Tables 2-4: expected returns of each agent's actions [agent 1: a_1, a_2; agent 2: a_1, a_2], the joint
+# Jiang & Lu's Tables 2-4: expected returns of each agent's actions [agent 1: a_1, a_2; agent 2: a_1, a_2], the joint
 # action the agents learn, and its payoff. "tn" is not in the paper (Section 5.1 shows no lambda_tn-only table).
 PAPER = {
     (False, False): ([[3.4, 3.0], [2.0, 4.2]], (0, 1), 5.0),  # Table 2: independent learning -> (a1, a2)
@@ -114,7 +114,7 @@ def test_matrix_game_learns_the_papers_joint_actions_and_values(flags):
     assert PAYOFF[joint_action] == payoff
 
 
-# Seed 003's reweighted transition probabilities P(partner's a_1), P(partner's a_2) per agent and own action.
+# Jiang & Lu's reweighted transition probabilities P(partner's a_1), P(partner's a_2) per agent and own action.
 PAPER_TRANSITIONS = {
     (False, False): [[[0.4, 0.6], [0.4, 0.6]], [[0.8, 0.2], [0.8, 0.2]]],  # Table 2
     (True, False): [[[0.12, 0.88], [0.8, 0.2]], [[0.4, 0.6], [0.95, 0.05]]],  # Table 3
@@ -143,7 +143,7 @@ def test_reweighted_transitions_match_tables_2_to_4_and_sum_to_one():
         hat_p = bcq_ma.reweighted_transitions(probs, values, estimated, *flags, OPTIMISM)
         torch.testing.assert_close(hat_p.sum(-1), torch.ones(50))
         assert (hat_p >= 0).all() and (hat_p[probs == 0] == 0).all()
-    # lambda_tn alone makes the seen next states uniform (seed 003, Sec. 3.2).
+    # lambda_tn alone makes the seen next states uniform (Jiang & Lu, Sec. 3.2).
     hat_p = bcq_ma.reweighted_transitions(probs, values, None, False, True, OPTIMISM)
     torch.testing.assert_close(hat_p, (probs > 0).float() / (probs > 0).sum(-1, keepdim=True))
 

@@ -142,7 +142,7 @@ def test_script_trains_and_evaluates_on_a_tiny_smax_dataset(tiny_smax_dir, tmp_p
 
 
 def test_select_keeps_the_checkpoint_nearest_each_target_return(tmp_path):
-    """Targets 20 / 11.03 / 8.5 (seed 002, 5m_vs_6m); where the best checkpoint falls short of 20 they are scaled by
+    """Targets 20 / 11.03 / 8.5 (OMIGA's SMAC data, 5m_vs_6m); where the best checkpoint falls short of 20 they are scaled by
     best / 20 (here 10 / 20: 10 / 5.515 / 4.25). Candidates come from every run given."""
     from common.smax_collect import TARGET_RETURNS, load_policies, select
 
