@@ -41,7 +41,7 @@ the papers give the structure, not the equation.
     backups compound (measured in docs/omcda.md). Squared error is symmetric; the log of a K-sample mean is
     biased low, which does not compound upward. Why not L_Vr = E_D[sg(exp(z_i)) (Q̄^r_i - V^r_i)^2] on the data's
     action: it averages Q̄^r over neighbouring states with weights exp(z_i) normalised only on average over them, and
-    the reward chain it fed overestimated pi*'s return up to tenfold on Hopper (docs/omcda.md).
+    the reward chain it fed overestimated pi*'s return (measured in docs/omcda.md).
  5. KL_i [ours: in-sample, of the policy the values define]: KL(pi*_i || pi_b,i) = E_{pi*}[z_i] = E_D[exp(z_i) z_i],
     no policy action needed (estimated self-normalised, see below). The KL of the extracted Gaussian pi_i to pi_b,i
     is logged beside it as a diagnostic.

@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kl-states", type=int, default=2_000, help="states of the sample for lognorm and kl_state")
     parser.add_argument("--action-samples", type=int, default=32, help="pi_b actions per state for lognorm, kl_state")
     parser.add_argument("--batch-size", type=int, default=128, help="minibatch size of the ess measure")
-    parser.add_argument("--episodes", type=int, default=6, help="episodes per policy (3 misread a falling pi* as walking)")
+    parser.add_argument("--episodes", type=int, default=6, help="episodes per policy and seed")
     parser.add_argument("--swaps", action="store_true", help="also the returns of one agent's policy swapped")
     parser.add_argument("--data-dir", type=Path)
     options = parser.parse_args(argv)
