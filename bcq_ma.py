@@ -7,19 +7,16 @@ Independent learners [ours]: every agent i learns from its own (o_i, a_i, r, o'_
 r; there is no mixer and no critic on the global state, with or without the flags. OMCDA's short paper only names
 BCQ-MA; OMAR (Pan et al., ICML 2022), whose MuJoCo baselines OMCDA's short paper follows, builds its multi-agent
 baselines on decentralized critics, and Jiang and Lu's framework requires them (each agent sees only its own data).
-Agent inputs follow --obs-mode as in omiga.py: "state" (default: global state + one-hot id; Jiang and Lu's MuJoCo
-agents also get the robot's state) or "local". One dataset serves all agents, each reading only its own slice (Jiang
-and Lu collect one dataset per agent).
-Like every script here, the agents share one set of network weights by default (told apart by the one-hot id in their
-inputs); Jiang and Lu's fully decentralized learners, which share nothing, are --per-agent-networks.
+Agent inputs follow --obs-mode as in omiga.py ("state", the default, as Jiang and Lu's MuJoCo agents also get the
+robot's state; or "local"); one dataset serves all agents, each reading its own slice (Jiang and Lu collect one per
+agent). Jiang and Lu's fully decentralized learners, which share no weights, are --per-agent-networks.
 Per agent, all agents batched in one matmul:
 
     G_i = {E_i(mu, sigma | o_i, a_i), D_i(a_i | o_i, z)}       conditional VAE, the behaviour model (BCQ Sec. 4)
     xi_i(o_i, a_i; Phi) = Phi tanh(f_i(o_i, a_i)) in [-Phi, Phi],  acting a_i + xi_i clipped to [-1, 1]  (BCQ Sec. 4)
     Q_i^1, Q_i^2 twin critics; targets (hat) of Q and xi are Polyak copies (rate tau); G_i has no target.
 
-BCQ's losses (BCQ Sec. 4 and its Algorithm 1; cited by section, as the equation numbers could not be checked here;
-Jiang and Lu's are their own):
+BCQ's losses (BCQ Sec. 4 and Algorithm 1, cited by section; Jiang and Lu's by their equation numbers):
     L_G  = E_D[ |D_i(o_i, z) - a_i|^2 ] + beta KL(N(mu, sigma) || N(0, I)),   z = mu + sigma eps   (BCQ Sec. 4, App.)
     candidates a^j = hat-xi_i(o', a~^j) + a~^j,  a~^j = D_i(o', z^j),  z^j ~ clip(N(0, I), -c, c),  j = 1..n
     V*_i(o') = max_j [ lam min_k hat-Q_i^k(o', a^j) + (1 - lam) max_k hat-Q_i^k(o', a^j) ]  (soft clipped double Q)
@@ -42,26 +39,23 @@ Jiang and Lu's weights w_i = lambda_vd_i lambda_tn_i (each 1 when its flag is of
     The modified transition probability the weights stand for (Sec. 3.3), z_i a normaliser over next states:
         hat-P_B(s' | s, a_i) = P_B(s' | s, a_i) lambda_tn_i lambda_vd_i / z_i,  z_i = sum_s' P_B lambda_tn_i lambda_vd_i
     z_i does not depend on s' and only rescales p_B(s, a_i), so it leaves y_i's expectation unchanged and is not in
-    L_Q or L_xi (Sec. 3.3); `reweighted_transitions` computes hat-P_B for a tabular P_B (the matrix game of Jiang and
-    Lu's Tables 1-4, in the tests). Jiang and Lu's ablation rows are the four flag settings: BCQ (neither flag),
-    BCQ w/ lambda_vd (--value-deviation), BCQ w/ lambda_tn (--transition-normalization), MABCQ (both).
-    Logged as values/value_spread: Jiang and Lu's Table 6 measure, mean_s [max_i V*_i(s) - min_i V*_i(s)] (there MABCQ's
-    is lower than BCQ w/ lambda_vd's), on the batch's next observations (the target's V*_i; the paper's subset is a
-    uniform sample of the agents' states, of a size it does not give). benchmarks/bcq_ma_values.py measures it, and
-    the weights' spread, with a run's final networks on one fixed sample of its dataset.
+    L_Q or L_xi (Sec. 3.3); `reweighted_transitions` computes hat-P_B for a tabular P_B (Jiang and Lu's Tables 1-4).
+    Jiang and Lu's ablation rows are the four flag settings: BCQ (neither flag), BCQ w/ lambda_vd (--value-deviation),
+    BCQ w/ lambda_tn (--transition-normalization), MABCQ (both).
+    Logged as values/value_spread: Jiang and Lu's Table 6 measure, mean_s [max_i V*_i(s) - min_i V*_i(s)], on the
+    batch's next observations (the target's V*_i); benchmarks/bcq_ma_values.py measures it on a fixed sample.
 
-Discrete actions (SMAX maps, --env 5m_vs_6m): discrete BCQ (Fujimoto, Conti, Ghavamzadeh and Pineau, 2019,
-"Benchmarking Batch Deep Reinforcement Learning Algorithms"; cited by name, its text was not at hand). The behaviour
-model G_i is a categorical classifier G_i(a | o_i) over the available actions (the shared CategoricalPolicy), fitted by
-maximum likelihood, and the n perturbed VAE samples become the actions it deems likely enough:
+Discrete actions (SMAX maps): discrete BCQ (Fujimoto, Conti, Ghavamzadeh and Pineau, 2019, "Benchmarking Batch Deep
+Reinforcement Learning Algorithms", cited by name). The behaviour model G_i is a categorical classifier over the
+available actions (the shared CategoricalPolicy), fitted by maximum likelihood; the actions it deems likely enough
+replace the n perturbed VAE samples:
     L_G  = -E_D[ log G_i(a_i | o_i) ]
     C_i(o) = { a available at o : G_i(a | o) / max_a~ G_i(a~ | o) > threshold }              (threshold 0.3, BCQ's)
     V*_i(o') = max_{a in C_i(o')} [ lam min_k hat-Q_i^k(o', a) + (1 - lam) max_k hat-Q_i^k(o', a) ]
     y_i, L_Q as above;   pi_i(o_i) = argmax_{a in C_i(o_i)} Q_i^1(o_i, a);   no perturbation network (no xi, no L_xi)
-[ours] the twin critics and their soft clipped target are kept (discrete BCQ has one Q and a double-DQN target) so that
-only the candidate set differs between the action types. lambda_vd is unchanged; for lambda_tn, G^1 and G^2 are
-conditional VAEs as above on the one-hot actions (trained with L_G's VAE form beside the classifier, which stays the
-behaviour model).
+[ours] the twin critics and their soft clipped target stay (discrete BCQ: one Q, a double-DQN target), so only the
+candidate set differs between action types; lambda_vd is unchanged; for lambda_tn, G^1 and G^2 are conditional VAEs as
+above on the one-hot actions (trained beside the classifier, which stays the behaviour model).
 
 Choices the papers leave open (BCQ's published code unless marked otherwise):
 - Phi 0.05, lam 0.75, n 10 candidates for the target and for acting (the code acts with 100), latent dim 2 x act_dim,
@@ -71,8 +65,7 @@ Choices the papers leave open (BCQ's published code unless marked otherwise):
   squared errors (mean over the batch), as the code does. Jiang and Lu train with lr 1e-3 for Q, 1e-4 for xi and G,
   latent dim 10, (64, 64) units and batch 1024 on MuJoCo (their Table 12): pass those to reproduce their setting.
 - Ours: hidden layers of 256 units for Q and xi (BCQ: 400 and 300; batched_mlp has equal widths), 750 for the VAEs
-  (BCQ). Losses are means over the batch summed over agents (with --per-agent-networks the agents are independent:
-  one Adam over the stacked parameters is n independent Adams).
+  (BCQ). Losses are means over the batch summed over agents.
 - Ours: Jiang and Lu's Algorithm 1 fits G^1 and G^2 before the Q-learning loop; here they are trained alongside it, as
   BCQ does, and lambda_tn uses the means of this update's VAE forward pass (before its step). Eq. 2 writes xi's input
   as the dataset action; xi is trained on VAE samples as BCQ does (they are what it perturbs when acting), each
@@ -82,12 +75,7 @@ Choices the papers leave open (BCQ's published code unless marked otherwise):
   report [0.2, 1.4] for almost all samples and states no clip). Dividing by |E V*| keeps a higher V*(s') weighted
   more for either sign of E V*; with E V* > 0 (positive rewards, as Jiang and Lu's Theorem 1 assumes; Hopper's while it
   stands) both weights together give hat-P_B proportional to V*, the form of that theorem's proof.
-- Checked in tests/test_bcq_ma.py: on Jiang and Lu's matrix game (Table 1), independent tabular Q-learning on these
-  weighted objectives learns Table 2's (a1, a2), Table 3's (a2, a2) with lambda_vd and Table 4's optimum (a2, a1) with
-  both, with the tables' values; the sample estimator's E V* is the reweighted expectation at the fixed point, where
-  lambda_vd stays in [0.19, 1.5] (with E_{P_B} V* instead it would reach 3).
-- Acting samples latents from the global torch generator, so evaluation is not deterministic (BCQ's policy is the
-  argmax over sampled candidates).
+- Acting samples latents from the global torch generator (BCQ's policy is an argmax over sampled candidates).
 """
 
 from __future__ import annotations
@@ -95,24 +83,15 @@ from __future__ import annotations
 import copy
 import math
 import os
-import random
-import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
 import torch
 import torch.nn as nn
-from torch.utils.tensorboard import SummaryWriter
-from tqdm import tqdm
 
-from common.cli import NON_NEGATIVE, POSITIVE, Rule, at_least, interval
-from common.collect import ensure_dataset
-from common.datasets import Batch, load_dataset
-from common.envs import make_env
-from common.evaluation import evaluate
-from common.results import RunResult, write_json
+from common.cli import NON_NEGATIVE, POSITIVE, Rule, at_least, check_args, exit_on_user_error, interval, parse_args
+from common.datasets import Batch
+from common.run import Run, load_env_and_dataset, prepare_device
 
 
 @dataclass
@@ -164,11 +143,6 @@ class Args:
     per_agent_networks: bool = False
     """if toggled, every agent has its own network weights (default: one network of each kind shared by all agents,
     told apart by the one-hot id in their inputs, as in the official OMIGA code)"""
-    num_seeds: int = 1
-    """train the seeds seed, seed+1, ..., seed+num_seeds-1 as one batched computation, with one run directory each
-    and the numbers of separate runs (omiga.py, omcda.py, comadice.py and icq.py)"""
-    compile: bool = False
-    """if toggled, compile the update step with torch.compile (and CUDA graphs on a GPU)"""
     tf32: bool = True
     """if toggled, float32 matmuls on a GPU run on TensorFloat-32 tensor cores (`--no-tf32`: full float32)"""
 
@@ -702,200 +676,25 @@ def update_discrete(agents: Agents, optimizers: dict, batch: Batch, args: Args) 
     return metrics | weight_metrics(lambda_vd, lambda_tn)
 
 
-# TRY NOT TO MODIFY: running, logging, evaluation, checkpoints
-def make_act_fn(policy: nn.Module, device: torch.device):
-    @torch.no_grad()
-    def act(obs: np.ndarray, avail: np.ndarray | None = None) -> np.ndarray:
-        """Deterministic actions: obs [E, n, obs_dim]; on discrete envs the masks avail [E, n, A] come too and the
-        actions go back as indices [E, n]."""
-        obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device).transpose(0, 1)
-        avail_t = None if avail is None else torch.as_tensor(avail, device=device).transpose(0, 1)
-        actions = policy.act(obs_t, avail_t).transpose(0, 1)
-        return (actions if avail is None else actions.argmax(-1)).cpu().numpy()
-
-    return act
-
-
-def save_checkpoint(path: Path, agents: nn.Module, optimizers: dict, step: int, args: Args, dataset_card: dict,
-                    generator: torch.Generator, evaluations: list[dict]) -> None:
-    """Everything `--resume` needs to continue the run as if it had not stopped, written atomically: networks,
-    optimizers, step, every random number generator (the sampling generator, Python's, NumPy's, torch's) and the
-    evaluations so far; and what it must be resumed with, the script and the dataset's card."""
-    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-           "cuda": torch.cuda.get_rng_state_all(), "sampling": generator.get_state()}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save({"agents": agents.state_dict(), "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
-                "step": step, "args": asdict(args), "rng": rng, "device": generator.device.type,
-                "evaluations": evaluations, "script": Path(__file__).name, "dataset": dataset_card}, tmp)
-    os.replace(tmp, path)
-
-
-def restore_checkpoint(checkpoint: dict, agents: nn.Module, optimizers: dict, generator: torch.Generator) -> None:
-    """Load a `save_checkpoint` into the networks and optimizers and set every random number generator to its state;
-    called after everything that draws random numbers at start-up."""
-    agents.load_state_dict(checkpoint["agents"])
-    for name, optimizer in optimizers.items():
-        optimizer.load_state_dict(checkpoint["optimizers"][name])
-    rng = checkpoint["rng"]
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
-    torch.set_rng_state(rng["torch"])
-    torch.cuda.set_rng_state_all(rng["cuda"])
-    generator.set_state(rng["sampling"])
-
-
-def scalar_metrics(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Host copies of the metrics (log intervals only); a per-agent vector `name` becomes `name_0`, `name_1`, ..."""
-    values = {}
-    for name, value in metrics.items():
-        if value.ndim == 0:
-            values[name] = value.item()
-        else:
-            values.update({f"{name}_{i}": x for i, x in enumerate(value.tolist())})
-    return values
-
-
-def check_finite(metrics: dict[str, float], step: int, last_checked: int) -> None:
-    for name, value in metrics.items():
-        if not math.isfinite(value):
-            raise FloatingPointError(f"training diverged: {name} = {value} at the log of update {step} "
-                                     f"(finite at update {last_checked}); check the data first (a warning at load "
-                                     f"names extreme rewards), then try a smaller learning rate or larger alpha")
-
-
-def unique_dir(base: Path) -> Path:
-    """Create and return `base`, or `base_2`, `base_3`, ... when a run of the same name started in the same second."""
-    for attempt in range(1, 1000):
-        run_dir = base if attempt == 1 else base.with_name(f"{base.name}_{attempt}")
-        try:
-            run_dir.mkdir(parents=True)
-            return run_dir
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"could not create a fresh run directory next to {base}")
-
-
-def make_run(args: Args, start_step: int) -> tuple[Path, SummaryWriter]:
-    """A fresh run directory, or with --resume the run's own, where TensorBoard continues after `start_step` (what a
-    stopped run logged after its checkpoint is discarded)."""
-    name = f"{args.env}__{args.dataset}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = Path(args.resume) if args.resume else unique_dir(Path("runs") / name)
-    write_json(run_dir / "args.json", asdict(args))
-    writer = SummaryWriter(str(run_dir), purge_step=start_step + 1 if args.resume else None)
-    if not args.resume:
-        table = "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items())
-        writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
-    if args.track:
-        import wandb
-
-        wandb.init(project=args.wandb_project_name, config=asdict(args), name=run_dir.name, sync_tensorboard=True,
-                   dir=str(run_dir), id=run_dir.name, resume="allow")
-    return run_dir, writer
-
-
-def seed_everything(seed: int, torch_deterministic: bool) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    torch.backends.cudnn.deterministic = torch_deterministic
-
-
+# TRY NOT TO MODIFY: the training loop (common/run.py holds its machinery)
 if __name__ == "__main__":
-    from common.cli import (ONE_SEED_EAGER, StopOnSignal, check_args, check_device, check_same_dataset,
-                            evaluation_due, exit_on_user_error, parse_args)
-
     with exit_on_user_error():
         args, checkpoint = parse_args(Args)
-        check_args(args, {**ONE_SEED_EAGER, **argument_ranges(args)})
-        seed_everything(args.seed, args.torch_deterministic)
-        device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-        torch.backends.cuda.matmul.allow_tf32 = args.tf32
-        check_device(checkpoint, device)
-        env = make_env(args.env, args.agent_conf, args.obs_mode)
-        dataset_file = ensure_dataset(args.data_dir, args.env, env.agent_conf, args.dataset,
-                                      generate=not args.no_generate)
-        dataset = load_dataset(dataset_file, device, args.obs_mode)
-        dataset.check_env(env)
-        dataset_card = dataset.card()
-        check_same_dataset(checkpoint, dataset_card)
-    start_step = checkpoint["step"] if checkpoint else 0
-    run_dir, writer = make_run(args, start_step)
-    stop = StopOnSignal()  # from here on, SIGINT and SIGTERM end every stage with a checkpoint
-    print(f"{run_dir}: {len(dataset):,} transitions from {dataset_file} on {device}"
-          + (f", resumed at update {start_step}" if checkpoint else ""))
+        check_args(args, argument_ranges(args))
+        device = prepare_device(args, checkpoint)
+        env, dataset, dataset_file = load_env_and_dataset(args, device, checkpoint)
+    run = Run(__file__, args, checkpoint, device, env, dataset.card(), fused=False)
+    run.announce(f"{len(dataset):,} transitions from {dataset_file}")
 
     agents = Agents(env.n_agents, env.obs_dim, env.act_dim, dataset.state_dim, args, env.discrete).to(device)
     optimizers = make_optimizers(agents, args)
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    result = RunResult(run_dir, asdict(args), device, dataset_card, checkpoint["evaluations"] if checkpoint else [])
-
-    def save(step: int) -> Path:
-        path = run_dir / "model.pt"
-        save_checkpoint(path, agents, optimizers, step, args, dataset_card, generator, result.evaluations)
-        return path
-
-    def save_and_close(step: int, stage: str) -> str:
-        """Checkpoint update `step` and close the writer: the line a run stopped in `stage` ends with."""
-        path = save(step)
-        writer.close()
-        return f"stopped {stage}; checkpoint saved to {path}"
-
-    if checkpoint:
-        restore_checkpoint(checkpoint, agents, optimizers, generator)
-    act_fn = make_act_fn(agents.policy, device)
-    eval_seed = 1_000_000 * (args.seed + 1)
-
-    def evaluate_and_record(step: int, episodes: int, finished: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
-        agents.eval()
-        with stop.interruptible(lambda: save_and_close(step, f"in the evaluation of update {step}, which --resume redoes")):
-            returns, wins = evaluate(act_fn, env, episodes, eval_seed)
-        agents.train()
-        writer.add_scalar("eval/return_mean", float(returns.mean()), step)
-        writer.add_scalar("eval/return_std", float(returns.std()), step)
-        if wins is not None:
-            writer.add_scalar("eval/win_rate", float(wins.mean()), step)
-        result.add_evaluation(step, returns, finished, wins)
-        return returns, wins
-
-    def evaluate_periodically(step: int) -> float:
-        returns, _ = evaluate_and_record(step, args.eval_episodes)
-        tqdm.write(f"step {step}: eval return {returns.mean():.1f} ± {returns.std():.1f}")
-        if args.save_model:
-            save(step)
-        return float(returns.mean())
-
-    if checkpoint and start_step < args.total_steps and evaluation_due(checkpoint, args):
-        evaluate_periodically(start_step)  # the evaluation a signal abandoned
-    last_eval = result.evaluations[-1]["mean"] if result.evaluations else float("nan")
-    last_checked, tick, tick_step = start_step, time.perf_counter(), start_step
-    progress = tqdm(range(start_step + 1, args.total_steps + 1), initial=start_step, total=args.total_steps,
-                    mininterval=2.0, desc=args.exp_name)
-    for step in progress:
-        metrics = update(agents, optimizers, dataset.sample(args.batch_size, generator), args)
+    run.attach(agents, optimizers)
+    for step in run.steps():
+        metrics = update(agents, optimizers, dataset.sample(args.batch_size, run.generators[0]), args)
         if step % args.log_every == 0 or step == args.total_steps:
-            values = scalar_metrics(metrics)
-            check_finite(values, step, last_checked)
-            last_checked = step
-            seconds = time.perf_counter() - tick
-            updates_per_sec = (step - tick_step) / seconds
-            result.time(step - tick_step, seconds)
-            tick, tick_step = time.perf_counter(), step
-            for name, value in values.items():
-                writer.add_scalar(name, value, step)
-            writer.add_scalar("charts/updates_per_sec", updates_per_sec, step)
-            progress.set_postfix(ups=f"{updates_per_sec:.0f}", eval=f"{last_eval:.0f}")
+            run.log(step, metrics)
         if step % args.eval_every == 0 and step < args.total_steps:
-            last_eval = evaluate_periodically(step)
-            tick = time.perf_counter()
-        if stop.requested:
-            progress.close()
-            stop.exit(save_and_close(step, f"after update {step} of {args.total_steps}"))
-
-    returns, wins = evaluate_and_record(args.total_steps, args.final_eval_episodes, finished=True)
-    if args.save_model:
-        save(args.total_steps)
-    writer.close()
-    print(f"final return: {returns.mean():.2f} ± {returns.std():.2f} over {len(returns)} episodes"
-          + (f", win rate {wins.mean():.2f}" if wins is not None else ""))
-    if stop.requested:  # during the final writes, which completed
-        stop.exit("received after the final evaluation: the run is complete")
+            run.evaluate(step)
+        if run.stop.requested:
+            run.stop_after(step)
+    run.finish()

@@ -53,24 +53,15 @@ from __future__ import annotations
 import copy
 import math
 import os
-import random
-import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
 import torch
 import torch.nn as nn
-from torch.utils.tensorboard import SummaryWriter
-from tqdm import tqdm
 
-from common.cli import NON_NEGATIVE, Rule, at_least, interval
-from common.collect import ensure_dataset
-from common.datasets import Batch, load_dataset
-from common.envs import make_env
-from common.evaluation import evaluate
-from common.results import RunResult, write_json
+from common.cli import NON_NEGATIVE, Rule, at_least, check_args, exit_on_user_error, interval, parse_args
+from common.datasets import Batch
+from common.run import Run, load_env_and_dataset, prepare_device
 
 
 @dataclass
@@ -122,11 +113,6 @@ class Args:
     per_agent_networks: bool = False
     """if toggled, every agent has its own network weights (default: one network of each kind shared by all agents,
     told apart by the one-hot id in their inputs, as in the official OMIGA code)"""
-    num_seeds: int = 1
-    """train the seeds seed, seed+1, ..., seed+num_seeds-1 as one batched computation, with one run directory each
-    and the numbers of separate runs (omiga.py, omcda.py, comadice.py and icq.py)"""
-    compile: bool = False
-    """if toggled, compile the update step with torch.compile (and CUDA graphs on a GPU)"""
     tf32: bool = True
     """if toggled, float32 matmuls on a GPU run on TensorFloat-32 tensor cores (`--no-tf32`: full float32)"""
 
@@ -527,200 +513,25 @@ def update_discrete(agents: Agents, optimizers: dict, batch: Batch, args: Args) 
             "values/policy_entropy": -expected_log_prob.detach().sum(0).mean(), "agents/cf_weight": weights.mean(1)}
 
 
-# TRY NOT TO MODIFY: running, logging, evaluation, checkpoints
-def make_act_fn(policy: nn.Module, device: torch.device):
-    @torch.no_grad()
-    def act(obs: np.ndarray, avail: np.ndarray | None = None) -> np.ndarray:
-        """Deterministic actions: obs [E, n, obs_dim]; on discrete envs the masks avail [E, n, A] come too and the
-        actions go back as indices [E, n]."""
-        obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device).transpose(0, 1)
-        avail_t = None if avail is None else torch.as_tensor(avail, device=device).transpose(0, 1)
-        actions = policy.act(obs_t, avail_t).transpose(0, 1)
-        return (actions if avail is None else actions.argmax(-1)).cpu().numpy()
-
-    return act
-
-
-def save_checkpoint(path: Path, agents: nn.Module, optimizers: dict, step: int, args: Args, dataset_card: dict,
-                    generator: torch.Generator, evaluations: list[dict]) -> None:
-    """Everything `--resume` needs to continue the run as if it had not stopped, written atomically: networks,
-    optimizers, step, every random number generator (the sampling generator, Python's, NumPy's, torch's) and the
-    evaluations so far; and what it must be resumed with, the script and the dataset's card."""
-    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-           "cuda": torch.cuda.get_rng_state_all(), "sampling": generator.get_state()}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save({"agents": agents.state_dict(), "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
-                "step": step, "args": asdict(args), "rng": rng, "device": generator.device.type,
-                "evaluations": evaluations, "script": Path(__file__).name, "dataset": dataset_card}, tmp)
-    os.replace(tmp, path)
-
-
-def restore_checkpoint(checkpoint: dict, agents: nn.Module, optimizers: dict, generator: torch.Generator) -> None:
-    """Load a `save_checkpoint` into the networks and optimizers and set every random number generator to its state;
-    called after everything that draws random numbers at start-up."""
-    agents.load_state_dict(checkpoint["agents"])
-    for name, optimizer in optimizers.items():
-        optimizer.load_state_dict(checkpoint["optimizers"][name])
-    rng = checkpoint["rng"]
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
-    torch.set_rng_state(rng["torch"])
-    torch.cuda.set_rng_state_all(rng["cuda"])
-    generator.set_state(rng["sampling"])
-
-
-def scalar_metrics(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Host copies of the metrics (log intervals only); a per-agent vector `name` becomes `name_0`, `name_1`, ..."""
-    values = {}
-    for name, value in metrics.items():
-        if value.ndim == 0:
-            values[name] = value.item()
-        else:
-            values.update({f"{name}_{i}": x for i, x in enumerate(value.tolist())})
-    return values
-
-
-def check_finite(metrics: dict[str, float], step: int, last_checked: int) -> None:
-    for name, value in metrics.items():
-        if not math.isfinite(value):
-            raise FloatingPointError(f"training diverged: {name} = {value} at the log of update {step} "
-                                     f"(finite at update {last_checked}); check the data first (a warning at load "
-                                     f"names extreme rewards), then try a smaller learning rate or larger alpha")
-
-
-def unique_dir(base: Path) -> Path:
-    """Create and return `base`, or `base_2`, `base_3`, ... when a run of the same name started in the same second."""
-    for attempt in range(1, 1000):
-        run_dir = base if attempt == 1 else base.with_name(f"{base.name}_{attempt}")
-        try:
-            run_dir.mkdir(parents=True)
-            return run_dir
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"could not create a fresh run directory next to {base}")
-
-
-def make_run(args: Args, start_step: int) -> tuple[Path, SummaryWriter]:
-    """A fresh run directory, or with --resume the run's own, where TensorBoard continues after `start_step` (what a
-    stopped run logged after its checkpoint is discarded)."""
-    name = f"{args.env}__{args.dataset}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = Path(args.resume) if args.resume else unique_dir(Path("runs") / name)
-    write_json(run_dir / "args.json", asdict(args))
-    writer = SummaryWriter(str(run_dir), purge_step=start_step + 1 if args.resume else None)
-    if not args.resume:
-        table = "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items())
-        writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
-    if args.track:
-        import wandb
-
-        wandb.init(project=args.wandb_project_name, config=asdict(args), name=run_dir.name, sync_tensorboard=True,
-                   dir=str(run_dir), id=run_dir.name, resume="allow")
-    return run_dir, writer
-
-
-def seed_everything(seed: int, torch_deterministic: bool) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    torch.backends.cudnn.deterministic = torch_deterministic
-
-
+# TRY NOT TO MODIFY: the training loop (common/run.py holds its machinery)
 if __name__ == "__main__":
-    from common.cli import (ONE_SEED_EAGER, StopOnSignal, check_args, check_device, check_same_dataset,
-                            evaluation_due, exit_on_user_error, parse_args)
-
     with exit_on_user_error():
         args, checkpoint = parse_args(Args)
-        check_args(args, {**ONE_SEED_EAGER, **argument_ranges(args)})
-        seed_everything(args.seed, args.torch_deterministic)
-        device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-        torch.backends.cuda.matmul.allow_tf32 = args.tf32
-        check_device(checkpoint, device)
-        env = make_env(args.env, args.agent_conf, args.obs_mode)
-        dataset_file = ensure_dataset(args.data_dir, args.env, env.agent_conf, args.dataset,
-                                      generate=not args.no_generate)
-        dataset = load_dataset(dataset_file, device, args.obs_mode)
-        dataset.check_env(env)
-        dataset_card = dataset.card()
-        check_same_dataset(checkpoint, dataset_card)
-    start_step = checkpoint["step"] if checkpoint else 0
-    run_dir, writer = make_run(args, start_step)
-    stop = StopOnSignal()  # from here on, SIGINT and SIGTERM end every stage with a checkpoint
-    print(f"{run_dir}: {len(dataset):,} transitions from {dataset_file} on {device}"
-          + (f", resumed at update {start_step}" if checkpoint else ""))
+        check_args(args, argument_ranges(args))
+        device = prepare_device(args, checkpoint)
+        env, dataset, dataset_file = load_env_and_dataset(args, device, checkpoint)
+    run = Run(__file__, args, checkpoint, device, env, dataset.card(), fused=False)
+    run.announce(f"{len(dataset):,} transitions from {dataset_file}")
 
     agents = Agents(env.n_agents, env.obs_dim, env.act_dim, dataset.state_dim, args, env.discrete).to(device)
     optimizers = make_optimizers(agents, args)
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    result = RunResult(run_dir, asdict(args), device, dataset_card, checkpoint["evaluations"] if checkpoint else [])
-
-    def save(step: int) -> Path:
-        path = run_dir / "model.pt"
-        save_checkpoint(path, agents, optimizers, step, args, dataset_card, generator, result.evaluations)
-        return path
-
-    def save_and_close(step: int, stage: str) -> str:
-        """Checkpoint update `step` and close the writer: the line a run stopped in `stage` ends with."""
-        path = save(step)
-        writer.close()
-        return f"stopped {stage}; checkpoint saved to {path}"
-
-    if checkpoint:
-        restore_checkpoint(checkpoint, agents, optimizers, generator)
-    act_fn = make_act_fn(agents.policy, device)
-    eval_seed = 1_000_000 * (args.seed + 1)
-
-    def evaluate_and_record(step: int, episodes: int, finished: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
-        agents.eval()
-        with stop.interruptible(lambda: save_and_close(step, f"in the evaluation of update {step}, which --resume redoes")):
-            returns, wins = evaluate(act_fn, env, episodes, eval_seed)
-        agents.train()
-        writer.add_scalar("eval/return_mean", float(returns.mean()), step)
-        writer.add_scalar("eval/return_std", float(returns.std()), step)
-        if wins is not None:
-            writer.add_scalar("eval/win_rate", float(wins.mean()), step)
-        result.add_evaluation(step, returns, finished, wins)
-        return returns, wins
-
-    def evaluate_periodically(step: int) -> float:
-        returns, _ = evaluate_and_record(step, args.eval_episodes)
-        tqdm.write(f"step {step}: eval return {returns.mean():.1f} ± {returns.std():.1f}")
-        if args.save_model:
-            save(step)
-        return float(returns.mean())
-
-    if checkpoint and start_step < args.total_steps and evaluation_due(checkpoint, args):
-        evaluate_periodically(start_step)  # the evaluation a signal abandoned
-    last_eval = result.evaluations[-1]["mean"] if result.evaluations else float("nan")
-    last_checked, tick, tick_step = start_step, time.perf_counter(), start_step
-    progress = tqdm(range(start_step + 1, args.total_steps + 1), initial=start_step, total=args.total_steps,
-                    mininterval=2.0, desc=args.exp_name)
-    for step in progress:
-        metrics = update(agents, optimizers, dataset.sample(args.batch_size, generator), args)
+    run.attach(agents, optimizers)
+    for step in run.steps():
+        metrics = update(agents, optimizers, dataset.sample(args.batch_size, run.generators[0]), args)
         if step % args.log_every == 0 or step == args.total_steps:
-            values = scalar_metrics(metrics)
-            check_finite(values, step, last_checked)
-            last_checked = step
-            seconds = time.perf_counter() - tick
-            updates_per_sec = (step - tick_step) / seconds
-            result.time(step - tick_step, seconds)
-            tick, tick_step = time.perf_counter(), step
-            for name, value in values.items():
-                writer.add_scalar(name, value, step)
-            writer.add_scalar("charts/updates_per_sec", updates_per_sec, step)
-            progress.set_postfix(ups=f"{updates_per_sec:.0f}", eval=f"{last_eval:.0f}")
+            run.log(step, metrics)
         if step % args.eval_every == 0 and step < args.total_steps:
-            last_eval = evaluate_periodically(step)
-            tick = time.perf_counter()
-        if stop.requested:
-            progress.close()
-            stop.exit(save_and_close(step, f"after update {step} of {args.total_steps}"))
-
-    returns, wins = evaluate_and_record(args.total_steps, args.final_eval_episodes, finished=True)
-    if args.save_model:
-        save(args.total_steps)
-    writer.close()
-    print(f"final return: {returns.mean():.2f} ± {returns.std():.2f} over {len(returns)} episodes"
-          + (f", win rate {wins.mean():.2f}" if wins is not None else ""))
-    if stop.requested:  # during the final writes, which completed
-        stop.exit("received after the final evaluation: the run is complete")
+            run.evaluate(step)
+        if run.stop.requested:
+            run.stop_after(step)
+    run.finish()

@@ -60,24 +60,15 @@ from __future__ import annotations
 import copy
 import math
 import os
-import random
-import time
-from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Literal
 
-import numpy as np
 import torch
 import torch.nn as nn
-from torch.utils.tensorboard import SummaryWriter
-from tqdm import tqdm
 
-from common.cli import POSITIVE, Rule
-from common.collect import ensure_dataset
-from common.datasets import Batch, Dataset, draw_indices, load_dataset
-from common.envs import make_env
-from common.evaluation import evaluate_seeds
-from common.results import RunResult, write_json
+from common.cli import POSITIVE, Rule, check_args, exit_on_user_error, parse_args
+from common.datasets import Batch, Dataset, draw_indices
+from common.run import Run, build_seeds, captures_graph, compile_update, load_env_and_dataset, prepare_device
 
 
 @dataclass
@@ -129,13 +120,17 @@ class Args:
     per_agent_networks: bool = False
     """if toggled, every agent has its own network weights (default: one network of each kind shared by all agents,
     told apart by the one-hot id in their inputs, as in the official OMIGA code)"""
-    num_seeds: int = 1
-    """train the seeds seed, seed+1, ..., seed+num_seeds-1 as one batched computation, with one run directory each
-    and the numbers of separate runs (omiga.py, omcda.py, comadice.py and icq.py)"""
-    compile: bool = False
-    """if toggled, compile the update step with torch.compile (and CUDA graphs on a GPU)"""
     tf32: bool = True
     """if toggled, float32 matmuls on a GPU run on TensorFloat-32 tensor cores (`--no-tf32`: full float32)"""
+
+    # Fused seeds and the update's compilation (the scripts whose networks carry a leading seed dimension)
+    num_seeds: int = 1
+    """train the seeds seed, seed+1, ..., seed+num_seeds-1 as one batched computation, with one run directory each
+    and the numbers of separate runs"""
+    cuda_graph: bool = True
+    """if toggled, on a GPU the update runs as one captured CUDA graph (`--no-cuda-graph`: eager); no effect on a CPU"""
+    compile: bool = False
+    """if toggled, compile the update step with torch.compile (inside the CUDA graph on a GPU)"""
 
     # Algorithm specific arguments
     gamma: float = 0.99
@@ -283,6 +278,14 @@ def mix(w: torch.Tensor, values: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 # ALGO LOGIC: in-sample next actions, networks, losses and the update
+# Rules for an update that fused seeds, --resume and the CUDA graph rely on (docs/adding-an-algorithm.md):
+# - every parameter, buffer and metric leads with the seed dimension: agent tensors are [seeds, n, B, ...], networks
+#   are BatchedLinear (never nn.Linear) and clipped_step clips each seed's gradient alone;
+# - buffers change in place (copy_, lerp_, clamp_): a captured graph keeps the tensors it recorded;
+# - no host sync in update(): no .item(), .cpu(), print or branch on a tensor's value; return detached metrics, which
+#   the loop copies at --log-every;
+# - metrics are named "losses/...", "values/...", "agents/..." and shaped [seeds] or, per agent, [seeds, n];
+# - the optimizers' names are checkpoint keys, and minibatches come from run.generators alone.
 @dataclass
 class ICQBatch(Batch):
     next_actions: torch.Tensor = field(kw_only=True)  # [..., n_agents, B, act_dim] the dataset's next joint action
@@ -345,7 +348,7 @@ class Agents(nn.Module):
 
 def make_optimizers(agents: Agents, args: Args) -> dict[str, torch.optim.Optimizer]:
     """Adam is elementwise, so one Adam over the seeds' stacked weights is one independent Adam per seed."""
-    capturable = args.compile and next(agents.parameters()).is_cuda  # a CUDA graph may hold the step counters
+    capturable = captures_graph(args, next(agents.parameters()).device)  # the graph holds the step counters
     return {
         "q": torch.optim.Adam([*agents.q.parameters(), *agents.mixer.parameters()], lr=args.q_lr,
                               capturable=capturable),
@@ -426,314 +429,28 @@ def update(agents: Agents, optimizers: dict, batch: ICQBatch, args: Args) -> dic
             "values/target_weight_max": rho.amax(-1), "values/policy_weight_max": policy_weights.amax((-2, -1))}
 
 
-# TRY NOT TO MODIFY: running, logging, evaluation, checkpoints
-def make_act_fn(policy: nn.Module, device: torch.device, seeds: int):
-    def agent_major(x: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-        """[seeds * E, n, d], seed-major -> [seeds, n, E, d]."""
-        x_t = torch.as_tensor(x, dtype=dtype, device=device)
-        return x_t.reshape(seeds, -1, *x_t.shape[1:]).transpose(1, 2)
-
-    @torch.no_grad()
-    def act(obs: np.ndarray, avail: np.ndarray | None = None) -> np.ndarray:
-        """Deterministic actions of every seed's policy: obs [seeds * E, n, obs_dim], seed-major; on discrete envs
-        the masks avail [seeds * E, n, A] come too and the actions go back as indices [seeds * E, n]."""
-        avail_t = None if avail is None else agent_major(avail, torch.bool)
-        actions = policy.act(agent_major(obs, torch.float32), avail_t)
-        actions = actions.transpose(1, 2).reshape(obs.shape[0], obs.shape[1], -1)
-        return (actions if avail is None else actions.argmax(-1)).cpu().numpy()
-
-    return act
-
-
-def build_seeds(build, args: Args) -> nn.Module:
-    """`build(args)` for args.num_seeds fused seeds, seed k's slice of every weight initialised exactly as a run with
-    --seed seed+k alone initialises it: every parameter and buffer holds the seeds' weight sets along its first dim,
-    in seed order."""
-    singles = []
-    for k in range(args.num_seeds):
-        torch.manual_seed(args.seed + k)
-        singles.append(build(replace(args, num_seeds=1)).state_dict())
-    fused = build(args)
-    fused.load_state_dict({name: torch.cat([single[name] for single in singles]) for name in singles[0]})
-    torch.manual_seed(args.seed)
-    return fused
-
-
-def save_checkpoint(path: Path, agents: nn.Module, optimizers: dict, step: int, args: Args, dataset_card: dict,
-                    generators: list[torch.Generator], evaluations: list[list[dict]], run_dirs: list[Path]) -> None:
-    """Everything `--resume` needs to continue the run as if it had not stopped, written atomically: networks,
-    optimizers, step, every random number generator (each seed's sampling generator, Python's, NumPy's, torch's), the
-    evaluations so far and the fused seeds' run directories; and what it must be resumed with, the script and the
-    dataset's card."""
-    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-           "cuda": torch.cuda.get_rng_state_all(), "sampling": [generator.get_state() for generator in generators]}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save({"agents": agents.state_dict(), "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
-                "step": step, "args": asdict(args), "rng": rng, "device": generators[0].device.type,
-                "evaluations": evaluations, "run_dirs": [run_dir.name for run_dir in run_dirs],
-                "script": Path(__file__).name, "dataset": dataset_card}, tmp)
-    os.replace(tmp, path)
-
-
-def restore_checkpoint(checkpoint: dict, agents: nn.Module, optimizers: dict, generators: list[torch.Generator]) -> None:
-    """Load a `save_checkpoint` into the networks and optimizers and set every random number generator to its state;
-    called after everything that draws random numbers at start-up."""
-    agents.load_state_dict(checkpoint["agents"])
-    for name, optimizer in optimizers.items():
-        optimizer.load_state_dict(checkpoint["optimizers"][name])
-    rng = checkpoint["rng"]
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
-    torch.set_rng_state(rng["torch"])
-    torch.cuda.set_rng_state_all(rng["cuda"])
-    for generator, state in zip(generators, rng["sampling"], strict=True):
-        generator.set_state(state)
-
-
-def capture_graph(update_fn):
-    """`update_fn` recorded once as one CUDA graph and replayed at every step: the step's hundreds of small kernels
-    become one launch. Each replay reads the minibatch from fixed buffers and returns the same metric tensors, which
-    the next replay overwrites. Recording needs the optimizers' states to exist, so three warm-up steps run first, on
-    the first minibatch; every weight, buffer and optimizer state is then put back as it was, so the run trains from
-    the same start as eager."""
-    graph, static_inputs, static_metrics = None, None, None
-
-    def step(agents: nn.Module, optimizers: dict, *inputs) -> dict[str, torch.Tensor]:
-        """inputs: the update's minibatches (Batch), then its arguments."""
-        nonlocal graph, static_inputs, static_metrics
-        if graph is None:
-            start = {name: value.clone() for name, value in agents.state_dict().items()}
-            states = [{param: {key: value.clone() for key, value in state.items()}
-                       for param, state in optimizer.state.items()} for optimizer in optimizers.values()]
-            static_inputs = [type(x)(**{name: None if value is None else value.clone()
-                                        for name, value in vars(x).items()}) if isinstance(x, Batch) else x
-                             for x in inputs]
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(3):
-                    update_fn(agents, optimizers, *static_inputs)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                static_metrics = update_fn(agents, optimizers, *static_inputs)
-            with torch.no_grad():
-                for name, value in agents.state_dict().items():
-                    value.copy_(start[name])
-                for optimizer, saved in zip(optimizers.values(), states):
-                    for param, state in optimizer.state.items():
-                        for key, value in state.items():
-                            value.copy_(saved[param][key]) if param in saved else value.zero_()
-        for static, given in zip(static_inputs, inputs):
-            if isinstance(given, Batch):
-                for name, value in vars(given).items():
-                    if value is not None:
-                        getattr(static, name).copy_(value)
-        graph.replay()
-        return static_metrics
-
-    return step
-
-
-def compile_update(update_fn, args: Args, device: torch.device):
-    """The update step as it runs: eager, or with --compile through torch.compile and, on a GPU, captured as one CUDA
-    graph (capture_graph)."""
-    if not args.compile:
-        return update_fn
-    compiled = torch.compile(update_fn, dynamic=False)
-    return capture_graph(compiled) if device.type == "cuda" else compiled
-
-
-def seed_metrics(metrics: dict[str, torch.Tensor], seeds: int) -> list[dict[str, float]]:
-    """Host copies of every seed's metrics (log intervals only): each metric is [seeds] or, per agent, [seeds, n];
-    a per-agent vector `name` becomes `name_0`, `name_1`, ..."""
-    host = {name: value.reshape(seeds, -1).cpu() for name, value in metrics.items()}
-    per_seed = []
-    for k in range(seeds):
-        values = {}
-        for name, value in host.items():
-            if metrics[name].ndim <= 1:
-                values[name] = value[k, 0].item()
-            else:
-                values.update({f"{name}_{i}": x for i, x in enumerate(value[k].tolist())})
-        per_seed.append(values)
-    return per_seed
-
-
-def check_finite(metrics: dict[str, float], step: int, last_checked: int, seed: int) -> None:
-    for name, value in metrics.items():
-        if not math.isfinite(value):
-            raise FloatingPointError(f"training diverged: {name} = {value} at the log of update {step} of seed {seed} "
-                                     f"(finite at update {last_checked}); check the data first (a warning at load "
-                                     f"names extreme rewards), then try a smaller learning rate or larger alpha")
-
-
-def unique_dir(base: Path) -> Path:
-    """Create and return `base`, or `base_2`, `base_3`, ... when a run of the same name started in the same second."""
-    for attempt in range(1, 1000):
-        run_dir = base if attempt == 1 else base.with_name(f"{base.name}_{attempt}")
-        try:
-            run_dir.mkdir(parents=True)
-            return run_dir
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"could not create a fresh run directory next to {base}")
-
-
-def make_runs(args: Args, checkpoint: dict | None) -> tuple[list[Path], list[SummaryWriter]]:
-    """One run directory per seed, fresh, or with --resume the run's own (the first seed's holds model.pt), where
-    TensorBoard continues after the checkpoint's step (what a stopped run logged after its checkpoint is discarded)."""
-    if checkpoint:  # the first seed's directory is the one resumed; the other seeds' are its siblings
-        resumed = Path(args.resume)
-        run_dirs = [resumed] + [resumed.parent / name for name in checkpoint["run_dirs"][1:]]
-    else:
-        started = int(time.time())
-        run_dirs = [unique_dir(Path("runs") / f"{args.env}__{args.dataset}__{args.exp_name}__{args.seed + k}__{started}")
-                    for k in range(args.num_seeds)]
-    writers = []
-    for k, run_dir in enumerate(run_dirs):
-        seed_args = asdict(replace(args, seed=args.seed + k))
-        write_json(run_dir / "args.json", seed_args)
-        writer = SummaryWriter(str(run_dir), purge_step=checkpoint["step"] + 1 if checkpoint else None)
-        if not checkpoint:
-            table = "\n".join(f"|{key}|{value}|" for key, value in seed_args.items())
-            writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
-        if args.track:
-            import wandb
-
-            wandb.init(project=args.wandb_project_name, config=seed_args, name=run_dir.name, sync_tensorboard=True,
-                       dir=str(run_dir), id=run_dir.name, resume="allow", reinit="create_new")
-        writers.append(writer)
-    return run_dirs, writers
-
-
-def seed_everything(seed: int, torch_deterministic: bool) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    torch.backends.cudnn.deterministic = torch_deterministic
-
-
+# TRY NOT TO MODIFY: the training loop (common/run.py holds its machinery)
 if __name__ == "__main__":
-    from common.cli import (StopOnSignal, check_args, check_device, check_same_dataset, evaluation_due,
-                            exit_on_user_error, parse_args)
-
     with exit_on_user_error():
         args, checkpoint = parse_args(Args)
         check_args(args, argument_ranges(args))
-        seed_everything(args.seed, args.torch_deterministic)
-        device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-        torch.backends.cuda.matmul.allow_tf32 = args.tf32
-        check_device(checkpoint, device)
-        env = make_env(args.env, args.agent_conf, args.obs_mode)
-        dataset_file = ensure_dataset(args.data_dir, args.env, env.agent_conf, args.dataset,
-                                      generate=not args.no_generate)
-        dataset = load_dataset(dataset_file, device, args.obs_mode)
-        dataset.check_env(env)
-        dataset_card = dataset.card()
-        check_same_dataset(checkpoint, dataset_card)
-    start_step = checkpoint["step"] if checkpoint else 0
-    run_dirs, writers = make_runs(args, checkpoint)
-    stop = StopOnSignal()  # from here on, SIGINT and SIGTERM end every stage with a checkpoint
-    seeds = list(range(args.seed, args.seed + args.num_seeds))
+        device = prepare_device(args, checkpoint)
+        env, dataset, dataset_file = load_env_and_dataset(args, device, checkpoint)
+    run = Run(__file__, args, checkpoint, device, env, dataset.card())
     transitions = NextActionSampler(dataset)
-    print(f"{run_dirs[0]}: {len(dataset):,} transitions ({len(transitions):,} with a next action) from {dataset_file} "
-          f"on {device}"
-          + (f", seeds {seeds[0]}..{seeds[-1]} fused" if len(seeds) > 1 else "")
-          + (f", resumed at update {start_step}" if checkpoint else ""))
+    run.announce(f"{len(dataset):,} transitions ({len(transitions):,} with a next action) from {dataset_file}")
 
     agents = build_seeds(lambda a: Agents(env.n_agents, env.obs_dim, env.act_dim, dataset.state_dim, a,
-                                               env.discrete), args).to(device)
+                                          env.discrete), args).to(device)
     optimizers = make_optimizers(agents, args)
-    generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
-    results = [RunResult(run_dir, asdict(replace(args, seed=seed)), device, dataset_card,
-                         checkpoint["evaluations"][k] if checkpoint else []) for k, (run_dir, seed) in enumerate(zip(run_dirs, seeds))]
-
-    def save(step: int) -> Path:
-        path = run_dirs[0] / "model.pt"
-        save_checkpoint(path, agents, optimizers, step, args, dataset_card, generators,
-                        [result.evaluations for result in results], run_dirs)
-        return path
-
-    def save_and_close(step: int, stage: str) -> str:
-        """Checkpoint update `step` and close the writers: the line a run stopped in `stage` ends with."""
-        path = save(step)
-        for writer in writers:
-            writer.close()
-        return f"stopped {stage}; checkpoint saved to {path}"
-
-    if checkpoint:
-        restore_checkpoint(checkpoint, agents, optimizers, generators)
+    run.attach(agents, optimizers)
     update_step = compile_update(update, args, device)
-    act_fn = make_act_fn(agents.policy, device, len(seeds))
-    eval_seeds = [1_000_000 * (seed + 1) for seed in seeds]
-
-    def evaluate_and_record(step: int, episodes: int, finished: bool = False) -> np.ndarray:
-        agents.eval()
-        started = time.perf_counter()
-        with stop.interruptible(lambda: save_and_close(step, f"in the evaluation of update {step}, which --resume redoes")):
-            returns, wins = evaluate_seeds(act_fn, env, episodes, eval_seeds)
-        seconds = time.perf_counter() - started
-        agents.train()
-        for k, (writer, result, seed_returns) in enumerate(zip(writers, results, returns)):
-            seed_wins = None if wins is None else wins[k]
-            writer.add_scalar("eval/return_mean", float(seed_returns.mean()), step)
-            writer.add_scalar("eval/return_std", float(seed_returns.std()), step)
-            if seed_wins is not None:
-                writer.add_scalar("eval/win_rate", float(seed_wins.mean()), step)
-            writer.add_scalar("charts/evaluation_seconds", seconds, step)
-            result.time_evaluation(seconds)
-            result.add_evaluation(step, seed_returns, finished, seed_wins)
-        return returns
-
-    def evaluate_periodically(step: int) -> float:
-        returns = evaluate_and_record(step, args.eval_episodes)
-        tqdm.write(f"step {step}: eval return " + ", ".join(f"{r.mean():.1f} ± {r.std():.1f}" for r in returns))
-        if args.save_model:
-            save(step)
-        return float(returns[0].mean())
-
-    if checkpoint and start_step < args.total_steps and evaluation_due(checkpoint, args):
-        evaluate_periodically(start_step)  # the evaluation a signal abandoned
-    last_eval = results[0].evaluations[-1]["mean"] if results[0].evaluations else float("nan")
-    last_checked, tick, tick_step = start_step, time.perf_counter(), start_step
-    progress = tqdm(range(start_step + 1, args.total_steps + 1), initial=start_step, total=args.total_steps,
-                    mininterval=2.0, desc=args.exp_name)
-    for step in progress:
-        metrics = update_step(agents, optimizers, transitions.sample(args.batch_size, generators), args)
+    for step in run.steps():
+        metrics = update_step(agents, optimizers, transitions.sample(args.batch_size, run.generators), args)
         if step % args.log_every == 0 or step == args.total_steps:
-            per_seed = seed_metrics(metrics, len(seeds))
-            for values, seed in zip(per_seed, seeds):
-                check_finite(values, step, last_checked, seed)
-            last_checked = step
-            updates, seconds = step - tick_step, time.perf_counter() - tick
-            updates_per_sec = updates / seconds
-            tick, tick_step = time.perf_counter(), step
-            for writer, result, values in zip(writers, results, per_seed):
-                result.time(updates, seconds)
-                for name, value in values.items():
-                    writer.add_scalar(name, value, step)
-                writer.add_scalar("charts/updates_per_sec", updates_per_sec, step)
-            progress.set_postfix(ups=f"{updates_per_sec:.0f}", eval=f"{last_eval:.0f}")
+            run.log(step, metrics)
         if step % args.eval_every == 0 and step < args.total_steps:
-            last_eval = evaluate_periodically(step)
-            tick = time.perf_counter()
-        if stop.requested:
-            progress.close()
-            stop.exit(save_and_close(step, f"after update {step} of {args.total_steps}"))
-
-    returns = evaluate_and_record(args.total_steps, args.final_eval_episodes, finished=True)
-    if args.save_model:
-        save(args.total_steps)
-    for writer in writers:
-        writer.close()
-    for result, seed, seed_returns in zip(results, seeds, returns):
-        win_rate = result.evaluations[-1].get("win_rate")
-        print(f"final return: {seed_returns.mean():.2f} ± {seed_returns.std():.2f} over {len(seed_returns)} episodes"
-              + (f", win rate {win_rate:.2f}" if win_rate is not None else "")
-              + (f" (seed {seed})" if len(seeds) > 1 else ""))
-    training, evaluating = results[0].timed_seconds, results[0].evaluation_seconds
-    print(f"time: {training:.0f} s training, {evaluating:.0f} s evaluating "
-          f"({evaluating / max(training + evaluating, 1e-9):.0%} of both)")
-    if stop.requested:  # during the final writes, which completed
-        stop.exit("received after the final evaluation: the run is complete")
+            run.evaluate(step)
+        if run.stop.requested:
+            run.stop_after(step)
+    run.finish()

@@ -14,12 +14,9 @@ the papers give the structure, not the equation.
       Q_tot(s, a)   = sum_i w_i(s) Q_i(o_i, a_i) + b(s)           (soft value: sets pi*, as OMIGA)
       Q^r_tot(s, a) = sum_i w^r_i(s) Q^r_i(o_i, a_i) + b^r(s)     (reward value of pi*: measures influence)
       sum_i alpha_i Q^{c,i}_tot = Q_tot - Q^r_tot                  (logged as values/q_conservative_tot)
-    Why not back up Q^r and Q^c separately and read pi* off their sum: V^r = E_{pi*}[Q^r] is a Boltzmann mean of the
-    critic that pi* itself tilts towards, an operator that is not a non-expansion (Asadi & Littman, ICML 2017),
-    whose upward bias from critic noise of variance s^2 is s^2 / alpha to second order, twice that of the soft
-    value's log-sum-exp, which also pays alpha_i KL_i per step. Measured on Hopper medium-replay
-    (benchmarks/history.md): that form inflated Q^r_tot past 1,000 and collapsed the returns at d_tot 1.2 and 3. Here
-    pi* comes from the soft chain and Q^r evaluates that pi*, with no feedback into control.
+    pi* comes from the soft chain and Q^r evaluates that pi*, with no feedback into control: backing up Q^r and Q^c
+    separately and reading pi* off their sum (a Boltzmann mean, not a non-expansion: Asadi & Littman, ICML 2017)
+    inflated Q^r_tot and collapsed the returns (docs/omcda.md, "The allocation").
  3. Consistent local policy [Who Matters Matters, Prop. 3.1, 3.2, Thm. 3.3; OMIGA Eq. 10 with per-agent alpha_i]:
       pi*_i ∝ pi_b,i exp(z_i),   z_i = w̄_i (Q̄_i - V_i) / alpha_i = x_i + y_i,   x_i = w̄^r_i (Q̄^r_i - V^r_i) / alpha_i,
     x_i the reward part of Prop. 3.2's exponent and y_i = z_i - x_i its conservative part Q^{c,i} - V^{c,i}. With
@@ -34,14 +31,11 @@ the papers give the structure, not the equation.
     [ours] V̂_i and V̂^r_i are estimated per state from the same actions: the exact sum over the available actions
     (discrete), or over --behaviour-samples actions of pi_b,i drawn afresh at every update (continuous; V̂^r_i
     self-normalised by their weights exp(z_i)), so Q̄_i and Q̄^r_i are read at actions of pi_b,i as well as the
-    data's. Why not OMIGA's exp loss (Eq. 12), E_D[exp(z_i) + w̄_i V_i / alpha_i] on the data's single action per
-    state: its minimiser normalises pi*_i only on average over the states V_i cannot tell apart, and the exp charges
-    a V_i too low far more than one too high, so V_i settles above the states' soft values by about
-    (alpha_i / w̄_i) Var_o(log E_{pi_b}[exp(z_i) | o]) / 2, an upward bias that grows as alpha_i falls and that the
-    backups compound (measured in docs/omcda.md). Squared error is symmetric; the log of a K-sample mean is
-    biased low, which does not compound upward. Why not L_Vr = E_D[sg(exp(z_i)) (Q̄^r_i - V^r_i)^2] on the data's
-    action: it averages Q̄^r over neighbouring states with weights exp(z_i) normalised only on average over them, and
-    the reward chain it fed overestimated pi*'s return (measured in docs/omcda.md).
+    data's. OMIGA's exp loss (Eq. 12) on the data's single action per state normalises pi*_i only on average over
+    the states V_i cannot tell apart and settles V_i above the soft values by about
+    (alpha_i / w̄_i) Var_o(log E_{pi_b}[exp(z_i) | o]) / 2, a bias the backups compound; the data-action regression
+    of V^r_i overestimated pi*'s return likewise (both measured in docs/omcda.md, "The soft value per state" and
+    "The reward value per state").
  5. KL_i [ours: in-sample, of the policy the values define]: KL(pi*_i || pi_b,i) = E_{pi*}[z_i] = E_D[exp(z_i) z_i],
     no policy action needed (estimated self-normalised, see below). The KL of the extracted Gaussian pi_i to pi_b,i
     is logged beside it as a diagnostic.
@@ -51,11 +45,9 @@ the papers give the structure, not the equation.
       dV^r_tot / dbeta_i = alpha_i Cov_{pi*}(x_i, z_i | o_i),   dKL_i / dbeta_i = Var_{pi*}(z_i | o_i),
       m_i = alpha_i E_D[exp(z_i) x_i (z_i - K_i)] / E_D[exp(z_i) (z_i - K_i)^2]      (each moment averaged over o_i)
       L_K = E_D[ sg(exp(z_i)) (sg(z_i) - K_i(o_i))^2 ]                               -> K_i(o_i) = KL_i(o_i)
-    Coordinate-free and in-sample: no critic is queried off the data. Without a conservative part (x_i = z_i - K_i)
-    m_i = alpha_i: the envelope theorem, the marginal return of KL is its price. The denominator is positive whenever
-    pi*_i deviates, and |m_i| <= alpha_i sd(x_i) / sd(z_i); moving alpha_i instead (Prop. 3.2's reward part alone)
-    divides by Cov(x_i, z_i), which crossed zero on Hopper and sent m_i to -40. With --no-decouple there is no
-    reward part to isolate: m_i = alpha_i.
+    Coordinate-free and in-sample; without a conservative part (x_i = z_i - K_i), and with --no-decouple, m_i = alpha_i
+    (the envelope theorem: the marginal return of KL is its price). The denominator is positive whenever pi*_i
+    deviates; moving alpha_i instead divides by Cov(x_i, z_i), which crossed zero (docs/omcda.md, "The allocation").
  7. Allocation [paper]: d = softmax(m̂ / tau_m) d_tot with m̂ = m / max_i |m_i| [ours: scale-free], so
     sum_i d_i = d_tot.
  8. alpha_i [Who Matters Matters]: min_{alpha_i >= 0} alpha_i (d_i - KL_i), by dual descent on log alpha_i (loss
@@ -65,31 +57,22 @@ Ablations (Who Matters Matters): --allocation uniform (w/o-CDA), --allocation ra
 run), and --no-decouple (w/o-dq: the soft chain alone, as OMIGA with per-agent alpha_i; no Q^r to measure influence
 with).
 
-Agent inputs follow --obs-mode: "state" (default) gives every agent the global state plus a one-hot id, the setting
-of the papers' MuJoCo experiments; "local" gives each agent its local observation (agent_obsk=1) plus the id.
-
-Discrete actions (SMAX maps, --env 5m_vs_6m): pi_i is categorical over the actions available at o_i (the others
-masked to probability 0) and Q_i and Q^r_i take the one-hot action; the losses above are unchanged, the logged
-policy_kl is the categorical KL in closed form, sum_a pi_i (log pi_i - log pi_b,i), and evaluation takes the
-most probable available action. Agents then see their local observation + id (--obs-mode local, SMAC's setting).
+Agent inputs follow --obs-mode: "state" (default; the global state + a one-hot id, the papers' MuJoCo setting) or
+"local" (the agent's observation + id). Discrete actions (SMAX maps): pi_i is categorical over the actions available
+at o_i, Q_i and Q^r_i take the one-hot action, the losses are unchanged, the logged policy_kl is the categorical KL
+in closed form and evaluation takes the most probable available action.
 
 Choices the papers leave open (OMIGA's published values where they apply; otherwise ours):
-- gamma 0.99, tau 0.005 (targets of Q, V, Q^r, V^r and both mixers), Adam lr 5e-4, batch 128, 1e6 updates,
-  2x256 ReLU networks, hypernetworks with one hidden layer of 64 on the global state, gradient-norm clip 1.0.
-- 8 actions of pi_b,i per state and update in V̂_i and V̂^r_i (Hopper's agents act in 1 dimension);
-  agents/normaliser_i = E_D[exp(z_i)], 1 when V_i normalises pi*_i, is logged.
-- KL_i and the influence moments are expectations under pi*, estimated self-normalised over the minibatch
-  (sum_B exp(z) f / sum_B exp(z), consistent because E_D[exp(z)] = 1) and smoothed by an exponential moving average
-  (--estimate-ema, a 20-update window at 0.05); they use clamp(z) as the policy weights do. KL_i is the KL of the
-  minibatch tilt softmax_B(z) to the minibatch, so an offset in V cannot make it small or negative. Measured on
-  Hopper medium-replay: the plain mean E_B[exp(z) z] is heavy-tailed (one sample at the clamp adds
-  e^10 * 10 / 128 = 1,700), and Adam's dual step turned its spikes into an upward drift of alpha_i; the self-normalised
-  mean without the log term went negative once the normaliser lagged (alpha_i fell to the floor).
-- alpha_i starts at 10 (OMIGA's MuJoCo alpha) and lives in [0.1, 100], log-alpha Adam lr 1e-3. The budget, not the
-  floor, is the regulariser: on Hopper medium-replay (30k updates, d_tot 0.3 / 1.2 / 3) alpha_i fell to 0.15-1 within
-  5k updates, then rose with the scale of Q (to 1-9 at 30k), and no logged step had every alpha_i on the floor.
-- DecompositionMonitor warns when Q_tot - Q^r_tot turns positive (the decomposition puts it at or below 0), which
-  came before the collapses docs/omcda.md records.
+- gamma 0.99, tau 0.005 (every target), Adam lr 5e-4, batch 128, 1e6 updates, 2x256 ReLU networks, hypernetworks
+  of one hidden layer of 64 on the global state, gradient-norm clip 1.0.
+- 8 actions of pi_b,i per state and update in V̂_i and V̂^r_i; agents/normaliser_i = E_D[exp(z_i)] (1 when V_i
+  normalises pi*_i) is logged.
+- KL_i and the influence moments: expectations under pi* over the minibatch, self-normalised (sum_B exp(z) f /
+  sum_B exp(z); KL_i is the KL of softmax_B(z) to the minibatch, blind to an offset in V), of clamp(z) as the policy
+  weights, smoothed by a moving average (--estimate-ema); the plain mean E_B[exp(z) z] is heavy-tailed
+  (docs/omcda.md).
+- alpha_i starts at 10 (OMIGA's MuJoCo alpha), in [0.1, 100], log-alpha Adam lr 1e-3.
+- DecompositionMonitor warns when Q_tot - Q^r_tot turns positive, which the decomposition forbids.
 """
 
 from __future__ import annotations
@@ -97,24 +80,16 @@ from __future__ import annotations
 import copy
 import math
 import os
-import random
-import time
-from dataclasses import asdict, dataclass, replace
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
 import torch
 import torch.nn as nn
-from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from common.cli import POSITIVE, Rule, at_least, interval
-from common.collect import ensure_dataset
-from common.datasets import Batch, Dataset, load_dataset
-from common.envs import make_env
-from common.evaluation import evaluate_seeds
-from common.results import RunResult, write_json
+from common.cli import POSITIVE, Rule, at_least, check_args, exit_on_user_error, interval, parse_args
+from common.datasets import Batch, Dataset
+from common.run import Run, build_seeds, captures_graph, compile_update, load_env_and_dataset, prepare_device
 
 
 @dataclass
@@ -166,13 +141,17 @@ class Args:
     per_agent_networks: bool = False
     """if toggled, every agent has its own network weights (default: one network of each kind shared by all agents,
     told apart by the one-hot id in their inputs, as in the official OMIGA code)"""
-    num_seeds: int = 1
-    """train the seeds seed, seed+1, ..., seed+num_seeds-1 as one batched computation, with one run directory each
-    and the numbers of separate runs (omiga.py, omcda.py, comadice.py and icq.py)"""
-    compile: bool = False
-    """if toggled, compile the update step with torch.compile (and CUDA graphs on a GPU)"""
     tf32: bool = True
     """if toggled, float32 matmuls on a GPU run on TensorFloat-32 tensor cores (`--no-tf32`: full float32)"""
+
+    # Fused seeds and the update's compilation (the scripts whose networks carry a leading seed dimension)
+    num_seeds: int = 1
+    """train the seeds seed, seed+1, ..., seed+num_seeds-1 as one batched computation, with one run directory each
+    and the numbers of separate runs"""
+    cuda_graph: bool = True
+    """if toggled, on a GPU the update runs as one captured CUDA graph (`--no-cuda-graph`: eager); no effect on a CPU"""
+    compile: bool = False
+    """if toggled, compile the update step with torch.compile (inside the CUDA graph on a GPU)"""
 
     # Algorithm specific arguments
     gamma: float = 0.99
@@ -364,11 +343,21 @@ def mix(w: torch.Tensor, values: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 # ALGO LOGIC: networks, losses and the update
+# Rules for an update that fused seeds, --resume and the CUDA graph rely on (docs/adding-an-algorithm.md):
+# - every parameter, buffer and metric leads with the seed dimension: agent tensors are [seeds, n, B, ...], networks
+#   are BatchedLinear (never nn.Linear) and clipped_step clips each seed's gradient alone;
+# - buffers change in place (copy_, lerp_, clamp_): a captured graph keeps the tensors it recorded;
+# - no host sync in update(): no .item(), .cpu(), print or branch on a tensor's value; return detached metrics, which
+#   the loop copies at --log-every;
+# - metrics are named "losses/...", "values/...", "agents/..." and shaped [seeds] or, per agent, [seeds, n];
+# - the optimizers' names are checkpoint keys, and minibatches come from run.generators alone.
 class Agents(nn.Module):
     """Every network of OMCDA, the frozen behaviour policy, log alpha_i and the allocation state; targets are Polyak
     copies. `v`, `q`, `mixer` are the soft values Q_tot = Q^r_tot + sum_i alpha_i Q^{c,i}_tot and V that set pi*;
     `v_reward`, `q_reward`, `mixer_reward` the reward part V^r, Q^r, (w^r, b^r) and `state_kl` the per-state
-    KL_i(o_i) of pi*_i, all absent with `decouple=False` (w/o-dq)."""
+    KL_i(o_i) of pi*_i, all absent with `decouple=False` (w/o-dq). Three KLs, one name each: `kl` is KL_i, the data
+    average of KL(pi*_i || pi_b,i) that the budget d_i bounds; `state_kl` its value at one o_i; the logged
+    `policy_kl` is the extracted pi_i's KL to pi_b,i, a diagnostic."""
 
     def __init__(self, n_agents: int, obs_dim: int, act_dim: int, state_dim: int, args: Args,
                  discrete: bool = False):
@@ -398,7 +387,7 @@ class Agents(nn.Module):
 
 def make_optimizers(agents: Agents, args: Args) -> dict[str, torch.optim.Optimizer]:
     """Adam is elementwise, so one Adam over the seeds' stacked weights is one independent Adam per seed."""
-    capturable = args.compile and next(agents.parameters()).is_cuda  # a CUDA graph may hold the step counters
+    capturable = captures_graph(args, next(agents.parameters()).device)  # the graph holds the step counters
     optimizers = {
         "v": torch.optim.Adam(agents.v.parameters(), lr=args.v_lr, capturable=capturable),
         "q": torch.optim.Adam([*agents.q.parameters(), *agents.mixer.parameters()], lr=args.q_lr,
@@ -506,7 +495,7 @@ def influence_moments(reward_part: torch.Tensor, z: torch.Tensor, state_kl: torc
     return torch.stack([(weight * reward_part * centred).sum(-1), (weight * centred.pow(2)).sum(-1)], -2)
 
 
-def influence(alpha: torch.Tensor, moments: torch.Tensor) -> torch.Tensor:
+def influence_from_moments(alpha: torch.Tensor, moments: torch.Tensor) -> torch.Tensor:
     """m_i = (dV^r_tot / dbeta_i) / (dKL_i / dbeta_i) = alpha_i Cov_{pi*}(x_i, z_i) / Var_{pi*}(z_i) [n]."""
     return alpha * moments[..., 0, :] / moments[..., 1, :]
 
@@ -597,9 +586,44 @@ def pretrain_behaviour(agents: Agents, dataset: Dataset, args: Args,
     return loss.detach()
 
 
+def reward_chain_steps(agents: Agents, optimizers: dict, batch: NoisyBatch, args: Args, alpha: torch.Tensor,
+                       z: torch.Tensor, v_reward_target: torch.Tensor, loss_v: torch.Tensor, q_tot: torch.Tensor,
+                       loss_q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+    """The reward chain beside the soft one (absent in w/o-dq): V^r and K_i stepped with V (one backward: they share no
+    weights and see each other only through the detached z), Q^r with Q, then their targets' Polyak step. Returns
+    the reward part x_i of z_i, the per-state KL_i(o_i), w^r_i V^r_i and the chain's metrics."""
+    with torch.no_grad():
+        w_reward_target, _ = agents.mixer_reward_target(batch.states)
+        q_reward_target = agents.q_reward_target(batch.obs, batch.actions)
+        next_w_reward, next_b_reward = agents.mixer_reward_target(batch.next_states)
+        next_v_reward_tot = mix(next_w_reward, agents.v_reward_target(batch.next_obs), next_b_reward)
+    v_reward = agents.v_reward(batch.obs)
+    reward_part = w_reward_target * (q_reward_target - v_reward.detach()) / alpha
+    loss_v_reward = (v_reward - v_reward_target).pow(2).mean(-1).sum(-1)
+    state_kl = agents.state_kl(batch.obs)
+    loss_state_kl = state_kl_loss(state_kl, z, args.z_clip)
+    clipped_steps([optimizers["v"], optimizers["v_reward"], optimizers["state_kl"]],
+                  loss_v + loss_v_reward + loss_state_kl, args.grad_clip, args.num_seeds)
+
+    w_reward, b_reward = agents.mixer_reward(batch.states)
+    q_reward_tot = mix(w_reward, agents.q_reward(batch.obs, batch.actions), b_reward)
+    loss_q_reward = q_loss(q_reward_tot, batch.rewards, batch.dones, next_v_reward_tot, args.gamma)
+    clipped_steps([optimizers["q"], optimizers["q_reward"]], loss_q + loss_q_reward, args.grad_clip, args.num_seeds)
+
+    soft_update(agents.v_reward_target, agents.v_reward, args.tau)
+    soft_update(agents.q_reward_target, agents.q_reward, args.tau)
+    soft_update(agents.mixer_reward_target, agents.mixer_reward, args.tau)
+    state_kl = state_kl.detach()
+    metrics = {"losses/v_reward": loss_v_reward.detach(), "losses/state_kl": loss_state_kl.detach(),
+               "agents/state_kl": state_kl.mean(-1), "values/v_reward": v_reward.detach().mean((-2, -1)),
+               "losses/q_reward": loss_q_reward.detach(), "values/q_reward_tot": q_reward_tot.detach().mean(-1),
+               "values/q_conservative_tot": (q_tot - q_reward_tot).detach().mean(-1)}
+    return reward_part, state_kl, w_reward.detach() * v_reward.detach(), metrics
+
+
 def update(agents: Agents, optimizers: dict, batch: NoisyBatch, args: Args) -> dict[str, torch.Tensor]:
-    """One OMCDA update: V and V^r, then Q and Q^r, then the policy, then KL_i, influence, allocation and the alpha_i
-    step."""
+    """One OMCDA update: V (and V^r, K), then Q (and Q^r), then the policy, then KL_i, influence, allocation and the
+    alpha_i step."""
     alpha = agents.log_alpha.detach().exp()[..., None]
     with torch.no_grad():
         w_target, _ = agents.mixer_target(batch.states)
@@ -608,49 +632,20 @@ def update(agents: Agents, optimizers: dict, batch: NoisyBatch, args: Args) -> d
         v_soft_target, v_reward_target = value_targets(agents, batch, w_target.clamp_min(1e-6) / alpha)
         next_w, next_b = agents.mixer_target(batch.next_states)
         next_v_tot = mix(next_w, agents.v_target(batch.next_obs), next_b)
-        if agents.decouple:
-            w_reward_target, _ = agents.mixer_reward_target(batch.states)
-            q_reward_target = agents.q_reward_target(batch.obs, batch.actions)
-            next_w_reward, next_b_reward = agents.mixer_reward_target(batch.next_states)
-            next_v_reward_tot = mix(next_w_reward, agents.v_reward_target(batch.next_obs), next_b_reward)
 
     v = agents.v(batch.obs)
     z = w_target * (q_target - v.detach()) / alpha
     loss_v = (v - v_soft_target).pow(2).mean(-1).sum(-1)
-    metrics = {}
-    if agents.decouple:
-        v_reward = agents.v_reward(batch.obs)
-        reward_part = w_reward_target * (q_reward_target - v_reward.detach()) / alpha
-        loss_v_reward = (v_reward - v_reward_target).pow(2).mean(-1).sum(-1)
-        state_kl = agents.state_kl(batch.obs)
-        loss_state_kl = state_kl_loss(state_kl, z, args.z_clip)
-        # V, V^r and K share no weights and see each other only through the detached z: one backward for all three.
-        clipped_steps([optimizers["v"], optimizers["v_reward"], optimizers["state_kl"]],
-                      loss_v + loss_v_reward + loss_state_kl, args.grad_clip, args.num_seeds)
-        state_kl = state_kl.detach()
-        metrics["losses/v_reward"] = loss_v_reward.detach()
-        metrics["losses/state_kl"] = loss_state_kl.detach()
-        metrics["agents/state_kl"] = state_kl.mean(-1)
-        metrics["values/v_reward"] = v_reward.detach().mean((-2, -1))
-    else:  # no reward part to isolate: m_i = alpha_i E[z^2] / E[z^2] = alpha_i
-        reward_part, state_kl = z, torch.zeros_like(z)
-        clipped_step(optimizers["v"], loss_v, args.grad_clip, args.num_seeds)
-
     w, b = agents.mixer(batch.states)
     q_tot = mix(w, agents.q(batch.obs, batch.actions), b)
     loss_q = q_loss(q_tot, batch.rewards, batch.dones, next_v_tot, args.gamma)
     if agents.decouple:
-        w_reward, b_reward = agents.mixer_reward(batch.states)
-        q_reward_tot = mix(w_reward, agents.q_reward(batch.obs, batch.actions), b_reward)
-        loss_q_reward = q_loss(q_reward_tot, batch.rewards, batch.dones, next_v_reward_tot, args.gamma)
-        clipped_steps([optimizers["q"], optimizers["q_reward"]], loss_q + loss_q_reward, args.grad_clip, args.num_seeds)
-        metrics["losses/q_reward"] = loss_q_reward.detach()
-        metrics["values/q_reward_tot"] = q_reward_tot.detach().mean(-1)
-        metrics["values/q_conservative_tot"] = (q_tot - q_reward_tot).detach().mean(-1)
-        reward_value = w_reward.detach() * v_reward.detach()
-    else:
+        reward_part, state_kl, reward_value, metrics = reward_chain_steps(agents, optimizers, batch, args, alpha, z,
+                                                                          v_reward_target, loss_v, q_tot, loss_q)
+    else:  # w/o-dq: no reward part to isolate, so m_i = alpha_i E[z^2] / E[z^2] = alpha_i
+        clipped_step(optimizers["v"], loss_v, args.grad_clip, args.num_seeds)
         clipped_step(optimizers["q"], loss_q, args.grad_clip, args.num_seeds)
-        reward_value = w.detach() * v.detach()
+        reward_part, state_kl, reward_value, metrics = z, torch.zeros_like(z), w.detach() * v.detach(), {}
 
     loss_pi = policy_loss(agents.policy.log_prob(batch.obs, batch.actions, batch.avail), z, args.z_clip)
     clipped_step(optimizers["policy"], loss_pi, args.grad_clip, args.num_seeds)
@@ -659,7 +654,7 @@ def update(agents: Agents, optimizers: dict, batch: NoisyBatch, args: Args) -> d
         z_clipped = z.clamp(-args.z_clip, args.z_clip)
         agents.kl.lerp_(in_sample_kl(z_clipped), args.estimate_ema)
         agents.influence_moments.lerp_(influence_moments(reward_part, z_clipped, state_kl), args.estimate_ema)
-        agents.influence.copy_(influence(alpha[..., 0], agents.influence_moments))
+        agents.influence.copy_(influence_from_moments(alpha[..., 0], agents.influence_moments))
         agents.budget.copy_(allocate_budget(agents.influence, args.d_tot, args.allocation, args.influence_temperature,
                                             agents.random_allocation))
     optimizers["alpha"].zero_grad(set_to_none=True)
@@ -672,10 +667,6 @@ def update(agents: Agents, optimizers: dict, batch: NoisyBatch, args: Args) -> d
     soft_update(agents.v_target, agents.v, args.tau)
     soft_update(agents.q_target, agents.q, args.tau)
     soft_update(agents.mixer_target, agents.mixer, args.tau)
-    if agents.decouple:
-        soft_update(agents.v_reward_target, agents.v_reward, args.tau)
-        soft_update(agents.q_reward_target, agents.q_reward, args.tau)
-        soft_update(agents.mixer_reward_target, agents.mixer_reward, args.tau)
     return {"losses/v_soft": loss_v.detach(), "losses/q_soft": loss_q.detach(), "losses/policy": loss_pi.detach(),
             **metrics, "values/q_soft_tot": q_tot.detach().mean(-1), "values/v_soft": v.detach().mean((-2, -1)),
             "agents/alpha": agents.log_alpha.detach().exp(), "agents/budget": agents.budget.clone(),
@@ -685,10 +676,8 @@ def update(agents: Agents, optimizers: dict, batch: NoisyBatch, args: Args) -> d
 
 
 class DecompositionMonitor:
-    """Warns when the decomposition's sign breaks: sum_i alpha_i Q^{c,i}_tot = Q_tot - Q^r_tot is minus a discounted
-    KL, never above 0 for exact critics. A minibatch mean above SIGN_TOLERANCE |Q^r_tot| means the soft chain sits
-    above the reward chain that bounds it, which came before the collapse docs/omcda.md measures. Warns once per
-    seed, and again each time the excess doubles."""
+    """Warns when sum_i alpha_i Q^{c,i}_tot = Q_tot - Q^r_tot, minus a discounted KL, has a minibatch mean above
+    SIGN_TOLERANCE |Q^r_tot|: once per seed, and again each time the excess doubles."""
 
     SIGN_TOLERANCE = 0.05
 
@@ -714,332 +703,45 @@ def agent_summary(agents: Agents) -> str:
                                for name, value in fields.items()) for k in range(agents.kl.shape[0]))
 
 
-# TRY NOT TO MODIFY: running, logging, evaluation, checkpoints
-def make_act_fn(policy: nn.Module, device: torch.device, seeds: int):
-    def agent_major(x: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-        """[seeds * E, n, d], seed-major -> [seeds, n, E, d]."""
-        x_t = torch.as_tensor(x, dtype=dtype, device=device)
-        return x_t.reshape(seeds, -1, *x_t.shape[1:]).transpose(1, 2)
-
-    @torch.no_grad()
-    def act(obs: np.ndarray, avail: np.ndarray | None = None) -> np.ndarray:
-        """Deterministic actions of every seed's policy: obs [seeds * E, n, obs_dim], seed-major; on discrete envs
-        the masks avail [seeds * E, n, A] come too and the actions go back as indices [seeds * E, n]."""
-        avail_t = None if avail is None else agent_major(avail, torch.bool)
-        actions = policy.act(agent_major(obs, torch.float32), avail_t)
-        actions = actions.transpose(1, 2).reshape(obs.shape[0], obs.shape[1], -1)
-        return (actions if avail is None else actions.argmax(-1)).cpu().numpy()
-
-    return act
-
-
-def build_seeds(build, args: Args) -> nn.Module:
-    """`build(args)` for args.num_seeds fused seeds, seed k's slice of every weight initialised exactly as a run with
-    --seed seed+k alone initialises it: every parameter and buffer holds the seeds' weight sets along its first dim,
-    in seed order."""
-    singles = []
-    for k in range(args.num_seeds):
-        torch.manual_seed(args.seed + k)
-        singles.append(build(replace(args, num_seeds=1)).state_dict())
-    fused = build(args)
-    fused.load_state_dict({name: torch.cat([single[name] for single in singles]) for name in singles[0]})
-    torch.manual_seed(args.seed)
-    return fused
-
-
-def save_checkpoint(path: Path, agents: nn.Module, optimizers: dict, step: int, args: Args, dataset_card: dict,
-                    generators: list[torch.Generator], evaluations: list[list[dict]], run_dirs: list[Path]) -> None:
-    """Everything `--resume` needs to continue the run as if it had not stopped, written atomically: networks,
-    optimizers, step, every random number generator (each seed's sampling generator, Python's, NumPy's, torch's), the
-    evaluations so far and the fused seeds' run directories; and what it must be resumed with, the script and the
-    dataset's card."""
-    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-           "cuda": torch.cuda.get_rng_state_all(), "sampling": [generator.get_state() for generator in generators]}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save({"agents": agents.state_dict(), "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
-                "step": step, "args": asdict(args), "rng": rng, "device": generators[0].device.type,
-                "evaluations": evaluations, "run_dirs": [run_dir.name for run_dir in run_dirs],
-                "script": Path(__file__).name, "dataset": dataset_card}, tmp)
-    os.replace(tmp, path)
-
-
-def restore_checkpoint(checkpoint: dict, agents: nn.Module, optimizers: dict, generators: list[torch.Generator]) -> None:
-    """Load a `save_checkpoint` into the networks and optimizers and set every random number generator to its state;
-    called after everything that draws random numbers at start-up."""
-    agents.load_state_dict(checkpoint["agents"])
-    for name, optimizer in optimizers.items():
-        optimizer.load_state_dict(checkpoint["optimizers"][name])
-    rng = checkpoint["rng"]
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
-    torch.set_rng_state(rng["torch"])
-    torch.cuda.set_rng_state_all(rng["cuda"])
-    for generator, state in zip(generators, rng["sampling"], strict=True):
-        generator.set_state(state)
-
-
-def capture_graph(update_fn):
-    """`update_fn` recorded once as one CUDA graph and replayed at every step: the step's hundreds of small kernels
-    become one launch. Each replay reads the minibatch from fixed buffers and returns the same metric tensors, which
-    the next replay overwrites. Recording needs the optimizers' states to exist, so three warm-up steps run first, on
-    the first minibatch; every weight, buffer and optimizer state is then put back as it was, so the run trains from
-    the same start as eager."""
-    graph, static_inputs, static_metrics = None, None, None
-
-    def step(agents: nn.Module, optimizers: dict, *inputs) -> dict[str, torch.Tensor]:
-        """inputs: the update's minibatches (Batch), then its arguments."""
-        nonlocal graph, static_inputs, static_metrics
-        if graph is None:
-            start = {name: value.clone() for name, value in agents.state_dict().items()}
-            states = [{param: {key: value.clone() for key, value in state.items()}
-                       for param, state in optimizer.state.items()} for optimizer in optimizers.values()]
-            static_inputs = [type(x)(**{name: None if value is None else value.clone()
-                                        for name, value in vars(x).items()}) if isinstance(x, Batch) else x
-                             for x in inputs]
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(3):
-                    update_fn(agents, optimizers, *static_inputs)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                static_metrics = update_fn(agents, optimizers, *static_inputs)
-            with torch.no_grad():
-                for name, value in agents.state_dict().items():
-                    value.copy_(start[name])
-                for optimizer, saved in zip(optimizers.values(), states):
-                    for param, state in optimizer.state.items():
-                        for key, value in state.items():
-                            value.copy_(saved[param][key]) if param in saved else value.zero_()
-        for static, given in zip(static_inputs, inputs):
-            if isinstance(given, Batch):
-                for name, value in vars(given).items():
-                    if value is not None:
-                        getattr(static, name).copy_(value)
-        graph.replay()
-        return static_metrics
-
-    return step
-
-
-def compile_update(update_fn, args: Args, device: torch.device):
-    """The update step as it runs: eager, or with --compile through torch.compile and, on a GPU, captured as one CUDA
-    graph (capture_graph)."""
-    if not args.compile:
-        return update_fn
-    compiled = torch.compile(update_fn, dynamic=False)
-    return capture_graph(compiled) if device.type == "cuda" else compiled
-
-
-def seed_metrics(metrics: dict[str, torch.Tensor], seeds: int) -> list[dict[str, float]]:
-    """Host copies of every seed's metrics (log intervals only): each metric is [seeds] or, per agent, [seeds, n];
-    a per-agent vector `name` becomes `name_0`, `name_1`, ..."""
-    host = {name: value.reshape(seeds, -1).cpu() for name, value in metrics.items()}
-    per_seed = []
-    for k in range(seeds):
-        values = {}
-        for name, value in host.items():
-            if metrics[name].ndim <= 1:
-                values[name] = value[k, 0].item()
-            else:
-                values.update({f"{name}_{i}": x for i, x in enumerate(value[k].tolist())})
-        per_seed.append(values)
-    return per_seed
-
-
-def check_finite(metrics: dict[str, float], step: int, last_checked: int, seed: int) -> None:
-    for name, value in metrics.items():
-        if not math.isfinite(value):
-            raise FloatingPointError(f"training diverged: {name} = {value} at the log of update {step} of seed {seed} "
-                                     f"(finite at update {last_checked}); check the data first (a warning at load "
-                                     f"names extreme rewards), then try a smaller learning rate or larger alpha")
-
-
-def unique_dir(base: Path) -> Path:
-    """Create and return `base`, or `base_2`, `base_3`, ... when a run of the same name started in the same second."""
-    for attempt in range(1, 1000):
-        run_dir = base if attempt == 1 else base.with_name(f"{base.name}_{attempt}")
-        try:
-            run_dir.mkdir(parents=True)
-            return run_dir
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"could not create a fresh run directory next to {base}")
-
-
-def make_runs(args: Args, checkpoint: dict | None) -> tuple[list[Path], list[SummaryWriter]]:
-    """One run directory per seed, fresh, or with --resume the run's own (the first seed's holds model.pt), where
-    TensorBoard continues after the checkpoint's step (what a stopped run logged after its checkpoint is discarded)."""
-    if checkpoint:  # the first seed's directory is the one resumed; the other seeds' are its siblings
-        resumed = Path(args.resume)
-        run_dirs = [resumed] + [resumed.parent / name for name in checkpoint["run_dirs"][1:]]
-    else:
-        started = int(time.time())
-        run_dirs = [unique_dir(Path("runs") / f"{args.env}__{args.dataset}__{args.exp_name}__{args.seed + k}__{started}")
-                    for k in range(args.num_seeds)]
-    writers = []
-    for k, run_dir in enumerate(run_dirs):
-        seed_args = asdict(replace(args, seed=args.seed + k))
-        write_json(run_dir / "args.json", seed_args)
-        writer = SummaryWriter(str(run_dir), purge_step=checkpoint["step"] + 1 if checkpoint else None)
-        if not checkpoint:
-            table = "\n".join(f"|{key}|{value}|" for key, value in seed_args.items())
-            writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
-        if args.track:
-            import wandb
-
-            wandb.init(project=args.wandb_project_name, config=seed_args, name=run_dir.name, sync_tensorboard=True,
-                       dir=str(run_dir), id=run_dir.name, resume="allow", reinit="create_new")
-        writers.append(writer)
-    return run_dirs, writers
-
-
-def seed_everything(seed: int, torch_deterministic: bool) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    torch.backends.cudnn.deterministic = torch_deterministic
-
-
+# TRY NOT TO MODIFY: the training loop (common/run.py holds its machinery)
 if __name__ == "__main__":
-    from common.cli import (StopOnSignal, check_args, check_device, check_same_dataset, evaluation_due,
-                            exit_on_user_error, parse_args)
-
     with exit_on_user_error():
         args, checkpoint = parse_args(Args)
         check_args(args, argument_ranges(args))
-        seed_everything(args.seed, args.torch_deterministic)
-        device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-        torch.backends.cuda.matmul.allow_tf32 = args.tf32
-        check_device(checkpoint, device)
-        env = make_env(args.env, args.agent_conf, args.obs_mode)
-        dataset_file = ensure_dataset(args.data_dir, args.env, env.agent_conf, args.dataset,
-                                      generate=not args.no_generate)
-        dataset = load_dataset(dataset_file, device, args.obs_mode)
-        dataset.check_env(env)
-        dataset_card = dataset.card()
-        check_same_dataset(checkpoint, dataset_card)
-    start_step = checkpoint["step"] if checkpoint else 0
-    run_dirs, writers = make_runs(args, checkpoint)
-    stop = StopOnSignal()  # from here on, SIGINT and SIGTERM end every stage with a checkpoint
-    seeds = list(range(args.seed, args.seed + args.num_seeds))
-    print(f"{run_dirs[0]}: {len(dataset):,} transitions from {dataset_file} on {device}"
-          + (f", seeds {seeds[0]}..{seeds[-1]} fused" if len(seeds) > 1 else "")
-          + (f", resumed at update {start_step}" if checkpoint else ""))
+        device = prepare_device(args, checkpoint)
+        env, dataset, dataset_file = load_env_and_dataset(args, device, checkpoint)
+    run = Run(__file__, args, checkpoint, device, env, dataset.card())
+    run.announce(f"{len(dataset):,} transitions from {dataset_file}")
 
     agents = build_seeds(lambda a: Agents(env.n_agents, env.obs_dim, env.act_dim, dataset.state_dim, a,
-                                               env.discrete), args).to(device)
+                                          env.discrete), args).to(device)
     optimizers = make_optimizers(agents, args)
-    generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
-    results = [RunResult(run_dir, asdict(replace(args, seed=seed)), device, dataset_card,
-                         checkpoint["evaluations"][k] if checkpoint else []) for k, (run_dir, seed) in enumerate(zip(run_dirs, seeds))]
-
-    def save(step: int) -> Path:
-        path = run_dirs[0] / "model.pt"
-        save_checkpoint(path, agents, optimizers, step, args, dataset_card, generators,
-                        [result.evaluations for result in results], run_dirs)
-        return path
-
-    def save_and_close(step: int, stage: str) -> str:
-        """Checkpoint update `step` and close the writers: the line a run stopped in `stage` ends with."""
-        path = save(step)
-        for writer in writers:
-            writer.close()
-        return f"stopped {stage}; checkpoint saved to {path}"
-
-    if checkpoint:
-        restore_checkpoint(checkpoint, agents, optimizers, generators)
-    if start_step > 0:  # the checkpoint holds the cloned behaviour policy: no pretraining
+    run.attach(agents, optimizers, summary=lambda: agent_summary(agents))
+    if run.start_step > 0:  # the checkpoint holds the cloned behaviour policy: no pretraining
         agents.behaviour.requires_grad_(False)
     else:  # fresh, or resumed from the checkpoint of update 0, written before behaviour cloning
-        path = save(0)  # the state before behaviour cloning, which an interrupt abandons: --resume redoes it exactly
+        path = run.save(0)  # the state before behaviour cloning, which an interrupt abandons: --resume redoes it exactly
 
         def abandon_cloning() -> str:
-            for writer in writers:
-                writer.close()
+            run.close()
             return f"stopped in behaviour cloning, which --resume redoes; checkpoint saved to {path} before it"
 
-        with stop.interruptible(abandon_cloning):
-            bc_losses = pretrain_behaviour(agents, dataset, args, generators).tolist()
+        with run.stop.interruptible(abandon_cloning):
+            bc_losses = pretrain_behaviour(agents, dataset, args, run.generators).tolist()
         if not args.save_model:  # no stale update-0 model.pt beside a run that asked for none
             path.unlink()
-        for writer, bc_loss in zip(writers, bc_losses):
+        for writer, bc_loss in zip(run.writers, bc_losses):
             writer.add_scalar("losses/behaviour_cloning", bc_loss, 0)
     update_step = compile_update(update, args, device)
-    act_fn = make_act_fn(agents.policy, device, len(seeds))
-    eval_seeds = [1_000_000 * (seed + 1) for seed in seeds]
-
-    def evaluate_and_record(step: int, episodes: int, finished: bool = False) -> np.ndarray:
-        agents.eval()
-        started = time.perf_counter()
-        with stop.interruptible(lambda: save_and_close(step, f"in the evaluation of update {step}, which --resume redoes")):
-            returns, wins = evaluate_seeds(act_fn, env, episodes, eval_seeds)
-        seconds = time.perf_counter() - started
-        agents.train()
-        for k, (writer, result, seed_returns) in enumerate(zip(writers, results, returns)):
-            seed_wins = None if wins is None else wins[k]
-            writer.add_scalar("eval/return_mean", float(seed_returns.mean()), step)
-            writer.add_scalar("eval/return_std", float(seed_returns.std()), step)
-            if seed_wins is not None:
-                writer.add_scalar("eval/win_rate", float(seed_wins.mean()), step)
-            writer.add_scalar("charts/evaluation_seconds", seconds, step)
-            result.time_evaluation(seconds)
-            result.add_evaluation(step, seed_returns, finished, seed_wins)
-        return returns
-
-    def evaluate_periodically(step: int) -> float:
-        returns = evaluate_and_record(step, args.eval_episodes)
-        tqdm.write(f"step {step}: eval return " + ", ".join(f"{r.mean():.1f} ± {r.std():.1f}" for r in returns)
-                   + f" | {agent_summary(agents)}")
-        if args.save_model:
-            save(step)
-        return float(returns[0].mean())
-
-    if checkpoint and start_step < args.total_steps and evaluation_due(checkpoint, args):
-        evaluate_periodically(start_step)  # the evaluation a signal abandoned
-    last_eval = results[0].evaluations[-1]["mean"] if results[0].evaluations else float("nan")
-    last_checked, tick, tick_step = start_step, time.perf_counter(), start_step
     monitor = DecompositionMonitor()
-    progress = tqdm(range(start_step + 1, args.total_steps + 1), initial=start_step, total=args.total_steps,
-                    mininterval=2.0, desc=args.exp_name)
-    for step in progress:
-        metrics = update_step(agents, optimizers, sample_batch(dataset, args.batch_size, args.behaviour_samples, generators), args)
+    for step in run.steps():
+        metrics = update_step(agents, optimizers, sample_batch(dataset, args.batch_size, args.behaviour_samples, run.generators), args)
         if step % args.log_every == 0 or step == args.total_steps:
-            per_seed = seed_metrics(metrics, len(seeds))
-            for values, seed in zip(per_seed, seeds):
-                check_finite(values, step, last_checked, seed)
+            for values, seed in zip(run.log(step, metrics), run.seeds):
                 if (decomposition_warning := monitor.check(values, seed, step)) is not None:
                     tqdm.write(decomposition_warning)
-            last_checked = step
-            updates, seconds = step - tick_step, time.perf_counter() - tick
-            updates_per_sec = updates / seconds
-            tick, tick_step = time.perf_counter(), step
-            for writer, result, values in zip(writers, results, per_seed):
-                result.time(updates, seconds)
-                for name, value in values.items():
-                    writer.add_scalar(name, value, step)
-                writer.add_scalar("charts/updates_per_sec", updates_per_sec, step)
-            progress.set_postfix(ups=f"{updates_per_sec:.0f}", eval=f"{last_eval:.0f}")
         if step % args.eval_every == 0 and step < args.total_steps:
-            last_eval = evaluate_periodically(step)
-            tick = time.perf_counter()
-        if stop.requested:
-            progress.close()
-            stop.exit(save_and_close(step, f"after update {step} of {args.total_steps}"))
-
-    returns = evaluate_and_record(args.total_steps, args.final_eval_episodes, finished=True)
-    if args.save_model:
-        save(args.total_steps)
-    for writer in writers:
-        writer.close()
-    for result, seed, seed_returns in zip(results, seeds, returns):
-        win_rate = result.evaluations[-1].get("win_rate")
-        print(f"final return: {seed_returns.mean():.2f} ± {seed_returns.std():.2f} over {len(seed_returns)} episodes"
-              + (f", win rate {win_rate:.2f}" if win_rate is not None else "")
-              + (f" (seed {seed})" if len(seeds) > 1 else ""))
-    training, evaluating = results[0].timed_seconds, results[0].evaluation_seconds
-    print(f"time: {training:.0f} s training, {evaluating:.0f} s evaluating "
-          f"({evaluating / max(training + evaluating, 1e-9):.0%} of both)")
-    if stop.requested:  # during the final writes, which completed
-        stop.exit("received after the final evaluation: the run is complete")
+            run.evaluate(step)
+        if run.stop.requested:
+            run.stop_after(step)
+    run.finish()

@@ -2,7 +2,7 @@
 # What a session with a GPU lease runs, in commands that each end inside the lease's 10 minutes per command:
 #
 #   bash benchmarks/gpu.sh OUT_DIR data                        # generate the four Hopper datasets (background)
-#   bash benchmarks/gpu.sh OUT_DIR speed                       # the speed table -> OUT_DIR/speed.md (12 compilations of 30-60 s)
+#   bash benchmarks/gpu.sh OUT_DIR speed                       # the speed table and the headline command's speed -> OUT_DIR/speed.md
 #   bash benchmarks/gpu.sh OUT_DIR grid ALGO SECONDS [DATASET...]  # train or continue ALGO on Hopper datasets
 #   bash benchmarks/gpu.sh OUT_DIR baselines SECONDS            # the slow baselines' 30k-update runs (below)
 #
@@ -21,7 +21,7 @@
 # bcq_ma.py's four flag settings (BCQ, w/ value deviation, w/ transition normalization, MABCQ) on medium and
 # medium-replay, at seed 003's MuJoCo settings (its Table 12: the setting its ablation claims are made in, and the
 # one benchmarks/ablations/bcq_ma-seed003-settings ran on the CPU); 12 processes, seed 1, 30,000 updates, evaluation
-# every 5,000, eager (these scripts have no --num-seeds or --compile); resumable like grid. Their result.json files
+# every 5,000, eager (these scripts have no --num-seeds, --cuda-graph or --compile); resumable like grid. Their result.json files
 # go to OUT_DIR/results-baselines.tar.gz.
 set -euo pipefail
 out=$(realpath "$1")
@@ -58,8 +58,12 @@ data)
     ;;
 speed)
     python benchmarks/speed.py --algos omiga omcda comadice icq --envs Hopper --num-seeds 1 5 20 \
-        --modes eager compile+graph --repeats 3 --updates 300 | tee "$out/speed.md"
+        --modes eager graph compile+graph --repeats 3 --updates 300 | tee "$out/speed.md"
     python benchmarks/speed.py --envs Hopper --repeats 3 --updates 100 | tee -a "$out/speed.md"
+    # the headline command with no flags (the update a captured CUDA graph by default): its training time per update
+    python omcda.py --env Hopper --dataset medium-replay --d-tot 1.2 --total-steps 20000 --eval-every 1000000 \
+        --final-eval-episodes 1 --exp-name headline 2>/dev/null | grep "^time:" | sed 's/^/headline, 20,000 updates: /' \
+        | tee -a "$out/speed.md"
     ;;
 grid)
     algo=$3

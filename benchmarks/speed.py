@@ -37,6 +37,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from common.datasets import Dataset  # noqa: E402
 from common.envs import ENV_NAMES, MultiAgentMujocoEnv, make_env  # noqa: E402
 from common.results import device_name  # noqa: E402
+from common.run import capture_graph  # noqa: E402
 from run import ALGOS  # noqa: E402
 
 SYNTHETIC_TRANSITIONS = 4096
@@ -64,7 +65,7 @@ COMPILE_MODES = {"eager": None, "compile": "default", "cudagraphs": "reduce-over
 
 
 def fuses_seeds(algo: str) -> bool:
-    return hasattr(importlib.import_module(algo), "build_seeds")
+    return "num_seeds" in {field.name for field in dataclasses.fields(importlib.import_module(algo).Args)}
 
 
 def make_update_step(algo: str, dataset: Dataset, device: torch.device, batch_size: int, seeds: int = 1,
@@ -72,14 +73,14 @@ def make_update_step(algo: str, dataset: Dataset, device: torch.device, batch_si
     """One training-loop step of `algo`: sample as its main block does, then call its update() (compiled in `mode`)."""
     script = importlib.import_module(algo)
     args = dataclasses.replace(script.Args(), batch_size=batch_size)
-    if seeds > 1 or mode != "eager":
-        args = dataclasses.replace(args, num_seeds=seeds, compile=mode != "eager")
+    if fuses_seeds(algo):  # capturable optimizers wherever a graph may hold their step counters
+        args = dataclasses.replace(args, num_seeds=seeds, cuda_graph=mode != "eager")
     agents = script.Agents(dataset.n_agents, dataset.obs_dim, dataset.act_dim, dataset.state_dim, args).to(device)
     optimizers = script.make_optimizers(agents, args)
     update = script.update if COMPILE_MODES[mode] is None else torch.compile(script.update, mode=COMPILE_MODES[mode],
                                                                              dynamic=False)
     if mode.endswith("graph"):
-        update = script.capture_graph(update)
+        update = capture_graph(update)
     generator = ([torch.Generator(device=device).manual_seed(k) for k in range(seeds)] if fuses_seeds(algo)
                  else torch.Generator(device=device).manual_seed(0))
     if algo == "omcda":  # freeze pi_b and start pi from it, as training does; the cloning itself is not timed

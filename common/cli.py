@@ -74,13 +74,6 @@ COMMON_RULES: dict[str, Rule] = {
     "alpha": POSITIVE,  # OMIGA's, ICQ's and ComaDICE's regularisation strength or temperature: each divides by it
     "num_seeds": at_least(1),
 }
-# The rules of the scripts that train one seed at a time, eagerly: --num-seeds and --compile are those of the
-# benchmark grid's four scripts (omiga.py, omcda.py, comadice.py, icq.py) so far.
-ONE_SEED_EAGER: dict[str, Rule] = {
-    "num_seeds": (lambda value: value == 1, "1 in this script (fused seeds: omiga, omcda, comadice, icq; run the seeds "
-                                            "one by one or with benchmarks/run.py)"),
-    "compile": (lambda value: not value, "off in this script (--compile: omiga, omcda, comadice, icq)"),
-}
 SUFFIX_RULES: dict[str, Rule] = {"_lr": POSITIVE, "_dim": at_least(1)}  # learning rates, network sizes
 
 
@@ -188,9 +181,7 @@ def evaluation_due(checkpoint: dict, args: Any) -> bool:
     """Whether a signal abandoned the evaluation of the checkpoint's update (a periodic one, or the final one at
     --total-steps), which a resumed run then does first. A run stopped between updates has evaluated its update
     already when that update is an evaluation's."""
-    step, evaluations = checkpoint["step"], checkpoint["evaluations"]
-    if evaluations and isinstance(evaluations[0], list):  # fused seeds: one list per seed, evaluated together
-        evaluations = evaluations[0]
+    step, evaluations = checkpoint["step"], checkpoint["evaluations"][0]  # one list per seed, evaluated together
     evaluated = evaluations[-1]["step"] if evaluations else 0
     return 0 < step and (step % args.eval_every == 0 or step == args.total_steps) and evaluated < step
 

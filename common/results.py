@@ -7,8 +7,8 @@
 
 The scripts rewrite it atomically at every evaluation and after the final one (then `finished` is true).
 `updates_per_sec` is the training speed (evaluations excluded) of the session that wrote it; `training_seconds` and
-`evaluation_seconds` are that session's time in updates (between logs) and in evaluations (null where the script
-does not time them), from which the share of time spent evaluating follows. benchmarks/report.py
+`evaluation_seconds` are that session's time in updates (between logs) and in evaluations (null in the files of
+scripts that did not time them yet), from which the share of time spent evaluating follows. benchmarks/report.py
 builds its tables and learning curves from these files alone.
 """
 

@@ -9,6 +9,7 @@ import torch
 
 import omiga
 from common.datasets import Batch, Dataset
+from common.run import unique_dir
 from conftest import (CHAIN_GAMMA, CHAIN_JOINT, assert_polyak_step, chain_dataset, chain_joint_batch,
                       chain_soft_optimum, exp_loss_fixed_point, perturb_, random_batch, run_script, smoke_run)
 
@@ -177,7 +178,7 @@ def test_tanh_gaussian_log_prob_matches_torch_transformed_distribution():
 
 def test_runs_started_in_the_same_second_get_separate_directories(tmp_path):
     base = tmp_path / "runs" / "Hopper__medium-replay__omiga__1__1700000000"
-    first, second = omiga.unique_dir(base), omiga.unique_dir(base)
+    first, second = unique_dir(base), unique_dir(base)
     assert first == base and second.name == base.name + "_2" and second.is_dir()
 
 

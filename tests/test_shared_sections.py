@@ -1,5 +1,5 @@
 """What the algorithm scripts share, kept identical so that `diff omiga.py <script>` shows only the algorithm: the
-common arguments, the agent networks, and (for the scripts written as diffs of omiga.py) the run section."""
+common arguments, the agent networks and the training loop (its machinery is common/run.py)."""
 
 import difflib
 import re
@@ -10,11 +10,13 @@ import pytest
 from conftest import REPO
 
 SCRIPTS = ["omcda.py", "icq.py", "comadice.py", "bc.py", "cql_ma.py", "cfcql.py", "omar.py", "bcq_ma.py"]
-# omcda.py (behaviour cloning, per-agent summary), icq.py (next-action sampler) and comadice.py (initial states)
-# change the run section in documented places; icq.py has no state-value network. omiga.py's and omcda.py's run
-# sections fuse seeds and compile the update; the single-seed scripts share theirs with bc.py.
+FUSED = ["omcda.py", "icq.py", "comadice.py"]  # like omiga.py, train --num-seeds seeds as one computation
+# omcda.py (behaviour cloning, per-agent summary, decomposition monitor), icq.py (next-action sampler) and
+# comadice.py (initial states) change the training loop in documented places; icq.py has no state-value network. The
+# single-seed scripts share theirs with bc.py.
 SAME_RUN_SECTION = ["cql_ma.py", "cfcql.py", "omar.py", "bcq_ma.py"]
 SAME_NETWORKS = [script for script in SCRIPTS if script != "icq.py"]
+FUSED_ARGUMENTS = "    # Fused seeds and the update's compilation"
 
 
 def shared_sections(path: Path) -> list[str]:
@@ -24,9 +26,15 @@ def shared_sections(path: Path) -> list[str]:
 
 
 def common_arguments(path: Path) -> str:
-    """The `Args` fields every script shares: from the class line to the algorithm-specific ones."""
+    """The `Args` fields every script shares: from the class line to the fused-seed or algorithm-specific ones."""
     text = path.read_text()
-    return text[text.index("class Args:"):text.index("    # Algorithm specific arguments")]
+    end = text.find(FUSED_ARGUMENTS)
+    return text[text.index("class Args:"):end if end >= 0 else text.index("    # Algorithm specific arguments")]
+
+
+def fused_arguments(path: Path) -> str:
+    text = path.read_text()
+    return text[text.index(FUSED_ARGUMENTS):text.index("    # Algorithm specific arguments")]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -34,44 +42,48 @@ def test_common_arguments_are_identical(script):
     assert common_arguments(REPO / script) == common_arguments(REPO / "omiga.py")
 
 
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_only_the_fused_scripts_offer_fused_seeds_and_compilation(script):
+    """--num-seeds, --compile and --cuda-graph appear where they work: identical in the fused scripts, absent elsewhere."""
+    if script in FUSED:
+        assert fused_arguments(REPO / script) == fused_arguments(REPO / "omiga.py")
+    else:
+        assert FUSED_ARGUMENTS not in (REPO / script).read_text()
+
+
 @pytest.mark.parametrize("script", SAME_NETWORKS)
 def test_network_section_is_identical(script):
     assert shared_sections(REPO / script)[0] == shared_sections(REPO / "omiga.py")[0]
 
 
-# The scripts without a discrete-action branch yet stop on SMAX maps before building the env, and do not tell their
-# networks the action type.
-CONTINUOUS_ONLY = re.compile(r"        if args.env in SMAX_MAPS:\n            raise EnvConfigError\(.*?\)\n", re.S)
-
-
 @pytest.mark.parametrize("script", SAME_RUN_SECTION)
 def test_run_section_is_identical(script):
-    mine, template = shared_sections(REPO / script), shared_sections(REPO / "bc.py")
-    assert len(template) == 2
-    if CONTINUOUS_ONLY.search(mine[1]):
-        assert [mine[0], CONTINUOUS_ONLY.sub("", mine[1])] == [template[0], template[1].replace(", env.discrete)", ")")]
-    else:
-        assert mine == template
+    template = shared_sections(REPO / "bc.py")
+    assert len(template) == 2 and shared_sections(REPO / script) == template
 
 
-def test_fused_seed_run_sections_differ_only_where_omcda_documents():
-    """omcda.py's run section is omiga.py's plus its argument rules, behaviour cloning, the behaviour noise its
-    minibatches carry, per-agent summary and the decomposition monitor."""
-    template, mine = (shared_sections(REPO / script)[1].splitlines() for script in ("omiga.py", "omcda.py"))
-    changed = [line for line in difflib.unified_diff(template, mine, lineterm="", n=0)
-               if line[:1] in "+-" and not line.startswith(("+++", "---"))]
-    documented = (r"check_args|POSITIVE|alpha_|behaviour|bc_loss|agent_summary|if checkpoint|else:|eval return|"
-                  r"monitor|decomposition_warning|common\.cli|exit_on_user_error|cloning|writer|update-0|path\.unlink|^\+$|"
-                  r"dataset\.sample")
-    assert len(changed) <= 30 and all(re.search(documented, line) for line in changed), changed
+def training_loop_changes(script: str) -> list[str]:
+    """The lines of `script`'s training loop that differ from omiga.py's."""
+    template, mine = (shared_sections(REPO / name)[1].splitlines() for name in ("omiga.py", script))
+    return [line for line in difflib.unified_diff(template, mine, lineterm="", n=0)
+            if line[:1] in "+-" and not line.startswith(("+++", "---"))]
 
 
-def test_comadice_run_section_is_omigas_with_its_initial_states():
+def test_omcda_training_loop_differs_only_where_it_documents():
+    """omcda.py's training loop is omiga.py's plus behaviour cloning, the behaviour actions its minibatches carry,
+    the per-agent summary after each evaluation and the decomposition monitor."""
+    documented = (r"run\.attach|agent_summary|behaviour|cloning|run\.save\(0\)|run\.close|interruptible|bc_loss|save_model|"
+                  r"path\.unlink|else:|monitor|decomposition_warning|run\.log|^\+$|dataset\.sample")
+    changed = training_loop_changes("omcda.py")
+    assert len(changed) <= 26 and all(re.search(documented, line) for line in changed), changed
+
+
+def test_comadice_training_loop_is_omigas_with_its_initial_states():
     template, mine = (shared_sections(REPO / script)[1] for script in ("omiga.py", "comadice.py"))
     assert mine == template.replace(
-        "dataset.sample(args.batch_size, generators), args)",
-        "dataset.sample(args.batch_size, generators),\n"
-        "                              sample_initial_states(dataset, args.batch_size, generators), args)")
+        "dataset.sample(args.batch_size, run.generators), args)",
+        "dataset.sample(args.batch_size, run.generators),\n"
+        "                              sample_initial_states(dataset, args.batch_size, run.generators), args)")
 
 
 def test_icq_network_section_is_omigas_without_the_state_value_network():
@@ -80,10 +92,18 @@ def test_icq_network_section_is_omigas_without_the_state_value_network():
     assert mine == template.replace(value_network, "")
 
 
-def test_icq_run_section_is_omigas_with_its_next_action_sampler():
-    template, mine = (shared_sections(REPO / script)[1].splitlines() for script in ("omiga.py", "icq.py"))
-    changed = [line for line in difflib.unified_diff(template, mine, lineterm="", n=0)
-               if line[:1] in "+-" and not line.startswith(("+++", "---"))]
-    documented = (r"from common\.cli|POSITIVE|beta|check_args\(args\)|transitions|dataset\.sample|on \{device\}|"
-                  r"print\(f\"\{run_dirs\[0\]\}")
-    assert len(changed) <= 10 and all(re.search(documented, line) for line in changed), changed
+def test_icq_training_loop_is_omigas_with_its_next_action_sampler():
+    changed = training_loop_changes("icq.py")
+    assert len(changed) <= 5 and all(re.search(r"transitions|dataset\.sample", line) for line in changed), changed
+
+
+def rules_block(path: Path) -> str:
+    """The comment block of rules under the `# ALGO LOGIC` banner."""
+    match = re.search(r"^# ALGO LOGIC.*\n((?:# .*\n)+)", path.read_text(), re.M)
+    return match.group(1) if match else ""
+
+
+@pytest.mark.parametrize("script", FUSED)
+def test_fused_scripts_state_the_update_rules_as_omiga_does(script):
+    assert "# Rules for an update" in rules_block(REPO / "omiga.py")
+    assert rules_block(REPO / script) == rules_block(REPO / "omiga.py")

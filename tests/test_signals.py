@@ -41,15 +41,15 @@ def signal_on_call(module, name: str, signum: int, when=lambda call, *args: call
 def stages(signum: int) -> dict:
     """stage -> (the `before` hook that signals inside it, the stop line's pattern, the checkpoint's update)."""
     import common.datasets
-    import common.evaluation
+    import common.run
 
     def saving_update(step):
         return lambda call, obj, *rest: isinstance(obj, dict) and obj.get("step") == step
 
     return {
-        "evaluation": (signal_on_call(common.evaluation, "evaluate_seeds", signum),
+        "evaluation": (signal_on_call(common.run, "evaluate_seeds", signum),
                        r"stopped in the evaluation of update 10, which --resume redoes", 10),
-        "final evaluation": (signal_on_call(common.evaluation, "evaluate_seeds", signum, lambda call, *_: call == 2),
+        "final evaluation": (signal_on_call(common.run, "evaluate_seeds", signum, lambda call, *_: call == 2),
                              r"stopped in the evaluation of update 20, which --resume redoes", 20),
         "checkpoint write": (signal_on_call(torch, "save", signum, saving_update(10)),
                              r"stopped after update 10 of 20", 10),
