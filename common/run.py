@@ -1,20 +1,9 @@
 """The run machinery every algorithm script shares, none of it algorithm: the device, the environment and dataset,
 fused seeds' initialisation, run directories and TensorBoard writers, checkpoints, host copies of the metrics,
 evaluations and their records, stopping on a signal, and CUDA-graph capture of the update. A script's training
-loop reads
-
-    run = Run(__file__, args, checkpoint, device, env, dataset.card())
-    agents, optimizers = ..., ...
-    run.attach(agents, optimizers)                      # restores --resume's checkpoint
-    for step in run.steps():
-        metrics = update(agents, optimizers, dataset.sample(args.batch_size, run.generators), args)
-        if step % args.log_every == 0 or step == args.total_steps:
-            run.log(step, metrics)
-        if step % args.eval_every == 0 and step < args.total_steps:
-            run.evaluate(step)
-        if run.stop.requested:
-            run.stop_after(step)
-    run.finish()
+loop (the end of omiga.py) builds a `Run`, attaches its networks and optimizers to it (which restores --resume's
+checkpoint), and for each of `run.steps()` samples from `run.generators`, updates, and calls `run.log`,
+`run.evaluate` and `run.stop_after` at their intervals; `run.finish()` ends it.
 
 Fused scripts (omiga.py, omcda.py, icq.py, comadice.py) train --num-seeds seeds as one computation: every network
 weight, buffer and metric carries a leading seed dimension. The other scripts train one seed, without that dimension.
