@@ -65,8 +65,8 @@ in closed form and evaluation takes the most probable available action.
 Choices the papers leave open (OMIGA's published values where they apply; otherwise ours):
 - gamma 0.99, tau 0.005 (every target), Adam lr 5e-4, batch 128, 1e6 updates, 2x256 ReLU networks, hypernetworks
   of one hidden layer of 64 on the global state, gradient-norm clip 1.0.
-- 2 actions of pi_b,i per state and update in V̂_i and V̂^r_i (with 8 the headline command collapsed at 80k-120k
-  updates and alpha_i stayed 2-3 times lower: docs/omcda.md); agents/normaliser_i = E_D[exp(z_i)] is logged.
+- 2 actions of pi_b,i per state and update in V̂_i and V̂^r_i (with 8 the headline command collapsed:
+  docs/omcda.md); agents/normaliser_i = E_D[exp(z_i)] is logged.
 - KL_i and the influence moments: expectations under pi* over the minibatch, self-normalised (sum_B exp(z) f /
   sum_B exp(z); KL_i is the KL of softmax_B(z) to the minibatch, blind to an offset in V), of clamp(z) as the policy
   weights, smoothed by a moving average (--estimate-ema); the plain mean E_B[exp(z) z] is heavy-tailed
